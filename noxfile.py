@@ -1,0 +1,19 @@
+"""Test and lint sessions: `nox` runs both, `nox -s tests` only the tests."""
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    session.install("-c", "constraints.txt", "-e", ".[test]")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "functrain", "tests", "bench", "noxfile.py")
+    session.run("ruff", "format", "--check", "functrain", "tests", "bench", "noxfile.py")
