@@ -1,0 +1,232 @@
+"""`TrainState`: everything that changes during training, as one immutable value.
+
+The saved entries (all TensorDicts or 0-d tensors) are kept apart from the static part —
+the model skeleton, loss, optimizer, schedule and step transforms — which is rebuilt from
+the recipe and never written to disk (flax's `pytree_node=False`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+from functrain import rng
+from functrain.optim import Optimizer
+from functrain.schedule import Schedule, constant
+
+#: The entries a snapshot holds, in order.
+ENTRIES = ("step", "params", "buffers", "opt", "rng", "data", "stats", "ema", "metrics")
+#: Entries that live between transforms of one step only (gradients), never saved.
+TRANSIENT = ("grads",)
+#: Counters stay on the host so reading them never syncs a device.
+_HOST_ENTRIES = ("step", "rng", "data")
+
+Transform = Callable[["TrainState", Any], "TrainState"]
+
+
+class ConsumedStateError(RuntimeError):
+    """A state donated to `step` was used again."""
+
+
+@attrs.frozen(kw_only=True)
+class Static:
+    """The part of the state rebuilt from the recipe, never saved."""
+
+    model: nn.Module
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    optimizer: Optimizer
+    schedule: Schedule
+    transform: Transform
+    world_size: int = 1
+    rank: int = 0
+
+
+class TrainState:
+    """An immutable training state. Read entries as attributes; change them with `replace`.
+
+    >>> state.step, state.params["0", "weight"]          # doctest: +SKIP
+    >>> state = state.replace(step=state.step + 1)       # doctest: +SKIP
+    """
+
+    __slots__ = ("_entries", "_static", "_consumed")
+
+    def __init__(self, entries: dict[str, Any], static: Static) -> None:
+        missing = [k for k in ENTRIES if k not in entries]
+        unknown = [k for k in entries if k not in ENTRIES + TRANSIENT]
+        if missing or unknown:
+            raise ValueError(f"TrainState entries: missing {missing}, unknown {unknown}")
+        object.__setattr__(self, "_entries", entries)
+        object.__setattr__(self, "_static", static)
+        object.__setattr__(self, "_consumed", None)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ENTRIES or name in TRANSIENT:
+            self._check_live()
+            return self._entries.get(name)
+        raise AttributeError(f"TrainState has no entry {name!r}; entries are {ENTRIES}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(
+            f"TrainState is immutable: cannot assign {name!r}. "
+            f"Use `state = state.replace({name}=...)` instead."
+        )
+
+    __delattr__ = __setattr__
+
+    def __repr__(self) -> str:
+        if self._consumed is not None:
+            return f"TrainState(<consumed at step {self._consumed}>)"
+        return f"TrainState(step={int(self._entries['step'])}, entries={list(ENTRIES)})"
+
+    @property
+    def static(self) -> Static:
+        return self._static
+
+    def replace(self, **changes: Any) -> TrainState:
+        """A new state with the given entries swapped in (keyword-only, like flax)."""
+        self._check_live()
+        unknown = [k for k in changes if k not in ENTRIES + TRANSIENT]
+        if unknown:
+            raise AttributeError(f"TrainState has no entries {unknown}; entries are {ENTRIES}")
+        return TrainState({**self._entries, **changes}, self._static)
+
+    def with_static(self, **changes: Any) -> TrainState:
+        """The same entries with parts of the static side rebuilt (e.g. a new schedule)."""
+        self._check_live()
+        return TrainState(dict(self._entries), attrs.evolve(self._static, **changes))
+
+    def tensors(self) -> TensorDict:
+        """The saved entries as one TensorDict (shares storage with the state)."""
+        self._check_live()
+        return TensorDict({k: self._entries[k] for k in ENTRIES}, batch_size=[])
+
+    def load(self, tensors: TensorDict) -> TrainState:
+        """A state with this one's static part and the entries of `tensors` (e.g. a snapshot).
+
+        Structure, shapes and dtypes must match this state exactly; tensors are copied to
+        this state's devices.
+        """
+        self._check_live()
+        problems = _structure_mismatches(self.tensors(), tensors)
+        if problems:
+            raise ValueError(
+                "the snapshot does not fit this model and recipe: " + "; ".join(problems)
+            )
+        mine = self._entries
+        new = {k: _like(mine[k], tensors[k]) for k in ENTRIES}
+        return TrainState(new, self._static)
+
+    def clone(self) -> TrainState:
+        """A deep copy of every entry (params keep `requires_grad`)."""
+        self._check_live()
+        return TrainState({k: _clone(v) for k, v in self._entries.items()}, self._static)
+
+    def consume(self) -> None:
+        """Mark this state as donated: any later use raises `ConsumedStateError`."""
+        object.__setattr__(self, "_consumed", int(self._entries["step"]))
+
+    def _check_live(self) -> None:
+        if self._consumed is not None:
+            raise ConsumedStateError(
+                f"this TrainState (step {self._consumed}) was donated to step() and its "
+                "buffers now belong to the state step() returned. Use that state, or call "
+                "step(state, batch, donate=False) to keep the input intact."
+            )
+
+
+def _clone(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone().requires_grad_(value.requires_grad)
+    return value.apply(lambda t: t.detach().clone().requires_grad_(t.requires_grad))
+
+
+def _like(mine: Any, theirs: Any) -> Any:
+    """`theirs` copied onto the devices, dtypes and requires_grad of `mine`."""
+    if isinstance(mine, torch.Tensor):
+        return theirs.to(mine.device, copy=True).requires_grad_(mine.requires_grad)
+    return mine.apply(
+        lambda m, t: t.to(m.device, copy=True).requires_grad_(m.requires_grad), theirs
+    )
+
+
+def _structure_mismatches(mine: TensorDict, theirs: TensorDict) -> list[str]:
+    ours = dict(mine.items(include_nested=True, leaves_only=True))
+    other = dict(theirs.items(include_nested=True, leaves_only=True))
+    problems = [f"missing {'/'.join(k)}" for k in ours if k not in other]
+    problems += [f"unexpected {'/'.join(k)}" for k in other if k not in ours]
+    for k in ours.keys() & other.keys():
+        a, b = ours[k], other[k]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            problems.append(
+                f"{'/'.join(k)} is {b.dtype} {list(b.shape)}, expected {a.dtype} {list(a.shape)}"
+            )
+    return sorted(problems)
+
+
+def _split_module(model: nn.Module) -> tuple[TensorDict, TensorDict]:
+    params = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
+    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+    return (
+        TensorDict(params, batch_size=[]).unflatten_keys("."),
+        TensorDict(buffers, batch_size=[]).unflatten_keys("."),
+    )
+
+
+def create(
+    model: nn.Module,
+    *,
+    loss: Callable[[nn.Module, Any], torch.Tensor],
+    optimizer: Optimizer,
+    transforms: Sequence[Transform],
+    schedule: Schedule | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    world_size: int = 1,
+    rank: int = 0,
+) -> TrainState:
+    """The state at step 0: params and buffers taken from `model`, optimizer state, key.
+
+    The model becomes the skeleton: its own tensors move to the meta device (no memory),
+    and the state's tensors are swapped in for each forward pass.
+    """
+    from functrain.step import compose  # step imports state; keep the cycle local
+
+    model = model.to(device)
+    params, buffers = _split_module(model)
+    model.to("meta").train()
+    static = Static(
+        model=model,
+        loss=loss,
+        optimizer=optimizer,
+        schedule=schedule or constant(),
+        transform=compose(*transforms),
+        world_size=world_size,
+        rank=rank,
+    )
+    metric = torch.full((), float("nan"), device=device)
+    entries = {
+        "step": torch.zeros((), dtype=torch.int64),
+        "params": params,
+        "buffers": buffers,
+        "opt": optimizer.init(params),
+        "rng": rng.key(seed),
+        "data": TensorDict({"samples": torch.zeros((), dtype=torch.int64)}, batch_size=[]),
+        "stats": TensorDict({"loss_ema": metric.clone(), "best_eval": metric.clone()}, []),
+        "ema": TensorDict({}, batch_size=[]),
+        "metrics": TensorDict(
+            {"loss": metric.clone(), "grad_norm": metric.clone(), "lr": metric.clone()}, []
+        ),
+    }
+    state = TrainState(entries, static)
+    for t in transforms:  # transforms that keep state of their own (e.g. EMA) set it up
+        init = getattr(t, "init_state", None)
+        if init is not None:
+            state = init(state)
+    return state

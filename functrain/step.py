@@ -1,0 +1,171 @@
+"""The pure step and the transforms it is composed of.
+
+A transform is `f(state, batch) -> state`. `compose` folds a list of them into one, and
+`step` runs the state's composed transform, then advances the step counter, the data
+cursor and the running statistics. Nothing here reads globals, clocks or files, and
+nothing syncs the host: loss, grad norm and LR stay tensors in `state.metrics`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tensordict import TensorDict
+from torch.utils._pytree import tree_flatten, tree_map
+
+from functrain import rng
+from functrain.optim import leaves
+from functrain.state import TrainState, Transform
+
+_LOSS_EMA_DECAY = 0.98
+
+
+def compose(*transforms: Transform) -> Transform:
+    """One transform that applies `transforms` in order (a fold); itself a transform."""
+
+    def composed(state: TrainState, batch: Any) -> TrainState:
+        for transform in transforms:
+            state = transform(state, batch)
+        return state
+
+    composed.transforms = transforms  # type: ignore[attr-defined]
+    return composed
+
+
+def step(state: TrainState, batch: Any, *, donate: bool = True) -> TrainState:
+    """Advance `state` by one optimizer update on `batch`.
+
+    With `donate=True` (default) the returned state reuses the input's storage, updated in
+    place, and the input is marked consumed. `donate=False` works on a copy and leaves the
+    input bitwise untouched. Both give bitwise the same result.
+
+    >>> state = step(state, batch)                     # doctest: +SKIP
+    """
+    new = state.static.transform(state if donate else state.clone(), batch)
+    new = _advance(new, batch)
+    if donate:
+        state.consume()
+    return new
+
+
+def _batch_size(batch: Any) -> int:
+    flat, _ = tree_flatten(batch)
+    tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise TypeError("a batch must contain at least one tensor (samples along dim 0)")
+    return tensors[0].shape[0]
+
+
+def _advance(state: TrainState, batch: Any) -> TrainState:
+    """Count the update and the samples consumed (all ranks), and track the loss EMA."""
+    global_batch = _batch_size(batch) * state.static.world_size
+    with torch.no_grad():
+        stats = state.stats
+        loss = state.metrics["loss"]
+        first = torch.isnan(stats["loss_ema"])
+        ema = torch.where(first, loss, stats["loss_ema"].lerp(loss, 1 - _LOSS_EMA_DECAY))
+        stats["loss_ema"].copy_(ema)
+    return state.replace(
+        step=state.step + 1,
+        data=state.data.replace(samples=state.data["samples"] + global_batch),
+    )
+
+
+def forward_backward(micro_batches: int = 1) -> Transform:
+    """Loss and gradients of the batch, split into `micro_batches` accumulated in order.
+
+    Randomness (dropout) is drawn from a seed derived from (key, step, rank), so step k's
+    masks depend on the key and k only; the global RNG is left as it was.
+    """
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+
+    def transform(state: TrainState, batch: Any) -> TrainState:
+        static = state.static
+        n = _batch_size(batch)
+        if n % micro_batches:
+            raise ValueError(
+                f"batch of {n} samples does not split into {micro_batches} micro-batches"
+            )
+        params = leaves(state.params)
+        grads: list[torch.Tensor] | None = None
+        total = torch.zeros((), device=params[0].device)
+        seed = rng.step_seed(state.rng, int(state.step), static.rank)
+        with (
+            rng.seeded(seed, params[0].device),
+            state.params.to_module(static.model),
+            state.buffers.to_module(static.model),
+        ):
+            for i in range(micro_batches):
+                micro = tree_map(lambda t, i=i: t.chunk(micro_batches)[i], batch)
+                loss = static.loss(static.model, micro) / micro_batches
+                g = torch.autograd.grad(loss, params)
+                if grads is None:
+                    grads = list(g)
+                else:
+                    torch._foreach_add_(grads, g)
+                total = total + loss.detach()
+        return state.replace(
+            grads=_like_params(state.params, grads),
+            metrics=state.metrics.replace(loss=total),
+        )
+
+    return transform
+
+
+def _like_params(params: TensorDict, values: list[torch.Tensor]) -> TensorDict:
+    keys = list(params.keys(include_nested=True, leaves_only=True))
+    return TensorDict(dict(zip(keys, values, strict=True)), batch_size=[])
+
+
+def clip_by_global_norm(max_norm: float) -> Transform:
+    """Scale the gradients so that their global L2 norm is at most `max_norm`.
+
+    The same arithmetic as `torch.nn.utils.clip_grad_norm_(foreach=True)`, with no host sync.
+    """
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+
+    def transform(state: TrainState, batch: Any) -> TrainState:
+        grads = leaves(state.grads)
+        norms = torch._foreach_norm(grads, 2.0)
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+        return state.replace(metrics=state.metrics.replace(grad_norm=total))
+
+    return transform
+
+
+def apply_optimizer() -> Transform:
+    """Update params and optimizer state with the gradients at LR `optim.lr * schedule(step)`."""
+
+    def transform(state: TrainState, batch: Any) -> TrainState:
+        static = state.static
+        step_now = int(state.step)
+        lr = static.optimizer.lr * static.schedule(step_now)
+        params, opt = static.optimizer.update(
+            state.grads, state.opt, state.params, lr=lr, step=step_now
+        )
+        metrics = state.metrics.replace(lr=torch.full_like(state.metrics["lr"], lr))
+        return state.replace(params=params, opt=opt, grads=None, metrics=metrics)
+
+    return transform
+
+
+def ema(decay: float = 0.999) -> Transform:
+    """Keep an exponential moving average of the params in `state.ema` (saved with the state)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must lie in [0, 1), got {decay}")
+
+    def transform(state: TrainState, batch: Any) -> TrainState:
+        with torch.no_grad():
+            torch._foreach_lerp_(leaves(state.ema), leaves(state.params), 1.0 - decay)
+        return state
+
+    def init_state(state: TrainState) -> TrainState:
+        return state.replace(ema=state.params.apply(lambda p: p.detach().clone()))
+
+    transform.init_state = init_state  # type: ignore[attr-defined]
+    return transform

@@ -1,0 +1,55 @@
+"""Shared small fixtures: a toy classification problem and state builders."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+import functrain as ft
+from functrain.losses import cross_entropy
+from functrain.models import MLP
+
+
+def toy_data(n: int = 256, features: int = 16, classes: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def toy_model(dropout: float = 0.1, seed: int = 0) -> MLP:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return MLP(in_features=16, hidden=32, classes=4, depth=2, dropout=dropout)
+
+
+def make_state(model=None, *, optimizer=None, transforms=None, schedule=None, seed=0):
+    model = copy.deepcopy(model) if model is not None else toy_model()
+    return ft.create(
+        model,
+        loss=cross_entropy(),
+        optimizer=optimizer or ft.adamw(lr=1e-2, weight_decay=0.1),
+        transforms=transforms or [ft.forward_backward(), ft.apply_optimizer()],
+        schedule=schedule,
+        seed=seed,
+    )
+
+
+def assert_states_equal(a: TensorDict, b: TensorDict) -> None:
+    """Every leaf of every entry bitwise equal (NaN metrics compare as equal)."""
+    la = dict(a.items(include_nested=True, leaves_only=True))
+    lb = dict(b.items(include_nested=True, leaves_only=True))
+    assert la.keys() == lb.keys()
+    for k in la:
+        x, y = la[k].detach(), lb[k].detach()
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        assert torch.equal(torch.nan_to_num(x), torch.nan_to_num(y)), f"{k} differs"
+        assert torch.equal(torch.isnan(x), torch.isnan(y)) if x.is_floating_point() else True, k
+
+
+@pytest.fixture
+def data():
+    return toy_data()

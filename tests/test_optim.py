@@ -1,0 +1,82 @@
+"""The functional optimizers give bitwise what torch.optim gives for the same grads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_state, toy_data, toy_model
+
+import functrain as ft
+
+CASES = {
+    "adamw": (
+        lambda: ft.adamw(lr=1e-2, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1),
+        lambda p: torch.optim.AdamW(
+            p, lr=1e-2, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1, foreach=True
+        ),
+        {"mu": "exp_avg", "nu": "exp_avg_sq"},
+    ),
+    "sgd": (lambda: ft.sgd(lr=0.05), lambda p: torch.optim.SGD(p, lr=0.05, foreach=True), {}),
+    "sgd-momentum-wd": (
+        lambda: ft.sgd(lr=0.05, momentum=0.9, dampening=0.2, weight_decay=1e-3),
+        lambda p: torch.optim.SGD(
+            p, lr=0.05, momentum=0.9, dampening=0.2, weight_decay=1e-3, foreach=True
+        ),
+        {"momentum": "momentum_buffer"},
+    ),
+    "sgd-nesterov": (
+        lambda: ft.sgd(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        lambda p: torch.optim.SGD(
+            p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, foreach=True
+        ),
+        {"momentum": "momentum_buffer"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_matches_torch_optim_bitwise(name):
+    ours, theirs, moments = CASES[name]
+    model = toy_model(dropout=0.0)
+    state = make_state(model, optimizer=ours())
+    ref = copy.deepcopy(model)
+    opt = theirs(ref.parameters())
+    x, y = toy_data()
+    for i in range(12):
+        batch = (x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16])
+        state = ft.step(state, batch)
+        opt.zero_grad()
+        F.cross_entropy(ref(batch[0]), batch[1]).backward()
+        opt.step()
+    for key, p in ref.named_parameters():
+        path = tuple(key.split("."))
+        assert torch.equal(state.params[path], p), key
+        for mine, torch_name in moments.items():
+            assert torch.equal(state.opt[mine][path], opt.state[p][torch_name]), (key, mine)
+    for key, b in ref.named_buffers():
+        assert torch.equal(state.buffers[tuple(key.split("."))], b), key
+
+
+def test_opt_state_has_named_keys():
+    params = make_state().params
+    assert set(ft.adamw().init(params).keys()) == {"mu", "nu"}
+    assert set(ft.sgd(lr=0.1, momentum=0.9).init(params).keys()) == {"momentum"}
+    assert list(ft.sgd(lr=0.1).init(params).keys()) == []
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: ft.adamw(lr=-1.0), "lr must be >= 0, got -1.0"),
+        (lambda: ft.adamw(betas=(0.9, 1.0)), "betas must lie in [0, 1)"),
+        (lambda: ft.sgd(lr=0.1, nesterov=True), "nesterov=True needs momentum > 0"),
+        (lambda: ft.sgd(lr=0.1, momentum=-0.5), "momentum must be >= 0"),
+    ],
+)
+def test_bad_hyperparameters_are_named(build, message):
+    with pytest.raises(ValueError) as err:
+        build()
+    assert message in str(err.value)
