@@ -1,0 +1,340 @@
+"""The checks behind `functrain.recipe`: component targets, signatures, kwarg types, overrides.
+
+Private: `functrain.recipe` re-exports what is public (`Component`).
+"""
+
+import difflib
+import importlib
+import inspect
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
+
+import attrs
+
+TOP = "<top level>"
+
+
+class RecipeError(Exception):
+    """A recipe that cannot run; `problems` holds one "dotted.key: what; what is allowed" each."""
+
+    def __init__(self, problems: Sequence[str], source: str = "<recipe>") -> None:
+        super().__init__(list(problems), source)
+        self.problems: list[str] = list(problems)
+        self.source = source
+
+    def __str__(self) -> str:
+        n = len(self.problems)
+        head = f"{self.source}: {n} problem{'' if n == 1 else 's'} in the recipe:"
+        return head + "".join(f"\n  - {p}" for p in self.problems)
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+MISSING: Any = _Missing()
+
+
+@attrs.frozen(kw_only=True)
+class Component:
+    """A call to make later: `target` is a dotted path, `kwargs` may nest Components."""
+
+    target: str
+    kwargs: dict = attrs.field(factory=dict)
+
+
+def join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def show(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def unknown(path: str, key: Any, allowed: Any, what: str) -> str:
+    """`path: unknown <what>; did you mean 'x'? allowed: ...` (accepted: for parameters)."""
+    names = sorted(str(a) for a in allowed)
+    close = difflib.get_close_matches(key, names, n=1) if isinstance(key, str) else []
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
+    label = "accepted" if what.startswith("parameter") else "allowed"
+    return f"{path}: unknown {what}{hint} {label}: {', '.join(names) or 'none'}"
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _value(raw: Any, path: str, problems: list[str]) -> Any:
+    """A kwarg value: components nest at any depth inside mappings and lists."""
+    if isinstance(raw, Mapping) and "_component_" in raw:
+        return component(raw, path, problems)
+    if isinstance(raw, Mapping):
+        for k in raw:
+            if not isinstance(k, str):
+                problems.append(f"{join(path, k)}: key {show(k)} is not a string; use string keys")
+        return {k: _value(v, join(path, k), problems) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_value(v, f"{path}.{i}", problems) for i, v in enumerate(raw)]
+    if not isinstance(raw, _PLAIN):
+        problems.append(
+            f"{path}: got {show(raw)}; expected plain YAML values (str, number, bool, null, list, mapping)"
+        )
+    return raw
+
+
+def component(raw: Any, path: str, problems: list[str], provided: set[str] = frozenset()) -> Any:
+    """Validate `{_component_: dotted.path, **kwargs}` against the target's signature."""
+    usage = (
+        "expected a mapping with '_component_: package.module.callable' and its keyword arguments"
+    )
+    if not isinstance(raw, Mapping):
+        problems.append(f"{path}: got {show(raw)}; {usage}")
+        return None
+    before = len(problems)
+    kwargs = {}
+    for k, v in raw.items():
+        if k == "_component_":
+            continue
+        if isinstance(k, str) and k.isidentifier():
+            kwargs[k] = _value(v, f"{path}.{k}", problems)
+        else:
+            problems.append(f"{join(path, k)}: {show(k)} is not a parameter name; use identifiers")
+    target = raw.get("_component_", MISSING)
+    if not isinstance(target, str):
+        what = (
+            f"missing; {usage}" if target is MISSING else f"got {show(target)}; expected a string"
+        )
+        problems.append(f"{path}._component_: {what}")
+        return None
+    fn, error = resolve(target)
+    if error:
+        problems.append(f"{path}._component_: {error}")
+    else:
+        _check_call(fn, target, kwargs, path, provided, problems)
+    return Component(target=target, kwargs=kwargs) if len(problems) == before else None
+
+
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+\Z")
+
+
+def resolve(target: str) -> tuple[Any, str | None]:
+    """Import `package.module.attr[.attr]`; return (object, None) or (None, why not)."""
+    if not _DOTTED.match(target):
+        return None, f"{target!r} is not a dotted path; expected 'package.module.callable'"
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module)
+            break
+        except Exception as err:
+            missing = getattr(err, "name", None) if isinstance(err, ModuleNotFoundError) else None
+            if missing and (module == missing or module.startswith(missing + ".")):
+                continue  # this prefix is no module; the rest may be attributes of a shorter one
+            why = f"{type(err).__name__}: {err}"
+            return None, f"cannot import {target!r}: importing {module} failed: {why}"
+    else:
+        return None, f"cannot import {target!r}: no module named {parts[0]!r}"
+    for j in range(i, len(parts)):
+        try:
+            obj = getattr(obj, parts[j])
+        except Exception:
+            return (
+                None,
+                f"cannot import {target!r}: {'.'.join(parts[:j])} has no attribute or submodule {parts[j]!r}",
+            )
+    if not callable(obj):
+        return None, f"{target!r} is not callable (it is {show(obj)})"
+    return obj, None
+
+
+_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def parameters(fn: Any) -> tuple[dict[str, inspect.Parameter], bool] | None:
+    """(parameters a recipe can pass by name, whether **kwargs is accepted), or None if unknown."""
+    try:
+        sig = inspect.signature(fn)
+    except Exception:
+        return None
+    named = {p.name: p for p in sig.parameters.values() if p.kind in _KEYWORD}
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    return named, var_kw
+
+
+def _check_call(
+    fn: Any, target: str, kwargs: dict, path: str, provided: set[str], problems: list[str]
+) -> None:
+    params = parameters(fn)
+    if params is None:
+        return
+    named, var_kw = params
+    for k in kwargs:
+        if k not in named and not var_kw:
+            problems.append(unknown(f"{path}.{k}", k, named, f"parameter of {target}"))
+    for p in inspect.signature(fn).parameters.values():
+        if p.default is not p.empty or p.name in kwargs or p.name in provided:
+            continue
+        if p.kind in _KEYWORD:
+            problems.append(f"{path}.{p.name}: missing; {target} requires it")
+        elif p.kind is inspect.Parameter.POSITIONAL_ONLY:
+            problems.append(
+                f"{path}: {target} requires positional-only {p.name!r}, which a recipe cannot give"
+            )
+    hints = _hints(fn)
+    for k, v in kwargs.items():
+        hint = hints.get(k, MISSING)
+        if (
+            k in named
+            and not isinstance(v, Component)
+            and _checkable(hint)
+            and not type_ok(v, hint)
+        ):
+            problems.append(f"{path}.{k}: got {show(v)}; {target} expects {describe(hint)}")
+
+
+def _hints(fn: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    except Exception:
+        return {}
+
+
+_SCALARS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    type(None): "null",
+}
+
+
+def _union_args(hint: Any) -> tuple | None:
+    origin = typing.get_origin(hint)
+    return typing.get_args(hint) if origin is Union or origin is types.UnionType else None
+
+
+def _checkable(hint: Any) -> bool:
+    if hint in _SCALARS:
+        return True
+    if typing.get_origin(hint) is Literal:
+        return all(isinstance(a, _PLAIN) for a in typing.get_args(hint))
+    args = _union_args(hint)
+    return args is not None and all(_checkable(a) for a in args)
+
+
+def type_ok(value: Any, hint: Any) -> bool:
+    if hint is bool or hint is type(None) or hint is str:
+        return isinstance(value, hint)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typing.get_origin(hint) is Literal:
+        return any(type(value) is type(a) and value == a for a in typing.get_args(hint))
+    args = _union_args(hint)
+    return args is None or any(type_ok(value, a) for a in args)
+
+
+def describe(hint: Any) -> str:
+    if hint in _SCALARS:
+        return _SCALARS[hint]
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    args = _union_args(hint)
+    return " or ".join(describe(a) for a in args) if args else str(hint)
+
+
+# ---------------------------------------------------------------------------- overrides
+
+
+def set_path(raw: dict, key: str, value: Any, schema: type, problems: list[str]) -> None:
+    """Set `value` at dotted `key` in `raw`, refusing keys that neither `schema` (an attrs
+    config class) nor the component at that path accepts; list items go by index."""
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        here, last = ".".join(parts[: i + 1]), i == len(parts) - 1
+        if isinstance(node, list):
+            if not (part.isdigit() and int(part) < len(node)):
+                problems.append(
+                    f"{here}: no such index; {'.'.join(parts[:i])} has {len(node)} items"
+                )
+                return
+            part, schema = int(part), None
+        elif isinstance(node, dict):
+            error = _check_key(node, part, schema, here, last)
+            if error:
+                problems.append(error)
+                return
+            schema = _child_schema(schema, part, node)
+            if not last and part not in node:
+                node[part] = {}  # an absent config section
+        else:
+            problems.append(f"{here}: {'.'.join(parts[:i])} is {show(node)}, which has no keys")
+            return
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def _check_key(node: dict, key: str, schema: Any, path: str, last: bool) -> str | None:
+    absent = f"{path}: not set in the recipe; override the whole value, e.g. {path}={{...}}"
+    if "_component_" in node:
+        if key in node:
+            return None
+        if not last:
+            return absent
+        target = node["_component_"]
+        fn, error = resolve(target) if isinstance(target, str) else (None, "")
+        params = None if error is not None else parameters(fn)
+        if params is None or params[1] or key in params[0]:
+            return None  # accepted, or a target validation will report anyway
+        return unknown(path, key, params[0], f"parameter of {target}")
+    if schema is not None:
+        fields = attrs.fields_dict(schema)
+        if key not in fields:
+            return unknown(path, key, fields, "key")
+        return None if last or key in node or attrs.has(fields[key].type) else absent
+    return None if key in node else unknown(path, key, node, "key")
+
+
+def _child_schema(schema: Any, key: str, node: dict) -> Any:
+    if schema is None or "_component_" in node:
+        return None
+    t = attrs.fields_dict(schema)[key].type
+    return t if attrs.has(t) else None
+
+
+def instantiate(component: Component, **extra: Any) -> Any:
+    """Call `component.target` with its kwargs (nested components built first) and `extra`.
+
+    >>> instantiate(Component(target="fractions.Fraction", kwargs={"numerator": 1, "denominator": 2}))
+    Fraction(1, 2)
+    """
+    fn, error = resolve(component.target)
+    if error:
+        raise RecipeError([f"{component.target}: {error}"], "<instantiate>")
+    both = sorted(set(extra) & set(component.kwargs))
+    if both:
+        raise TypeError(
+            f"instantiate({component.target}): {both} given by the recipe and by the caller"
+        )
+    kwargs = {k: _build(v) for k, v in component.kwargs.items()}
+    return fn(**kwargs, **extra)
+
+
+def _build(value: Any) -> Any:
+    if isinstance(value, Component):
+        return instantiate(value)
+    if isinstance(value, Mapping):
+        return {k: _build(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_build(v) for v in value]
+    return value
