@@ -1,0 +1,161 @@
+"""The functrain step against a hand-written PyTorch loop doing the same math.
+
+    python bench/step.py [--steps 30] [--rounds 5] [--size small|medium]
+
+Time: both loops run in this process, alternating round by round, on the same model and
+batches (AdamW foreach, clip_grad_norm_, dropout); prints the median ratio functrain/torch.
+Memory: each loop also runs alone in a child process, and the ratio of their peak RSS
+(CPU) or peak CUDA allocation is printed, for the donating step and for donate=False.
+Goals: time ratio <= 1.03, peak-memory ratio <= 1.05 with donation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import functrain as ft
+from functrain.losses import next_token_cross_entropy
+from functrain.models import GPT
+
+SIZES = {
+    "small": dict(n_layer=2, n_embd=128, n_head=4, block_size=64, batch=16),
+    "medium": dict(n_layer=4, n_embd=256, n_head=8, block_size=128, batch=16),
+}
+
+
+def setup(size: str, device: str):
+    cfg = dict(SIZES[size])
+    batch = cfg.pop("batch")
+    torch.manual_seed(0)
+    model = GPT(dropout=0.1, **cfg).to(device)
+    g = torch.Generator().manual_seed(1)
+    data = [
+        tuple(
+            torch.randint(0, 256, (batch, cfg["block_size"]), generator=g).to(device)
+            for _ in range(2)
+        )
+        for _ in range(8)
+    ]
+    return model, data
+
+
+def functrain_loop(model, data, steps, donate=True):
+    state = ft.create(
+        copy.deepcopy(model),
+        loss=next_token_cross_entropy(),
+        optimizer=ft.adamw(lr=1e-3, weight_decay=0.1),
+        transforms=[ft.forward_backward(), ft.clip_by_global_norm(1.0), ft.apply_optimizer()],
+        device=next(model.parameters()).device,
+    )
+
+    def run():
+        nonlocal state
+        for i in range(steps):
+            state = ft.step(state, data[i % len(data)], donate=donate)
+        state.metrics["loss"].item()
+
+    return run
+
+
+def torch_loop(model, data, steps):
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=True)
+
+    def run():
+        for i in range(steps):
+            x, y = data[i % len(data)]
+            logits = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+        loss.item()
+
+    return run
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def peak_memory(kind: str, size: str, steps: int, device: str) -> float:
+    """Peak memory (MiB) of one loop run alone in a fresh process."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            kind,
+            "--size",
+            size,
+            "--steps",
+            str(steps),
+            "--device",
+            device,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def child(kind: str, size: str, steps: int, device: str) -> None:
+    model, data = setup(size, device)
+    loops = {
+        "torch": lambda: torch_loop(model, data, steps),
+        "functrain": lambda: functrain_loop(model, data, steps),
+        "functrain-pure": lambda: functrain_loop(model, data, steps, donate=False),
+    }
+    loops[kind]()()
+    if device == "cuda":
+        print(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--size", choices=SIZES, default="small")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        return child(a.child, a.size, a.steps, a.device)
+    model, data = setup(a.size, a.device)
+    ours, theirs = functrain_loop(model, data, a.steps), torch_loop(model, data, a.steps)
+    ours(), theirs()  # warm-up
+    ratios = []
+    for r in range(a.rounds):
+        pair = (
+            (timed(ours), timed(theirs))
+            if r % 2 == 0
+            else tuple(reversed((timed(theirs), timed(ours))))
+        )
+        ratios.append(pair[0] / pair[1])
+        print(f"round {r}: functrain {pair[0]:.3f}s  torch {pair[1]:.3f}s  ratio {ratios[-1]:.3f}")
+    print(f"time ratio (median of {a.rounds}): {statistics.median(ratios):.3f}  (goal <= 1.03)")
+    base = peak_memory("torch", a.size, a.steps, a.device)
+    for kind in ("functrain", "functrain-pure"):
+        peak = peak_memory(kind, a.size, a.steps, a.device)
+        print(
+            f"peak memory {kind}: {peak:.0f} MiB vs torch {base:.0f} MiB, ratio {peak / base:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""`python -m functrain ...`, the form torchrun launches."""
+
+import sys
+
+from functrain.cli import main
+
+sys.exit(main())

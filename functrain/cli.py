@@ -1,0 +1,319 @@
+"""`functrain run | resume | inspect`: parse, build, loop, close.
+
+User errors (bad recipe, missing or corrupt snapshot, changed recipe or data) end with one
+paragraph on stderr and exit status 2, never a traceback, and leave run directories as
+they were: every check runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import attrs
+import orjson
+
+from functrain import checkpoint, dist, runs
+from functrain.build import BuildError, Built, build, train_loader
+from functrain.data import DataError, make_loader
+from functrain.loop import Progress, append_metrics, evaluate, train
+from functrain.recipe import RecipeError, load_recipe, recipe_hash, to_dict
+from functrain.runs import RunError
+
+USER_ERRORS = (RecipeError, RunError, BuildError, DataError, checkpoint.SnapshotError)
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"functrain {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"functrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """`functrain COMMAND ...`; options may come before or after the `key=value` overrides."""
+    commands = _commands()
+    top = argparse.ArgumentParser(prog="functrain", description=__doc__.splitlines()[0])
+    top.add_argument(
+        "command",
+        choices=commands,
+        help="; ".join(f"{k}: {v.description}" for k, v in commands.items()),
+    )
+    head = top.parse_args(argv[:1])
+    sub = commands[head.command]
+    args, extra = sub.parse_known_args(argv[1:])
+    stray = [
+        a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")
+    ]
+    if stray:
+        sub.error(f"unrecognized arguments: {' '.join(stray)}")
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra]
+    args.command = head.command
+    return args
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    def command(name: str, description: str, func) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=f"functrain {name}", description=description)
+        p.set_defaults(func=func)
+        return p
+
+    run = command("run", "start a run from a recipe", cmd_run)
+    run.add_argument("recipe", help="path to a recipe YAML file")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+
+    res = command("resume", "continue a run exactly from a snapshot", cmd_resume)
+    res.add_argument("recipe", help="path to the run's recipe YAML file")
+    res.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    res.add_argument("--from", dest="source", required=True, metavar="state_N|latest|PATH")
+    res.add_argument("--name", help="branch into a new run directory with this name")
+    res.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept a recipe change (a dotted key or prefix); repeatable",
+    )
+
+    ins = command(
+        "inspect", "show a snapshot's manifest and digests, or a run's snapshots", cmd_inspect
+    )
+    ins.add_argument("path", help="a snapshot directory or a run directory")
+    ins.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    return {"run": run, "resume": res, "inspect": ins}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    ctx = dist.init()
+    recipe = load_recipe(args.recipe, args.overrides)
+    path = runs.run_path(recipe)
+    ctx.agree("recipe hash", recipe_hash(recipe))
+    built = build(
+        recipe, world_size=ctx.world_size, rank=ctx.rank, transforms_extra=ctx.transforms()
+    )
+    if ctx.is_main:
+        runs.create_run(recipe, path)
+    ctx.barrier()
+    _train(ctx, built, built.state, path, extra_meta={})
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    ctx = dist.init()
+    recipe = load_recipe(args.recipe, args.overrides)
+    source_run = runs.run_path(recipe)
+    if args.name:
+        recipe = attrs.evolve(recipe, name=args.name)
+    target = runs.run_path(recipe)
+    snap = runs.find_snapshot(source_run, args.source, warn=ctx.warn)
+    tensors, manifest = ctx.all_ok(lambda: checkpoint.load(snap))  # verifies every checksum
+    ctx.agree("snapshot step", manifest["step"])
+    built = build(
+        recipe, world_size=ctx.world_size, rank=ctx.rank, transforms_extra=ctx.transforms()
+    )
+    allowed, env_warnings = runs.check_resume(
+        manifest,
+        to_dict(recipe),
+        built.fingerprint,
+        args.allow_change,
+        runs.environment(built.device.type),
+    )
+    for w in env_warnings:
+        ctx.warn(w)
+    step = manifest["step"]
+    if step >= recipe.steps:
+        raise RunError(
+            f"snapshot {snap} is at step {step} and the recipe trains {recipe.steps} steps: "
+            "nothing to do. To train longer, pass steps=N with --allow-change steps "
+            "--allow-change schedule (the schedule's length follows steps)."
+        )
+    branching = target.resolve() != snap.parent.resolve()
+    if not branching and step != runs.latest_step(target):
+        raise RunError(
+            f"{snap} is not the newest snapshot of {target} (state_{runs.latest_step(target)} "
+            "is). Resuming in place would overwrite the later history. Branch into a new run "
+            "with --name NEW, or resume with --from latest."
+        )
+    try:
+        state = built.state.load(tensors)
+    except ValueError as err:
+        raise RunError(f"{snap}: {err}. Resume with the recipe the run was trained with.") from None
+    ctx.agree("loaded step", int(state.step))
+    if ctx.is_main:
+        if branching:
+            runs.create_run(
+                recipe, target, metrics=runs.metrics_until(snap.parent / runs.METRICS_FILE, step)
+            )
+        else:
+            runs.cut_metrics(target / runs.METRICS_FILE, step)
+    ctx.barrier()
+    extra = {
+        "parent": str(snap.resolve()) if branching else manifest.get("parent"),
+        "allowed_changes": list(manifest.get("allowed_changes", [])) + allowed,
+    }
+    _train(ctx, built, state, target, extra_meta=extra, resumed_from=snap)
+    return 0
+
+
+def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_from=None) -> None:
+    recipe = built.recipe
+    start = int(state.data["samples"])
+    loader = iter(train_loader(built, start=start, world_size=ctx.world_size, rank=ctx.rank))
+    progress = Progress(recipe.steps, int(state.step)) if ctx.is_main else None
+    meta = {
+        "recipe": to_dict(recipe),
+        "recipe_hash": recipe_hash(recipe),
+        "data": built.fingerprint,
+        "device": built.device.type,
+        "world_size": ctx.world_size,
+        **extra_meta,
+    }
+
+    def on_log(record: dict) -> None:
+        if progress is not None:
+            append_metrics(path / runs.METRICS_FILE, record)
+            progress.update(record)
+
+    def on_snapshot(s) -> None:
+        if ctx.is_main:
+            snap = checkpoint.save(
+                path / f"state_{int(s.step)}", s.tensors(), {"step": int(s.step), **meta}
+            )
+            runs.retain(path, recipe.checkpoint.keep_last, keep={snap, resumed_from})
+        ctx.barrier()
+
+    eval_loss = None
+    if recipe.eval.every and built.val is not None:
+
+        def eval_loss(s):
+            batches = iter(
+                make_loader(
+                    built.val,
+                    batch_size=built.local_batch,
+                    seed=0,
+                    shuffle=False,
+                    world_size=ctx.world_size,
+                    rank=ctx.rank,
+                )
+            )
+            return ctx.mean(evaluate(s, batches, recipe.eval.batches, built.device))
+
+    try:
+        train(
+            state,
+            loader,
+            steps=recipe.steps,
+            device=built.device,
+            log_every=recipe.log_every,
+            on_log=on_log,
+            snapshot_every=recipe.checkpoint.every,
+            on_snapshot=on_snapshot,
+            eval_every=recipe.eval.every,
+            eval_loss=eval_loss,
+            reduce=ctx.mean,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    if progress is not None:
+        progress.message(f"done: {path} (step {recipe.steps})")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if (path / checkpoint.MANIFEST).exists():
+        report = _snapshot_report(path)
+        if args.json:
+            sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+        else:
+            _print_snapshot(report)
+        return 0 if report["valid"] else 1
+    if path.is_dir():
+        rows = [_snapshot_row(p) for _, p in checkpoint.list_snapshots(path)]
+        if args.json:
+            sys.stdout.write(
+                orjson.dumps(
+                    {"run": str(path), "snapshots": rows}, option=orjson.OPT_INDENT_2
+                ).decode()
+                + "\n"
+            )
+        else:
+            _print_run(path, rows)
+        return 0
+    raise RunError(f"{path} is neither a snapshot (no {checkpoint.MANIFEST}) nor a run directory")
+
+
+def _snapshot_report(path: Path) -> dict:
+    manifest = checkpoint.read_manifest(path)
+    problems = checkpoint.verify(path)
+    sizes = {
+        entry: sum(leaf["nbytes"] for leaf in spec["leaves"])
+        for entry, spec in manifest["entries"].items()
+    }
+    return {
+        "path": str(path),
+        "step": manifest["step"],
+        "valid": not problems,
+        "problems": problems,
+        "digests": checkpoint.digests(path) if not problems else {},
+        "sizes": sizes,
+        "manifest": manifest,
+    }
+
+
+def _print_snapshot(r: dict) -> None:
+    m = r["manifest"]
+    print(f"snapshot  {r['path']}")
+    print(f"step      {r['step']}")
+    print(f"created   {m['created']}")
+    print(f"valid     {'yes' if r['valid'] else 'NO'}")
+    for p in r["problems"]:
+        print(f"  problem: {p}")
+    for key in ("recipe_hash", "device", "world_size", "parent"):
+        if m.get(key) is not None:
+            print(f"{key:<9} {m[key]}")
+    print("versions  " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    for change in m.get("allowed_changes", []):
+        print(f"allowed   {change}")
+    print(f"{'entry':<10}{'bytes':>14}  sha256")
+    for entry, size in r["sizes"].items():
+        print(f"{entry:<10}{size:>14}  {r['digests'].get(entry, '-')}")
+
+
+def _snapshot_row(path: Path) -> dict:
+    problems = checkpoint.verify(path)
+    try:
+        m = checkpoint.read_manifest(path)
+        created, size = m["created"], sum(f["bytes"] for f in m["files"].values())
+    except checkpoint.SnapshotError:
+        created, size = None, None
+    return {
+        "name": path.name,
+        "step": int(path.name.split("_")[1]),
+        "created": created,
+        "bytes": size,
+        "valid": not problems,
+        "problem": problems[0] if problems else None,
+    }
+
+
+def _print_run(path: Path, rows: list[dict]) -> None:
+    print(f"run {path}: {len(rows)} snapshot(s)")
+    print(f"{'step':>10}  {'created':<27}{'bytes':>14}  status")
+    for r in rows:
+        status = "valid" if r["valid"] else f"INVALID: {r['problem']}"
+        print(f"{r['step']:>10}  {r['created'] or '?':<27}{r['bytes'] or 0:>14}  {status}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

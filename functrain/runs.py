@@ -1,0 +1,175 @@
+"""Run directories: create, find snapshots, check a resume, keep `metrics.jsonl` in step.
+
+runs/<name>/recipe.yaml  metrics.jsonl  state_<step>/
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from functrain import checkpoint
+from functrain.data import fingerprint_changes
+from functrain.recipe import Recipe, diff, dump_yaml
+
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.jsonl"
+#: Recipe keys that change no bit of training: they may differ on resume without --allow-change.
+FREE_KEYS = ("name", "out_dir", "checkpoint", "log_every", "data.num_workers")
+_SNAPSHOT_NAME = re.compile(r"state_\d+")
+
+
+class RunError(Exception):
+    """A run directory or resume request that cannot be honoured; the message says what to do."""
+
+
+def run_path(recipe: Recipe) -> Path:
+    return Path(recipe.out_dir) / recipe.name
+
+
+def create_run(recipe: Recipe, path: Path, *, metrics: bytes = b"") -> None:
+    """Make the run directory with its resolved recipe; refuse to reuse an existing one."""
+    if path.exists() and any(path.iterdir()):
+        raise RunError(
+            f"run directory {path} already exists. To continue it: functrain resume "
+            f"<recipe> --from latest. To start afresh, pick another name (name=NEW) or "
+            f"remove the directory."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path / RECIPE_FILE, dump_yaml(recipe).encode())
+    _write_atomic(path / METRICS_FILE, metrics)
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def metrics_until(path: Path, step: int) -> bytes:
+    """The lines of `metrics.jsonl` up to and including `step` (none after: no orphans)."""
+    if not path.exists():
+        return b""
+    kept = [
+        line
+        for line in path.read_bytes().splitlines(keepends=True)
+        if line.strip() and orjson.loads(line)["step"] <= step
+    ]
+    return b"".join(kept)
+
+
+def cut_metrics(path: Path, step: int) -> None:
+    _write_atomic(path, metrics_until(path, step))
+
+
+def find_snapshot(run: Path, spec: str, warn) -> Path:
+    """`latest` (newest valid), `state_<step>` in the run, or a path to a snapshot."""
+    if spec == "latest":
+        if not run.is_dir():
+            raise RunError(f"no run directory {run}: start the run with `functrain run` first")
+        for _, snap in reversed(checkpoint.list_snapshots(run)):
+            problems = checkpoint.verify(snap)
+            if not problems:
+                return snap
+            warn(f"skipping invalid snapshot {snap}: {problems[0]}")
+        raise RunError(f"run {run} has no valid snapshot to resume from")
+    path = run / spec if _SNAPSHOT_NAME.fullmatch(spec) else Path(spec)
+    if not path.is_dir():
+        have = ", ".join(p.name for _, p in checkpoint.list_snapshots(run)) if run.is_dir() else ""
+        raise RunError(
+            f"snapshot {path} not found. "
+            + (f"Snapshots of {run}: {have}." if have else f"{run} has no snapshots.")
+            + " Use --from latest, state_<step>, or a path to a snapshot directory."
+        )
+    return path
+
+
+def _is_free(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in FREE_KEYS)
+
+
+def _is_allowed(key: str, allowed: list[str]) -> bool:
+    return any(key == a or key.startswith(a + ".") for a in allowed)
+
+
+def check_resume(
+    manifest: dict[str, Any], recipe: dict, fingerprint: dict, allow: list[str], environment: dict
+) -> tuple[list[str], list[str]]:
+    """Refuse what would break exactness; return (changes allowed, warnings).
+
+    A recipe key that changed is an error unless listed in `allow` (a key or a prefix);
+    a changed data fingerprint is always an error; other versions or devices warn.
+    """
+    changes = [c for c in diff(manifest["recipe"], recipe) if not _is_free(c[0])]
+    refused = [c for c in changes if not _is_allowed(c[0], allow)]
+    problems = [f"  {k}: {_show(old)} -> {_show(new)}" for k, old, new in refused]
+    if problems:
+        raise RunError(
+            "the recipe differs from the snapshot's, which would break exact resume:\n"
+            + "\n".join(problems)
+            + "\nRestore those values, or accept each change with --allow-change KEY "
+            "(e.g. --allow-change " + refused[0][0] + ")."
+        )
+    data_changes = fingerprint_changes(manifest["data"], fingerprint)
+    if data_changes:
+        raise RunError(
+            "the training data differs from the snapshot's:\n  "
+            + "\n  ".join(data_changes)
+            + "\nResume with the data the run was trained on (data.dataset in the recipe)."
+        )
+    warnings = [
+        f"{what} differs: snapshot {manifest_value} vs now {environment[what]}; results may "
+        "not be bitwise identical to an unbroken run"
+        for what, manifest_value in _environment_of(manifest).items()
+        if manifest_value != environment[what]
+    ]
+    allowed = [f"{k}: {_show(old)} -> {_show(new)}" for k, old, new in changes]
+    return allowed, warnings
+
+
+def _environment_of(manifest: dict) -> dict:
+    versions = manifest.get("versions", {})
+    return {
+        "torch version": versions.get("torch"),
+        "functrain version": versions.get("functrain"),
+        "python version": versions.get("python"),
+        "device": manifest.get("device"),
+    }
+
+
+def environment(device: str) -> dict:
+    """This process's versions and device, in the terms of `_environment_of`."""
+    versions = checkpoint.versions()
+    return {
+        "torch version": versions["torch"],
+        "functrain version": versions["functrain"],
+        "python version": versions["python"],
+        "device": device,
+    }
+
+
+def _show(value: Any) -> str:
+    return orjson.dumps(value).decode() if not isinstance(value, str) else value
+
+
+def latest_step(run: Path) -> int | None:
+    snaps = checkpoint.list_snapshots(run) if run.is_dir() else []
+    return snaps[-1][0] if snaps else None
+
+
+def retain(run: Path, keep_last: int | None, keep: set) -> list[Path]:
+    """Delete all but the newest `keep_last` snapshots, sparing those in `keep`."""
+    if keep_last is None:
+        return []
+    spare = {Path(p).resolve() for p in keep if p is not None}
+    old = [p for _, p in checkpoint.list_snapshots(run)[:-keep_last] if p.resolve() not in spare]
+    for p in old:
+        checkpoint.remove(p)
+    return old

@@ -1,0 +1,156 @@
+"""The real CLI in subprocesses: run, resume (exact), inspect, and bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from functrain.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.yaml"
+
+
+def cli(*args, cwd=None, check=True):
+    out = subprocess.run(
+        [sys.executable, "-m", "functrain", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def tree(path: Path) -> dict:
+    """Every file under `path` with its size and mtime: to prove nothing changed."""
+    return {
+        str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [orjson.loads(line) for line in (run / "metrics.jsonl").read_bytes().splitlines()]
+    for r in rows:
+        r.pop("samples_per_s")  # wall-clock: the only field allowed to differ
+    return rows
+
+
+def digests(snapshot: Path) -> dict:
+    report = orjson.loads(cli("inspect", snapshot, "--json").stdout)
+    assert report["valid"] and report["step"] == int(snapshot.name.split("_")[1])
+    return report["digests"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cli("run", TINY, f"out_dir={out}", "name=A", "checkpoint.every=null")
+    cli("run", TINY, f"out_dir={out}", "name=B")
+    return out
+
+
+def test_resume_branch_is_bitwise_equal_to_unbroken_run(runs):
+    res = cli("resume", TINY, f"out_dir={runs}", "name=B", "--from", "state_20", "--name", "C")
+    assert "step 40/40" in res.stdout
+    a, c = runs / "A", runs / "C"
+    assert sorted(p.name for p in a.glob("state_*")) == ["state_40"]
+    assert digests(a / "state_40") == digests(c / "state_40")
+    assert set(digests(a / "state_40")) >= {"params", "buffers", "opt", "rng", "data", "stats"}
+    assert metrics(c) == metrics(a)
+    assert [r["step"] for r in metrics(c)] == list(range(5, 41, 5))  # no duplicate, no orphan
+    assert any("eval_loss" in r for r in metrics(a))
+    manifest = orjson.loads((c / "state_40" / "manifest.json").read_bytes())
+    assert manifest["parent"].endswith("B/state_20")
+
+
+def test_resume_in_place_from_an_old_snapshot_explains_and_changes_nothing(runs):
+    before = tree(runs / "B")
+    res = cli("resume", TINY, f"out_dir={runs}", "name=B", "--from", "state_20", check=False)
+    assert res.returncode == 2
+    assert "not the newest snapshot" in res.stderr and "--name NEW" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert tree(runs / "B") == before
+
+
+def test_changed_recipe_is_refused_unless_allowed(tmp_path, runs):
+    shutil.copytree(runs / "B", tmp_path / "B")
+    (tmp_path / "B" / "state_40").rename(tmp_path / "B" / "state_40.bak")
+    before = tree(tmp_path / "B")
+    args = ("resume", TINY, f"out_dir={tmp_path}", "name=B", "--from", "latest", "optim.lr=0.01")
+    res = cli(*args, check=False)
+    assert res.returncode == 2, res.stderr
+    assert "optim.lr: 0.003 -> 0.01" in res.stderr and "--allow-change" in res.stderr
+    assert tree(tmp_path / "B") == before
+    res = cli(*args, "--allow-change", "optim.lr")
+    manifest = orjson.loads((tmp_path / "B" / "state_40" / "manifest.json").read_bytes())
+    assert manifest["allowed_changes"] == ["optim.lr: 0.003 -> 0.01"]
+    assert [r["step"] for r in metrics(tmp_path / "B")] == list(range(5, 41, 5))
+
+
+def test_run_refuses_an_existing_run(runs):
+    before = tree(runs / "A")
+    res = cli("run", TINY, f"out_dir={runs}", "name=A", check=False)
+    assert res.returncode == 2 and "already exists" in res.stderr and "resume" in res.stderr
+    assert tree(runs / "A") == before
+
+
+def test_inspect_run_directory_lists_snapshots(runs):
+    out = cli("inspect", runs / "B").stdout
+    for step in (10, 20, 30, 40):
+        assert f"{step}" in out
+    assert "valid" in out
+
+
+def test_corrupted_snapshot_is_named(tmp_path, runs):
+    shutil.copytree(runs / "B", tmp_path / "B")
+    victim = tmp_path / "B" / "state_40" / "params.bin"
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0x01
+    victim.write_bytes(bytes(data))
+    before = tree(tmp_path / "B")
+    res = cli("resume", TINY, f"out_dir={tmp_path}", "name=B", "--from", "state_40", check=False)
+    assert res.returncode == 2 and "params.bin" in res.stderr and "Traceback" not in res.stderr
+    res = cli("inspect", tmp_path / "B" / "state_40", check=False)
+    assert res.returncode == 1 and "params.bin" in res.stdout
+    assert tree(tmp_path / "B") == before
+
+
+BAD_INPUT = [
+    ("malformed.yaml", "name: [unclosed\n", [], "malformed.yaml"),
+    ("recipe.yaml", None, ["optim.lrr=1"], "optim.lrr"),
+    ("recipe.yaml", None, ["steps=ten"], "steps"),
+    ("recipe.yaml", None, ["model._component_=functrain.models.Nope"], "functrain.models.Nope"),
+    ("recipe.yaml", None, ["bogus=1"], "bogus"),
+]
+
+
+@pytest.mark.parametrize("name, text, overrides, named", BAD_INPUT)
+def test_bad_recipe_input_exits_2_naming_the_key(tmp_path, name, text, overrides, named):
+    recipe = tmp_path / name
+    recipe.write_text(text if text is not None else TINY.read_text())
+    res = cli("run", recipe, f"out_dir={tmp_path / 'runs'}", *overrides, check=False)
+    assert res.returncode == 2
+    assert named in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_snapshot_is_named(tmp_path, runs):
+    res = cli("resume", TINY, f"out_dir={runs}", "name=B", "--from", "state_999", check=False)
+    assert res.returncode == 2 and "state_999" in res.stderr and "state_10" in res.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(recipe):
+    assert recipe.read_text().startswith(f"# functrain run recipes/{recipe.name}")
+    load_recipe(recipe)
