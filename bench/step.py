@@ -90,8 +90,8 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def peak_memory(kind: str, size: str, steps: int, device: str) -> float:
-    """Peak memory (MiB) of one loop run alone in a fresh process."""
+def peak_memory(kind: str, size: str, steps: int, device: str) -> tuple[float, float]:
+    """(memory before the loop, peak memory) in MiB of one loop run alone in a fresh process."""
     out = subprocess.run(
         [
             sys.executable,
@@ -109,7 +109,8 @@ def peak_memory(kind: str, size: str, steps: int, device: str) -> float:
         capture_output=True,
         text=True,
     )
-    return float(out.stdout.strip().splitlines()[-1])
+    before, peak = out.stdout.strip().splitlines()[-1].split()
+    return float(before), float(peak)
 
 
 def child(kind: str, size: str, steps: int, device: str) -> None:
@@ -119,11 +120,18 @@ def child(kind: str, size: str, steps: int, device: str) -> None:
         "functrain": lambda: functrain_loop(model, data, steps),
         "functrain-pure": lambda: functrain_loop(model, data, steps, donate=False),
     }
+    before = _rss_mib()
     loops[kind]()()
     if device == "cuda":
-        print(torch.cuda.max_memory_allocated() / 2**20)
+        print(0.0, torch.cuda.max_memory_allocated() / 2**20)
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _rss_mib() -> float:
+    """Resident memory now (MiB): torch, the model and the data, before the loop runs."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def main() -> None:
@@ -141,19 +149,19 @@ def main() -> None:
     ours(), theirs()  # warm-up
     ratios = []
     for r in range(a.rounds):
-        pair = (
-            (timed(ours), timed(theirs))
-            if r % 2 == 0
-            else tuple(reversed((timed(theirs), timed(ours))))
-        )
-        ratios.append(pair[0] / pair[1])
-        print(f"round {r}: functrain {pair[0]:.3f}s  torch {pair[1]:.3f}s  ratio {ratios[-1]:.3f}")
+        if r % 2 == 0:  # alternate which loop goes first
+            t_ours, t_theirs = timed(ours), timed(theirs)
+        else:
+            t_theirs, t_ours = timed(theirs), timed(ours)
+        ratios.append(t_ours / t_theirs)
+        print(f"round {r}: functrain {t_ours:.3f}s  torch {t_theirs:.3f}s  ratio {ratios[-1]:.3f}")
     print(f"time ratio (median of {a.rounds}): {statistics.median(ratios):.3f}  (goal <= 1.03)")
-    base = peak_memory("torch", a.size, a.steps, a.device)
+    base_before, base = peak_memory("torch", a.size, a.steps, a.device)
     for kind in ("functrain", "functrain-pure"):
-        peak = peak_memory(kind, a.size, a.steps, a.device)
+        before, peak = peak_memory(kind, a.size, a.steps, a.device)
         print(
-            f"peak memory {kind}: {peak:.0f} MiB vs torch {base:.0f} MiB, ratio {peak / base:.3f}"
+            f"peak memory {kind}: {peak:.0f} MiB vs torch {base:.0f} MiB, ratio {peak / base:.3f}; "
+            f"growth during the loop {peak - before:.0f} vs {base - base_before:.0f} MiB"
         )
 
 

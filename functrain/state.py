@@ -218,7 +218,10 @@ def create(
         "opt": optimizer.init(params),
         "rng": rng.key(seed),
         "data": TensorDict({"samples": torch.zeros((), dtype=torch.int64)}, batch_size=[]),
-        "stats": TensorDict({"loss_ema": metric.clone(), "best_eval": metric.clone()}, []),
+        "stats": TensorDict(
+            {"loss_ema": metric.clone(), "best_eval": torch.full((), float("inf"), device=device)},
+            batch_size=[],
+        ),
         "ema": TensorDict({}, batch_size=[]),
         "metrics": TensorDict(
             {"loss": metric.clone(), "grad_norm": metric.clone(), "lr": metric.clone()}, []
