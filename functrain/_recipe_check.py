@@ -253,6 +253,12 @@ def describe(hint: Any) -> str:
 # ---------------------------------------------------------------------------- overrides
 
 
+def config_fields(cls: type) -> dict[str, attrs.Attribute]:
+    """An attrs config class's fields by recipe key: the field name, or `metadata["key"]`
+    where the key is no Python name (`checkpoint.async` is the field `async_save`)."""
+    return {f.metadata.get("key", f.name): f for f in attrs.fields(cls)}
+
+
 def set_path(raw: dict, key: str, value: Any, schema: type, problems: list[str]) -> None:
     """Set `value` at dotted `key` in `raw`, refusing keys that neither `schema` (an attrs
     config class) nor the component at that path accepts; list items go by index."""
@@ -298,7 +304,7 @@ def _check_key(node: dict, key: str, schema: Any, path: str, last: bool) -> str 
             return None  # accepted, or a target validation will report anyway
         return unknown(path, key, params[0], f"parameter of {target}")
     if schema is not None:
-        fields = attrs.fields_dict(schema)
+        fields = config_fields(schema)
         if key not in fields:
             return unknown(path, key, fields, "key")
         return None if last or key in node or attrs.has(fields[key].type) else absent
@@ -308,7 +314,7 @@ def _check_key(node: dict, key: str, schema: Any, path: str, last: bool) -> str 
 def _child_schema(schema: Any, key: str, node: dict) -> Any:
     if schema is None or "_component_" in node:
         return None
-    t = attrs.fields_dict(schema)[key].type
+    t = config_fields(schema)[key].type
     return t if attrs.has(t) else None
 
 

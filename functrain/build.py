@@ -13,8 +13,10 @@ import torch
 
 from functrain import data as data_lib
 from functrain import rng
+from functrain.loop import to_device
 from functrain.recipe import Component, Recipe, instantiate
 from functrain.state import TrainState, create
+from functrain.step import step as run_step
 
 
 class BuildError(ValueError):
@@ -53,8 +55,8 @@ def _make(field: str, component: Component, **extra: Any) -> Any:
     """Instantiate a component; a bad argument value becomes an error naming the field."""
     try:
         return instantiate(component, **extra)
-    except (ValueError, TypeError) as err:
-        raise BuildError(f"{field} ({component.target}): {err}") from None
+    except Exception as err:  # any failure to construct is the recipe's values at fault
+        raise BuildError(f"{field} ({component.target}): {type(err).__name__}: {err}") from None
 
 
 def data_seed(recipe: Recipe) -> int:
@@ -127,3 +129,23 @@ def train_loader(built: Built, *, start: int, world_size: int = 1, rank: int = 0
         num_workers=r.data.num_workers,
         pin_memory=built.device.type == "cuda",
     )
+
+
+def probe(built: Built, *, world_size: int = 1, rank: int = 0) -> None:
+    """One trial step on a copy of the state and the first batch, its result thrown away.
+
+    Parts that validate one by one but do not fit together (a model shorter than the data's
+    blocks, a batch that does not split into micro-batches) fail here, before any file is
+    written. The copy keeps the state, the cursor and the global RNG untouched.
+    """
+    loader = train_loader(built, start=0, world_size=world_size, rank=rank)
+    try:
+        batch = to_device(next(iter(loader)), built.device)
+        run_step(built.state, batch, donate=False)
+    except Exception as err:  # the message carries the cause; the traceback would not help
+        raise BuildError(
+            f"the recipe's parts do not fit together: a trial step on the first batch failed "
+            f"with {type(err).__name__}: {err}. Check that model, loss, data and step agree "
+            "(e.g. model.block_size >= data.dataset.block_size, model.vocab_size covers the "
+            "data, data.batch_size per process divides into the micro_batches of step)."
+        ) from None

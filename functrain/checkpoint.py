@@ -13,6 +13,7 @@ leaves out as views; nothing in a snapshot is ever executed (no pickle, whitelis
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import math
@@ -21,6 +22,7 @@ import platform
 import re
 import secrets
 import shutil
+import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -189,8 +191,9 @@ def _check_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
 def _write_snapshot(tmp: Path, plan: dict, meta: dict[str, Any]) -> None:
     entries, files = {}, {}
     with ThreadPoolExecutor(1, thread_name_prefix="functrain-crc") as pool:
-        for entry, (leaves, empty) in plan.items():
+        for i, (entry, (leaves, empty)) in enumerate(plan.items()):
             name = f"{entry}.bin"
+            _test_seam(tmp / name, i)
             records, size, crc = _write_entry(tmp / name, leaves, pool)
             entries[entry] = {"file": name, "leaves": records, "empty": empty}
             files[name] = {"bytes": size, "crc32": crc}
@@ -203,8 +206,28 @@ def _write_snapshot(tmp: Path, plan: dict, meta: dict[str, Any]) -> None:
         "files": files,
     }
     body = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+    _test_seam(tmp / MANIFEST, len(plan))
     _write_file(tmp / MANIFEST, [memoryview(body)])
     _fsync_dir(tmp)
+
+
+#: Tests only: seconds to sleep before each file of a save, so a kill can land mid-save.
+_SLOW_SAVE_ENV = "FUNCTRAIN_TEST_SLOW_SAVE"
+#: Tests only: `ERRNO[:state_N]` (e.g. `ENOSPC:state_4`) fails that save at its second file.
+_SAVE_ERROR_ENV = "FUNCTRAIN_TEST_SAVE_ERROR"
+
+
+def _test_seam(path: Path, index: int) -> None:
+    """Fault injection for the reliability tests; does nothing unless their env vars are set."""
+    delay = os.environ.get(_SLOW_SAVE_ENV)
+    if delay:
+        time.sleep(float(delay))
+    fault = os.environ.get(_SAVE_ERROR_ENV)
+    if fault and index == 1:
+        code, _, snapshot = fault.partition(":")
+        if not snapshot or path.parent.name.startswith(f".tmp-{snapshot}-"):
+            number = getattr(errno, code)
+            raise OSError(number, os.strerror(number), str(path))
 
 
 def _write_entry(path: Path, leaves: Leaves, pool: ThreadPoolExecutor) -> tuple[list, int, int]:

@@ -2,12 +2,16 @@
 
 User errors (bad recipe, missing or corrupt snapshot, changed recipe or data) end with one
 paragraph on stderr and exit status 2, never a traceback, and leave run directories as
-they were: every check runs before anything is written.
+they were: every check runs before anything is written. A run stopped by SIGTERM, a first
+Ctrl-C or `checkpoint.signal` writes a snapshot and exits 143; a second Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -15,8 +19,9 @@ from pathlib import Path
 import attrs
 import orjson
 
-from functrain import checkpoint, dist, runs
-from functrain.build import BuildError, Built, build, train_loader
+from functrain import checkpoint, dist, preempt, runs
+from functrain.async_save import AsyncWriter
+from functrain.build import BuildError, Built, build, probe, train_loader
 from functrain.data import DataError, make_loader
 from functrain.loop import Progress, append_metrics, evaluate, train
 from functrain.recipe import RecipeError, load_recipe, recipe_hash, to_dict
@@ -24,6 +29,7 @@ from functrain.runs import RunError
 
 USER_ERRORS = (RecipeError, RunError, BuildError, DataError, checkpoint.SnapshotError)
 EXIT_USER_ERROR = 2
+EXIT_PEER_LOST = 3  # under torchrun: another rank died or timed out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,11 +38,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as err:
-        print(f"functrain {args.command}: error: {err}", file=sys.stderr)
+        if dist.env_rank() == 0:  # under torchrun every rank fails alike; one says why
+            print(f"functrain {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"functrain {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return preempt.EXIT_ABORTED
+    except RuntimeError as err:
+        explained = dist.peer_failure(err)
+        if explained is None:
+            raise
+        print(
+            f"functrain {args.command}: error on rank {dist.env_rank()}: {explained}",
+            file=sys.stderr,
+        )
+        return EXIT_PEER_LOST
+    finally:
+        dist.close()
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -95,32 +113,36 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     ctx = dist.init()
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = ctx.all_ok(lambda: load_recipe(args.recipe, args.overrides))
     path = runs.run_path(recipe)
     ctx.agree("recipe hash", recipe_hash(recipe))
-    built = build(
-        recipe, world_size=ctx.world_size, rank=ctx.rank, transforms_extra=ctx.transforms()
-    )
-    if ctx.is_main:
-        runs.create_run(recipe, path)
-    ctx.barrier()
-    _train(ctx, built, built.state, path, extra_meta={})
-    return 0
+    ctx.agree("versions", checkpoint.versions())
+    built = _build(ctx, recipe)
+    ctx.all_ok(lambda: runs.create_run(recipe, path) if ctx.is_main else None)
+    return _train(ctx, built, built.state, path, extra_meta={})
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     ctx = dist.init()
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = ctx.all_ok(lambda: load_recipe(args.recipe, args.overrides))
+    ctx.agree("recipe hash", recipe_hash(recipe))
+    ctx.agree("versions", checkpoint.versions())
     source_run = runs.run_path(recipe)
     if args.name:
         recipe = attrs.evolve(recipe, name=args.name)
     target = runs.run_path(recipe)
-    snap = runs.find_snapshot(source_run, args.source, warn=ctx.warn)
+    snap = ctx.all_ok(lambda: runs.find_snapshot(source_run, args.source, warn=ctx.warn))
     tensors, manifest = ctx.all_ok(lambda: checkpoint.load(snap))  # verifies every checksum
-    ctx.agree("snapshot step", manifest["step"])
-    built = build(
-        recipe, world_size=ctx.world_size, rank=ctx.rank, transforms_extra=ctx.transforms()
-    )
+    ctx.agree("snapshot (step, manifest digest)", (manifest["step"], _digest(manifest)))
+    built = _build(ctx, recipe)
+    ctx.agree("data fingerprint", _digest(built.fingerprint))
+    if manifest.get("world_size", 1) != ctx.world_size:
+        ctx.warn(
+            f"{snap} was written by {manifest.get('world_size', 1)} process(es), this run has "
+            f"{ctx.world_size}: the samples and LR of every step stay the same, but params "
+            "will be close to, not bitwise equal to, an unbroken run (gradients are reduced "
+            "in another order and dropout masks are drawn per rank)"
+        )
     allowed, env_warnings = runs.check_resume(
         manifest,
         to_dict(recipe),
@@ -138,7 +160,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
             "--allow-change schedule (the schedule's length follows steps)."
         )
     branching = target.resolve() != snap.parent.resolve()
-    if not branching and step != runs.latest_step(target):
+    # `--from latest` skipped newer invalid snapshots: set them aside so training can go on.
+    newer = [p for s, p in checkpoint.list_snapshots(target) if s > step] if not branching else []
+    if newer and args.source != "latest":
         raise RunError(
             f"{snap} is not the newest snapshot of {target} (state_{runs.latest_step(target)} "
             "is). Resuming in place would overwrite the later history. Branch into a new run "
@@ -149,26 +173,50 @@ def cmd_resume(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise RunError(f"{snap}: {err}. Resume with the recipe the run was trained with.") from None
     ctx.agree("loaded step", int(state.step))
-    if ctx.is_main:
+
+    def prepare_target() -> None:  # rank 0 writes; a failure there stops every rank alike
+        if not ctx.is_main:
+            return
+        for p in runs.clean_partial(target):
+            ctx.warn(f"removed {p}, left over by an interrupted write")
+        for p in newer:
+            ctx.warn(f"set aside invalid snapshot {p} as {runs.set_aside(p).name}")
         if branching:
             runs.create_run(
                 recipe, target, metrics=runs.metrics_until(snap.parent / runs.METRICS_FILE, step)
             )
         else:
             runs.cut_metrics(target / runs.METRICS_FILE, step)
-    ctx.barrier()
+
+    ctx.all_ok(prepare_target)
     extra = {
         "parent": str(snap.resolve()) if branching else manifest.get("parent"),
         "allowed_changes": list(manifest.get("allowed_changes", [])) + allowed,
     }
-    _train(ctx, built, state, target, extra_meta=extra, resumed_from=snap)
-    return 0
+    return _train(ctx, built, state, target, extra_meta=extra, resumed_from=snap)
 
 
-def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_from=None) -> None:
+def _build(ctx, recipe) -> Built:
+    """Build on every rank; a failure on any rank (e.g. missing data) fails all of them."""
+
+    def build_and_probe() -> Built:
+        w, r = ctx.world_size, ctx.rank
+        built = build(recipe, world_size=w, rank=r, transforms_extra=ctx.transforms())
+        probe(built, world_size=w, rank=r)
+        return built
+
+    return ctx.all_ok(build_and_probe)
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_from=None) -> int:
     recipe = built.recipe
     start = int(state.data["samples"])
     loader = iter(train_loader(built, start=start, world_size=ctx.world_size, rank=ctx.rank))
+    loader = dist.traced(loader, ctx, start, recipe.data.batch_size)
     progress = Progress(recipe.steps, int(state.step)) if ctx.is_main else None
     meta = {
         "recipe": to_dict(recipe),
@@ -184,13 +232,46 @@ def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_fr
             append_metrics(path / runs.METRICS_FILE, record)
             progress.update(record)
 
-    def on_snapshot(s) -> None:
+    writer = AsyncWriter() if ctx.is_main and recipe.checkpoint.async_save else None
+
+    def retain(snap: Path) -> None:  # once `snap` is published (on the writer thread if async)
+        ck = recipe.checkpoint
+        runs.retain(path, ck.keep_last, keep={snap, resumed_from}, keep_every=ck.keep_every)
+
+    def write(s) -> None:
         if ctx.is_main:
-            snap = checkpoint.save(
-                path / f"state_{int(s.step)}", s.tensors(), {"step": int(s.step), **meta}
-            )
-            runs.retain(path, recipe.checkpoint.keep_last, keep={snap, resumed_from})
-        ctx.barrier()
+            snap, snap_meta = path / f"state_{int(s.step)}", {"step": int(s.step), **meta}
+            if writer is not None:  # returns once copied: the next in-place step cannot race it
+                writer.save(snap, s.tensors(), snap_meta, on_done=retain)
+            else:
+                retain(checkpoint.save(snap, s.tensors(), snap_meta))
+
+    stop = preempt.Preemption(recipe.checkpoint.signal)
+    stopping = False
+
+    def should_stop() -> bool:  # every rank asks after every step; all get the same answer
+        nonlocal stopping
+        stopping = ctx.any_rank(stop.requested is not None)
+        return stopping
+
+    def on_snapshot(s) -> None:
+        try:
+            ctx.all_ok(lambda: write(s))  # a failed write fails every rank alike
+        except (checkpoint.SnapshotError, RunError) as err:
+            last = stopping or int(s.step) == recipe.steps
+            if recipe.checkpoint.on_error == "stop" or last:
+                raise checkpoint.SnapshotError(preempt.stopped_by_error(err, last)) from None
+            ctx.warn(f"{err}; training goes on (checkpoint.on_error: continue)")
+
+    def settle(last: bool) -> None:  # a failed async write: raised at the next step, or at exit
+        if writer is None:
+            return
+        try:
+            writer.wait_until_finished() if last else writer.check()
+        except checkpoint.SnapshotError as err:
+            if recipe.checkpoint.on_error == "stop" or last:
+                raise checkpoint.SnapshotError(preempt.stopped_by_error(err, last)) from None
+            ctx.warn(f"{err}; training goes on (checkpoint.on_error: continue)")
 
     eval_loss = None
     if recipe.eval.every and built.val is not None:
@@ -209,29 +290,41 @@ def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_fr
             return ctx.mean(evaluate(s, batches, recipe.eval.batches, built.device))
 
     try:
-        train(
-            state,
-            loader,
-            steps=recipe.steps,
-            device=built.device,
-            log_every=recipe.log_every,
-            on_log=on_log,
-            snapshot_every=recipe.checkpoint.every,
-            on_snapshot=on_snapshot,
-            eval_every=recipe.eval.every,
-            eval_loss=eval_loss,
-            reduce=ctx.mean,
-        )
+        with writer or contextlib.nullcontext(), stop:  # waits for the last write, raises its error
+            final = train(
+                state,
+                loader,
+                steps=recipe.steps,
+                device=built.device,
+                log_every=recipe.log_every,
+                on_log=on_log,
+                snapshot_every=recipe.checkpoint.every,
+                on_snapshot=on_snapshot,
+                eval_every=recipe.eval.every,
+                eval_loss=eval_loss,
+                reduce=ctx.mean,
+                poll=lambda: settle(last=False),
+                should_stop=should_stop,
+            )
+            settle(last=True)
+            stopped = int(final.step) < recipe.steps
+            if stopped and ctx.is_main:  # said while a second SIGTERM (e.g. torchrun's) waits
+                message = preempt.stopped_message(stop.requested, path, int(final.step))
+                print(message, file=sys.stderr)
     finally:
         if progress is not None:
             progress.close()
+    if stopped:
+        return preempt.EXIT_PREEMPTED
     if progress is not None:
         progress.message(f"done: {path} (step {recipe.steps})")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if (path / checkpoint.MANIFEST).exists():
+    # A `state_N` dir without its manifest is a damaged snapshot, not an empty run: say so.
+    if (path / checkpoint.MANIFEST).exists() or re.fullmatch(r"state_\d+", path.name):
         report = _snapshot_report(path)
         if args.json:
             sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -110,14 +110,21 @@ def train(
     eval_every: int | None = None,
     eval_loss: Callable[[TrainState], torch.Tensor] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    poll: Callable[[], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> TrainState:
     """Run the step until `state.step == steps`, with the side effects at their steps.
 
     Side effects depend on the step number only, so an interrupted and resumed run does
-    exactly what an unbroken one does (eval updates `stats.best_eval`).
+    exactly what an unbroken one does (eval updates `stats.best_eval`). `poll` runs before
+    every step (an async snapshot writer raises its error there). `should_stop` is asked
+    after every step but the last (under torchrun all ranks must answer alike); when it says
+    yes the loop snapshots that step, if it was not a snapshot step anyway, and returns early.
     """
     t_last, samples_last = time.perf_counter(), int(state.data["samples"])
     while (now := int(state.step)) < steps:
+        if poll is not None:
+            poll()
         batch = to_device(next(loader), device)
         state = run_step(state, batch)
         now += 1
@@ -137,10 +144,13 @@ def train(
         if eval_now:
             value = eval_loss(state)
             best = state.stats["best_eval"]
-            best.copy_(torch.where(torch.isnan(best) | (value < best), value, best))
+            best.copy_(torch.minimum(best, value))
             record["eval_loss"] = value.item()
         if record is not None:
             on_log(record)
-        if (snapshot_every and now % snapshot_every == 0) or now == steps:
+        stop = now < steps and should_stop()
+        if (snapshot_every and now % snapshot_every == 0) or now == steps or stop:
             on_snapshot(state)
+        if stop:
+            break
     return state

@@ -15,7 +15,7 @@ import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import yaml
@@ -26,6 +26,7 @@ from functrain._recipe_check import (
     Component,
     RecipeError,
     component,
+    config_fields,
     describe,
     instantiate,
     join,
@@ -36,6 +37,7 @@ from functrain._recipe_check import (
     type_ok,
     unknown,
 )
+from functrain.preempt import SIGNALS
 
 # Defined next door to keep files short; they belong to this module's public API.
 Component.__module__ = RecipeError.__module__ = __name__
@@ -60,9 +62,13 @@ __all__ = [
 # ---------------------------------------------------------------------------- the schema
 
 
-def _field(*, expect: str, check: Callable[[Any], bool] | None = None, **kw: Any) -> Any:
-    """A config field: `expect` says what is allowed, `check` tests the value past its type."""
-    return attrs.field(metadata={"expect": expect, "check": check}, validator=_on_set, **kw)
+def _field(
+    *, expect: str, check: Callable[[Any], bool] | None = None, key: str | None = None, **kw: Any
+) -> Any:
+    """A config field: `expect` says what is allowed, `check` tests the value past its type,
+    `key` is its recipe key when that is no Python name (see `config_fields`)."""
+    metadata = {"expect": expect, "check": check, **({"key": key} if key else {})}
+    return attrs.field(metadata=metadata, validator=_on_set, **kw)
 
 
 def _on_set(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -99,6 +105,25 @@ class CheckpointConfig:
     )
     keep_last: int | None = _field(
         default=None, expect="an integer > 0, or null (keep all)", check=_positive
+    )
+    async_save: bool = _field(
+        default=False,
+        key="async",
+        expect="true or false (true: write snapshots in the background, stalling only for a copy)",
+    )
+    keep_every: int | None = _field(
+        default=None,
+        expect="an integer > 0 (keep snapshots whose step is a multiple of it), or null",
+        check=_positive,
+    )
+    on_error: Literal["stop", "continue"] = _field(
+        default="stop",
+        expect="'stop' (a failed snapshot ends the run, exit 2) or 'continue' (warn, train on)",
+    )
+    signal: str | None = _field(
+        default=None,
+        expect=f"null or one of {', '.join(SIGNALS)} (stop cleanly on it, as on SIGTERM)",
+        check=lambda v: v in SIGNALS,
     )
 
 
@@ -239,7 +264,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Component):
         return {"_component_": value.target, **{k: _plain(v) for k, v in value.kwargs.items()}}
     if attrs.has(type(value)):
-        return {f.name: _plain(getattr(value, f.name)) for f in attrs.fields(type(value))}
+        return {k: _plain(getattr(value, f.name)) for k, f in config_fields(type(value)).items()}
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -327,16 +352,16 @@ def _section(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(raw, Mapping):
         problems.append(f"{path or TOP}: got {show(raw)}; expected a mapping")
         return None
-    fields = attrs.fields_dict(cls)
+    fields = config_fields(cls)
     before = len(problems)
     for key in raw:
         if key not in fields:
             problems.append(unknown(join(path, key), key, fields, "key"))
     values: dict[str, Any] = {}
-    for name, f in fields.items():
-        p = join(path, name)
-        if name in raw:
-            value = raw[name]
+    for key, f in fields.items():
+        name, p = f.name, join(path, key)
+        if key in raw:
+            value = raw[key]
         elif f.default is not attrs.NOTHING and f.type is Component:
             value = _plain(f.default.factory())  # validated too, so fill-ins show in the result
         elif f.default is not attrs.NOTHING:

@@ -164,12 +164,56 @@ def latest_step(run: Path) -> int | None:
     return snaps[-1][0] if snaps else None
 
 
-def retain(run: Path, keep_last: int | None, keep: set) -> list[Path]:
-    """Delete all but the newest `keep_last` snapshots, sparing those in `keep`."""
+def retain(
+    run: Path, keep_last: int | None, keep: set, keep_every: int | None = None
+) -> list[Path]:
+    """Delete all but the newest `keep_last` snapshots, sparing those in `keep` and those
+    whose step is a multiple of `keep_every`; call it only once the newest is published."""
     if keep_last is None:
         return []
     spare = {Path(p).resolve() for p in keep if p is not None}
-    old = [p for _, p in checkpoint.list_snapshots(run)[:-keep_last] if p.resolve() not in spare]
+    old = [
+        p
+        for s, p in checkpoint.list_snapshots(run)[:-keep_last]
+        if p.resolve() not in spare and not (keep_every and s % keep_every == 0)
+    ]
     for p in old:
         checkpoint.remove(p)
     return old
+
+
+_TMP_FILE = re.compile(rf"\.tmp-(?:{re.escape(RECIPE_FILE)}|{re.escape(METRICS_FILE)})-(\d+)")
+
+
+def clean_partial(run: Path) -> list[Path]:
+    """Remove what interrupted writes left in `run` (snapshot temp dirs, temp files of
+    `_write_atomic`) by processes no longer alive; return what was removed."""
+    removed = checkpoint.clean_partial(run)
+    for p in sorted(run.iterdir()) if run.is_dir() else []:
+        match = _TMP_FILE.fullmatch(p.name)
+        if match and p.is_file() and not _alive(int(match.group(1))):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def set_aside(snapshot: Path) -> Path:
+    """Rename an invalid snapshot to `state_N.invalid[.K]`: kept for a look, never listed."""
+    target, k = snapshot.with_name(snapshot.name + ".invalid"), 1
+    while target.exists():
+        k += 1
+        target = snapshot.with_name(f"{snapshot.name}.invalid.{k}")
+    os.rename(snapshot, target)
+    return target

@@ -132,6 +132,9 @@ BAD_INPUT = [
     ("recipe.yaml", None, ["steps=ten"], "steps"),
     ("recipe.yaml", None, ["model._component_=functrain.models.Nope"], "functrain.models.Nope"),
     ("recipe.yaml", None, ["bogus=1"], "bogus"),
+    ("recipe.yaml", None, ["model.block_size=16"], "do not fit together"),
+    ("recipe.yaml", None, ["data.batch_size=5"], "does not split into 2 micro-batches"),
+    ("recipe.yaml", None, ["model.n_head=0"], "model (functrain.models.GPT)"),
 ]
 
 

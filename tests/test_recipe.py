@@ -429,7 +429,7 @@ def test_override_can_replace_a_whole_component_and_its_target():
         ("stpes=3", "stpes: unknown key; did you mean 'steps'? allowed: checkpoint, data, device,"),
         (
             "checkpoint.evry=3",
-            "checkpoint.evry: unknown key; did you mean 'every'? allowed: every, keep_last",
+            "checkpoint.evry: unknown key; did you mean 'every'? allowed: async, every, keep_every, keep_last, on_error, signal",
         ),
         (
             "data.dataset.sise=3",
@@ -518,7 +518,14 @@ def test_dump_yaml_round_trips_exactly(tmp_path):
 def test_to_dict_is_plain_and_resolved():
     d = to_dict(parse_recipe(valid()))
     assert list(d) == [f.name for f in attrs.fields(Recipe)]
-    assert d["checkpoint"] == {"every": None, "keep_last": None} and d["eval"] == {
+    assert d["checkpoint"] == {
+        "every": None,
+        "keep_last": None,
+        "keep_every": None,
+        "async": False,
+        "on_error": "stop",
+        "signal": None,
+    } and d["eval"] == {
         "every": None,
         "batches": 10,
     }

@@ -1,0 +1,268 @@
+"""Data parallel for real: `torchrun --nproc_per_node=2` on CPU with gloo, no mocks.
+
+Runs are traced (FUNCTRAIN_TRACE, see functrain/dist.py): each rank records a digest of
+every sample it trains on, so runs at different world sizes are compared sample by sample.
+
+Why 1 rank vs 2 ranks is close and not bitwise: with 2 ranks each rank averages the
+gradient of its half batch and the all-reduce averages the two, while 1 rank averages over
+the whole batch at once; the float sums run in another order (and the loss is a mean of
+per-rank means). The differences are ~1e-7 relative per step; AdamW amplifies them where
+the second moment is tiny, so after 12 steps params differ by ~3e-6 while training moved
+them by ~3e-2. Tolerance: 1e-4. Dropout masks are drawn per rank, so these runs use
+dropout=0; the 2 -> 2 resume keeps dropout and is bitwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import torch
+
+from functrain import checkpoint
+from functrain.dist import _buckets
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.yaml"
+NO_DROPOUT = ("model.dropout=0.0", "steps=12", "checkpoint.every=6", "log_every=1")
+NO_DROPOUT += ("eval.every=6", "eval.batches=1", "data.num_workers=0")
+PARAMS_ATOL = 1e-4
+FUNCTRAIN_FRAME = re.compile(r'File "[^"]*functrain/')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(trace: Path | None) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FUNCTRAIN_DIST_TIMEOUT": "30"}
+    env.pop("FUNCTRAIN_TRACE", None)
+    if trace is not None:
+        env["FUNCTRAIN_TRACE"] = str(trace)
+    return env
+
+
+def _torchrun_cmd(nproc: int, target: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master-port={_free_port()}",
+        *target,
+    ]
+
+
+def launch(nproc: int, *args, trace: Path | None = None, script: Path | None = None, check=True):
+    """`functrain ARGS` in 1 plain process or under torchrun with `nproc` ranks."""
+    target = [str(script)] if script else ["-m", "functrain"]
+    cmd = _torchrun_cmd(nproc, target) if nproc > 1 else [sys.executable, *target]
+    out = subprocess.run(
+        [*cmd, *map(str, args)], capture_output=True, text=True, env=_env(trace), timeout=300
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def trace(directory: Path) -> list[tuple[int, list[str]]]:
+    """(global cursor, digests of the global batch) per step, ranks' slices joined in order."""
+    files = sorted(directory.glob("rank*.jsonl"))
+    per_rank = [[orjson.loads(line) for line in f.read_bytes().splitlines()] for f in files]
+    world = per_rank[0][0]["world_size"]
+    assert len(files) == world
+    records = [[r for r in rows if "samples" in r] for rows in per_rank]
+    steps = list(zip(*records, strict=True))
+    assert all(len({r["samples"] for r in rs}) == 1 for rs in steps)  # ranks in lockstep
+    return [(rs[0]["samples"], [d for r in rs for d in r["rows"]]) for rs in steps]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [orjson.loads(line) for line in (run / "metrics.jsonl").read_bytes().splitlines()]
+
+
+def params(snapshot: Path) -> dict:
+    tensors, _ = checkpoint.load(snapshot)
+    return dict(tensors["params"].items(include_nested=True, leaves_only=True))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def digests(snapshot: Path) -> dict:
+    """The per-entry content digests `functrain inspect --json` prints (in-process: faster)."""
+    assert not checkpoint.verify(snapshot)
+    return checkpoint.digests(snapshot)
+
+
+# -- 1 rank vs 2 ranks, and resumes across world sizes ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cross(tmp_path_factory):
+    """An unbroken run at 1 and at 2 ranks (same recipe, dropout off), both traced."""
+    out = tmp_path_factory.mktemp("cross")
+    for nproc, name in ((1, "one"), (2, "two")):
+        res = launch(
+            nproc, "run", TINY, f"out_dir={out}", f"name={name}", *NO_DROPOUT,
+            trace=out / f"trace_{name}",
+        )  # fmt: skip
+        (out / f"{name}.stdout").write_text(res.stdout)
+    return out
+
+
+def test_two_ranks_see_the_global_batches_and_lr_of_one(cross):
+    one, two = trace(cross / "trace_one"), trace(cross / "trace_two")
+    assert [s for s, _ in one] == list(range(0, 96, 8)) and all(len(r) == 8 for _, r in one)
+    assert two == one  # every step, every sample, in order
+    m1, m2 = metrics(cross / "one"), metrics(cross / "two")
+    assert [r["step"] for r in m2] == list(range(1, 13))  # rank 0 alone writes metrics
+    assert [r["lr"] for r in m2] == [r["lr"] for r in m1]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(m1, m2, strict=True)) < 1e-5
+    p1, p2 = params(cross / "one" / "state_12"), params(cross / "two" / "state_12")
+    p0 = params(cross / "one" / "state_6")
+    assert max_diff(p1, p2) < PARAMS_ATOL < max_diff(p1, p0)  # close, and training moved them
+    stdout = (cross / "two.stdout").read_text()
+    assert stdout.count("step 12/12") == 1 and stdout.count("done:") == 1  # rank 0 prints
+
+
+def test_resume_across_world_sizes_keeps_samples_and_lr(cross):
+    runs = [
+        (1, "two", "two_to_one"),  # a 2-rank snapshot resumed by 1 process
+        (2, "one", "one_to_two"),  # and the reverse
+    ]
+    for nproc, source, name in runs:
+        res = launch(
+            nproc, "resume", TINY, f"out_dir={cross}", f"name={source}", *NO_DROPOUT,
+            "--from", "state_6", "--name", name, trace=cross / f"trace_{name}",
+        )  # fmt: skip
+        assert "written by" in res.stderr and "close to, not bitwise" in res.stderr
+        resumed = trace(cross / f"trace_{name}")
+        assert resumed == trace(cross / f"trace_{source}")[6:]  # global batches 6..11
+        assert metrics(cross / name) == metrics(cross / source)[:6] + metrics(cross / name)[6:]
+        assert [r["lr"] for r in metrics(cross / name)] == [r["lr"] for r in metrics(cross / "one")]
+        final = params(cross / name / "state_12")
+        for unbroken in ("one", "two"):
+            assert max_diff(final, params(cross / unbroken / "state_12")) < PARAMS_ATOL
+
+
+# -- 2 -> 2: a rank killed mid-run, resumed bitwise ---------------------------------------
+
+KILL_RUN = ("steps=40", "checkpoint.every=10", "log_every=5", "eval.every=20", "eval.batches=1")
+
+
+def _wait_for_step(trace_dir: Path, rank: int, samples: int, proc, deadline: float) -> int:
+    """The pid of `rank` once its trace shows the batch at cursor `samples` (dropout on)."""
+    path = trace_dir / f"rank{rank}.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists():
+            lines = path.read_bytes().splitlines()
+            if any(b'"samples":%d,' % samples in line for line in lines):
+                return orjson.loads(lines[0])["pid"]
+        time.sleep(0.005)
+    raise AssertionError(f"rank {rank} never reached cursor {samples}: exit {proc.poll()}")
+
+
+def test_killed_rank_ends_the_job_and_resume_is_bitwise(tmp_path):
+    launch(2, "run", TINY, f"out_dir={tmp_path}", "name=full", *KILL_RUN)
+    args = ["run", str(TINY), f"out_dir={tmp_path}", "name=cut", *KILL_RUN]
+    proc = subprocess.Popen(
+        _torchrun_cmd(2, ["-m", "functrain"]) + args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(tmp_path / "trace_cut"),
+    )
+    try:
+        # Rank 1 taking batch 13 means rank 0 has published state_10 (a collective after it).
+        pid = _wait_for_step(tmp_path / "trace_cut", 1, 13 * 8, proc, time.monotonic() + 120)
+        os.kill(pid, signal.SIGSTOP)  # freeze it first: the job cannot finish behind our back
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and time.monotonic() - killed < 60
+    assert b"SIGKILL" in stderr and not FUNCTRAIN_FRAME.search(stderr.decode())
+    cut = tmp_path / "cut"
+    assert not (cut / "state_40").exists() and (cut / "state_10").exists()
+    res = launch(
+        2, "resume", TINY, f"out_dir={tmp_path}", "name=cut", *KILL_RUN, "--from", "latest"
+    )
+    assert "step 40/40" in res.stdout
+    full = digests(tmp_path / "full" / "state_40")
+    assert digests(cut / "state_40") == full
+    assert {"params", "opt", "rng", "data", "stats"} <= full.keys()
+
+    def strip(run: Path) -> list[dict]:  # samples_per_s: wall clock, the only field to differ
+        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in metrics(run)]
+
+    assert strip(cut) == strip(tmp_path / "full")
+    assert [r["step"] for r in metrics(cut)] == list(range(5, 41, 5))
+
+
+# -- every rank agrees, or every rank stops with one clear error --------------------------
+
+FAULT = ROOT / "tests" / "_dist_fault.py"
+
+
+def _assert_clean_failure(res, message: str) -> None:
+    """torchrun failed because a rank exited 2; the message printed once; no functrain frames."""
+    assert res.returncode != 0
+    assert res.stderr.count(message) == 1, res.stderr
+    assert "exitcode  : 2" in res.stderr
+    assert not FUNCTRAIN_FRAME.search(res.stderr), res.stderr
+
+
+def test_ranks_disagreeing_on_the_recipe_all_stop(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUNCTRAIN_FAULT", "override:optim.lr=0.01")
+    res = launch(2, "run", TINY, f"out_dir={tmp_path}", script=FAULT, check=False)
+    _assert_clean_failure(res, "the ranks disagree on the recipe hash")
+    assert "functrain run: error:" in res.stderr and not (tmp_path / "tiny").exists()
+
+
+def test_a_failed_load_on_one_rank_stops_all(cross, monkeypatch):
+    monkeypatch.setenv("FUNCTRAIN_FAULT", "load")
+    args = ("resume", TINY, f"out_dir={cross}", "name=two", *NO_DROPOUT, "--from", "state_6")
+    res = launch(2, *args, "--name", "fault", script=FAULT, check=False)
+    _assert_clean_failure(res, "on rank 1: state_6 is unreadable here")
+    assert not (cross / "fault").exists()
+
+
+# -- the all-reduce itself ----------------------------------------------------------------
+
+
+def test_all_reduce_grads_averages_mixed_dtypes_in_place(tmp_path):
+    launch(2, tmp_path, script=ROOT / "tests" / "_dist_worker.py")
+    reports = [orjson.loads((tmp_path / f"rank{r}.json").read_bytes()) for r in (0, 1)]
+    assert reports[0] == reports[1]
+    got = reports[0]
+    # rank r sent (r + 1) * arange: the mean is 1.5 * arange, exact in every dtype
+    expected = {"a": 12, "b": 5, "c": 4, "d": 7}
+    dtypes = {"a": "float32", "b": "float64", "c": "bfloat16", "d": "float32"}
+    for name, n in expected.items():
+        assert got["grads"][name] == [f"torch.{dtypes[name]}", [1.5 * i for i in range(n)]]
+    assert got["same_objects"] and got["loss"] == 1.5
+    assert got["buffers"] == {"count": [1], "stat": [1.0, 1.0, 1.0]}  # rank 0's
+
+
+def test_buckets_group_by_dtype_within_the_size_limit():
+    f32 = [torch.zeros(4) for _ in range(3)]  # 16 bytes each
+    f64, bf16 = torch.zeros(2, dtype=torch.float64), torch.zeros(8, dtype=torch.bfloat16)
+    tensors = [f32[0], f64, f32[1], bf16, f32[2]]
+    ids = [[id(t) for t in b] for b in _buckets(tensors, limit=32)]
+    assert ids == [[id(f32[0]), id(f32[1])], [id(f32[2])], [id(f64)], [id(bf16)]]
+    big = _buckets([torch.zeros(100), torch.zeros(1)], limit=32)  # an oversized tensor alone
+    assert [len(b) for b in big] == [1, 1]
+    assert len(_buckets(tensors, limit=1 << 20)) == 3  # one bucket per dtype
