@@ -1,0 +1,162 @@
+"""The snapshot manifest: its constants, and the checks a manifest must pass before any of
+its numbers is trusted to read a file (whitelisted dtypes, safe file names, leaves that lie
+inside their file without overlapping). Private to `functrain.checkpoint`."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import orjson
+import torch
+
+FORMAT_VERSION: int = 1
+MANIFEST = "manifest.json"
+_ALIGN = 64
+_DTYPES = {  # the whitelist: a dtype name in a manifest is only ever looked up here
+    name: getattr(torch, name)
+    for name in (
+        "float64", "float32", "float16", "bfloat16", "complex64", "complex128",
+        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
+        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+    )
+    if hasattr(torch, name)
+}  # fmt: skip
+_REQUIRED = {"format_version": int, "step": int, "created": str, "versions": dict,
+             "entries": dict, "files": dict}  # fmt: skip
+_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.bin")
+_DAMAGED = "the snapshot is damaged or incomplete — resume from an earlier snapshot"
+
+
+class SnapshotError(Exception):
+    """A snapshot is missing, incomplete, corrupt or unreadable; the message names the file."""
+
+
+def _read_manifest(root: Path) -> dict:
+    if not root.is_dir():
+        raise SnapshotError(
+            f"snapshot directory {root} does not exist; check the path "
+            "(list_snapshots(run_dir) shows the snapshots of a run)"
+        )
+    path = root / MANIFEST
+    try:
+        manifest = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise SnapshotError(f"{path} is missing, so {root} is not a snapshot; {_DAMAGED}") from None
+    except orjson.JSONDecodeError as e:
+        raise SnapshotError(f"{path}: not valid JSON ({e}); {_DAMAGED}") from e
+    except OSError as e:
+        raise SnapshotError(f"{path}: cannot read ({e}); check permissions") from e
+    if not isinstance(manifest, dict):
+        raise SnapshotError(f"{path}: not a JSON object; {_DAMAGED}")
+    version = manifest.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        versions = manifest.get("versions")
+        wrote = versions.get("functrain") if isinstance(versions, dict) else None
+        raise SnapshotError(
+            f"{path}: format_version {version!r} is not supported (this functrain reads "
+            f"{FORMAT_VERSION}); load it with the functrain that wrote it ({wrote or 'unknown'}) "
+            "or resume from an earlier snapshot"
+        )
+    problems = _manifest_problems(manifest)
+    if problems:
+        raise SnapshotError(f"{path}: {'; '.join(problems)}; {_DAMAGED}")
+    return manifest
+
+
+def _manifest_problems(m: dict) -> list[str]:
+    missing = [k for k in _REQUIRED if k not in m]
+    if missing:
+        return [f"missing field(s) {', '.join(missing)}"]
+    bad = [k for k, t in _REQUIRED.items() if not isinstance(m[k], t) or isinstance(m[k], bool)]
+    if bad:
+        return [f"field {k!r} must be a {_REQUIRED[k].__name__}" for k in bad]
+    problems = [
+        f"files[{name!r}] is malformed"
+        for name, f in m["files"].items()
+        if not _FILE.fullmatch(name)
+        or not isinstance(f, dict)
+        or not (_count(f.get("bytes")) and _count(f.get("crc32")))
+    ]
+    if problems:
+        return problems
+    for entry, spec in m["entries"].items():
+        problems += [f"entries[{entry!r}]: {p}" for p in _entry_problems(spec, m["files"])]
+    return problems
+
+
+def _entry_problems(spec: Any, files: dict) -> list[str]:
+    if not isinstance(spec, dict) or not isinstance(spec.get("leaves"), list):
+        return ["malformed (needs 'file', 'leaves', 'empty')"]
+    if not isinstance(spec.get("file"), str) or spec["file"] not in files:
+        return [f"file {spec.get('file')!r} is not listed in 'files'"]
+    empty = spec.get("empty")
+    if not isinstance(empty, list) or not all(isinstance(k, str) for k in empty):
+        return ["'empty' must be a list of keys"]
+    size, end, problems = files[spec["file"]]["bytes"], 0, []
+    for i, leaf in enumerate(spec["leaves"]):
+        problem = _leaf_problem(leaf, end, size)
+        if problem:
+            problems.append(f"leaf {i}: {problem}")
+        else:
+            end = leaf["offset"] + leaf["nbytes"]
+    if not problems:
+        keys = [leaf["key"] for leaf in spec["leaves"]]
+        problems += _tree_problems(keys, empty)
+    return problems
+
+
+def _leaf_problem(leaf: Any, end: int, size: int) -> str | None:
+    if not isinstance(leaf, dict) or not isinstance(leaf.get("key"), str):
+        return "malformed"
+    if leaf.get("dtype") not in _DTYPES:
+        return (
+            f"unknown dtype {leaf.get('dtype')!r} (known: {', '.join(_DTYPES)}); "
+            "was it written by a newer functrain? upgrade to load it"
+        )
+    shape, offset, nbytes = leaf.get("shape"), leaf.get("offset"), leaf.get("nbytes")
+    if not (isinstance(shape, list) and all(map(_count, shape)) and _count(offset)):
+        return "malformed shape or offset"
+    itemsize = _DTYPES[leaf["dtype"]].itemsize
+    if nbytes != math.prod(shape) * itemsize:
+        return f"nbytes {nbytes!r} does not match shape {shape} of {leaf['dtype']}"
+    if offset < end or offset % _ALIGN:
+        return f"offset {offset} overlaps the previous leaf or is not {_ALIGN}-byte aligned"
+    if offset + nbytes > size:
+        return f"bytes {offset}..{offset + nbytes} lie past the end of the {size}-byte file"
+    return None
+
+
+def _tree_problems(keys: list[str], empty: list[str]) -> list[str]:
+    if keys == [""] and not empty:
+        return []  # the entry is a single tensor
+    tree: dict = {}
+    for key in keys + empty:
+        parts, node = key.split("/"), tree
+        if not all(parts):
+            return [f"key {key!r} has an empty part"]
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if node is None:
+                return [f"key {key!r} nests under a leaf"]
+        if parts[-1] in node:
+            return [f"key {key!r} appears twice or has children"]
+        node[parts[-1]] = None
+    return []
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _size_problem(path: Path, size: int, want: int) -> str:
+    return f"{path}: has {size} bytes but {MANIFEST} says {want} (truncated?); {_DAMAGED}"
+
+
+def _crc_problem(path: Path, got: int, want: int) -> str:
+    return (
+        f"{path}: checksum mismatch (crc32 {got:08x}, {MANIFEST} says {want:08x}): "
+        f"the data is corrupt; {_DAMAGED}"
+    )
