@@ -125,7 +125,15 @@ def child(kind: str, size: str, steps: int, device: str) -> None:
     if device == "cuda":
         print(0.0, torch.cuda.max_memory_allocated() / 2**20)
     else:
-        print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(before, _peak_rss_mib())
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec from
+    the parent, so a child of a big parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def _rss_mib() -> float:

@@ -459,7 +459,8 @@ def clean_partial(run_dir: str | os.PathLike) -> list[Path]:
         match = _TMP.fullmatch(child.name)
         if not match or not child.is_dir() or os.path.abspath(child) in _ACTIVE:
             continue
-        if _alive(int(match.group(1))):
+        pid = int(match.group(1))  # our own saves in flight are in _ACTIVE: the rest is left over
+        if pid != os.getpid() and process_alive(pid):
             continue
         shutil.rmtree(child)
         removed.append(child)
@@ -487,9 +488,10 @@ def _tmp_name(final: Path) -> Path:
     return final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid() or pid <= 0:
-        return False  # our own saves in flight are in _ACTIVE; anything else is a leftover
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (whose temp files to leave alone)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -191,22 +191,11 @@ def clean_partial(run: Path) -> list[Path]:
     removed = checkpoint.clean_partial(run)
     for p in sorted(run.iterdir()) if run.is_dir() else []:
         match = _TMP_FILE.fullmatch(p.name)
-        if match and p.is_file() and not _alive(int(match.group(1))):
+        pid = int(match.group(1)) if match else 0
+        if match and p.is_file() and pid != os.getpid() and not checkpoint.process_alive(pid):
             p.unlink()
             removed.append(p)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def set_aside(snapshot: Path) -> Path:
