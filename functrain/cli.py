@@ -302,7 +302,6 @@ def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_fr
                 on_snapshot=on_snapshot,
                 eval_every=recipe.eval.every,
                 eval_loss=eval_loss,
-                reduce=ctx.mean,
                 poll=lambda: settle(last=False),
                 should_stop=should_stop,
             )

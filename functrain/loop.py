@@ -109,7 +109,6 @@ def train(
     on_snapshot: Callable[[TrainState], None],
     eval_every: int | None = None,
     eval_loss: Callable[[TrainState], torch.Tensor] | None = None,
-    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     poll: Callable[[], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> TrainState:
@@ -135,7 +134,7 @@ def train(
             t = time.perf_counter()
             record = {
                 "step": now,
-                "loss": reduce(state.metrics["loss"]).item(),
+                "loss": state.metrics["loss"].item(),  # already the mean over ranks
                 "lr": state.metrics["lr"].item(),
                 "grad_norm": state.metrics["grad_norm"].item(),
                 "samples_per_s": (samples - samples_last) / max(t - t_last, 1e-9),

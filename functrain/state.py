@@ -23,8 +23,6 @@ from functrain.schedule import Schedule, constant
 ENTRIES = ("step", "params", "buffers", "opt", "rng", "data", "stats", "ema", "metrics")
 #: Entries that live between transforms of one step only (gradients), never saved.
 TRANSIENT = ("grads",)
-#: Counters stay on the host so reading them never syncs a device.
-_HOST_ENTRIES = ("step", "rng", "data")
 
 Transform = Callable[["TrainState", Any], "TrainState"]
 
