@@ -15,7 +15,6 @@ depend on the step is the loader's, so it is also timed alone, 50 times each, al
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 from async_snapshot import build_state  # the same state as the async snapshot benchmark
+from snapshot import evict
 from tensordict import TensorDict
 
 import functrain as ft
@@ -44,15 +44,6 @@ def save_at(template: ft.TrainState, step: int, path: Path) -> None:
     cursor = TensorDict({"samples": torch.tensor(step * BATCH)}, batch_size=[])
     state = template.replace(step=torch.tensor(step), data=cursor)
     checkpoint.save(path, state.tensors(), {"step": step})
-
-
-def evict(path: Path) -> None:
-    for f in path.iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def resume(template: ft.TrainState, data: ByteBlocks, path: Path, cold: bool) -> dict:
