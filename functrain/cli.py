@@ -254,14 +254,16 @@ def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_fr
         stopping = ctx.any_rank(stop.requested is not None)
         return stopping
 
+    def failed(err: Exception, last: bool) -> None:  # a snapshot write failed
+        if recipe.checkpoint.on_error == "stop" or last:
+            raise checkpoint.SnapshotError(preempt.stopped_by_error(err, last)) from None
+        ctx.warn(f"{err}; training goes on (checkpoint.on_error: continue)")
+
     def on_snapshot(s) -> None:
         try:
             ctx.all_ok(lambda: write(s))  # a failed write fails every rank alike
         except (checkpoint.SnapshotError, RunError) as err:
-            last = stopping or int(s.step) == recipe.steps
-            if recipe.checkpoint.on_error == "stop" or last:
-                raise checkpoint.SnapshotError(preempt.stopped_by_error(err, last)) from None
-            ctx.warn(f"{err}; training goes on (checkpoint.on_error: continue)")
+            failed(err, last=stopping or int(s.step) == recipe.steps)
 
     def settle(last: bool) -> None:  # a failed async write: raised at the next step, or at exit
         if writer is None:
@@ -269,25 +271,7 @@ def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_fr
         try:
             writer.wait_until_finished() if last else writer.check()
         except checkpoint.SnapshotError as err:
-            if recipe.checkpoint.on_error == "stop" or last:
-                raise checkpoint.SnapshotError(preempt.stopped_by_error(err, last)) from None
-            ctx.warn(f"{err}; training goes on (checkpoint.on_error: continue)")
-
-    eval_loss = None
-    if recipe.eval.every and built.val is not None:
-
-        def eval_loss(s):
-            batches = iter(
-                make_loader(
-                    built.val,
-                    batch_size=built.local_batch,
-                    seed=0,
-                    shuffle=False,
-                    world_size=ctx.world_size,
-                    rank=ctx.rank,
-                )
-            )
-            return ctx.mean(evaluate(s, batches, recipe.eval.batches, built.device))
+            failed(err, last)
 
     try:
         with writer or contextlib.nullcontext(), stop:  # waits for the last write, raises its error
@@ -301,7 +285,7 @@ def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_fr
                 snapshot_every=recipe.checkpoint.every,
                 on_snapshot=on_snapshot,
                 eval_every=recipe.eval.every,
-                eval_loss=eval_loss,
+                eval_loss=_eval_loss(ctx, built),
                 poll=lambda: settle(last=False),
                 should_stop=should_stop,
             )
@@ -318,6 +302,25 @@ def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_fr
     if progress is not None:
         progress.message(f"done: {path} (step {recipe.steps})")
     return 0
+
+
+def _eval_loss(ctx, built: Built):
+    """The validation loss of a state (mean over ranks), or None when the run has no eval."""
+    if not built.recipe.eval.every or built.val is None:
+        return None
+
+    def eval_loss(s):
+        batches = make_loader(
+            built.val,
+            batch_size=built.local_batch,
+            seed=0,
+            shuffle=False,
+            world_size=ctx.world_size,
+            rank=ctx.rank,
+        )
+        return ctx.mean(evaluate(s, iter(batches), built.recipe.eval.batches, built.device))
+
+    return eval_loss
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
