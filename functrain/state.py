@@ -93,11 +93,6 @@ class TrainState:
             raise AttributeError(f"TrainState has no entries {unknown}; entries are {ENTRIES}")
         return TrainState({**self._entries, **changes}, self._static)
 
-    def with_static(self, **changes: Any) -> TrainState:
-        """The same entries with parts of the static side rebuilt (e.g. a new schedule)."""
-        self._check_live()
-        return TrainState(dict(self._entries), attrs.evolve(self._static, **changes))
-
     def tensors(self) -> TensorDict:
         """The saved entries as one TensorDict (shares storage with the state)."""
         self._check_live()

@@ -29,7 +29,6 @@ def compose(*transforms: Transform) -> Transform:
             state = transform(state, batch)
         return state
 
-    composed.transforms = transforms  # type: ignore[attr-defined]
     return composed
 
 
