@@ -27,6 +27,9 @@ _DTYPES = {  # the whitelist: a dtype name in a manifest is only ever looked up 
 _REQUIRED = {"format_version": int, "step": int, "created": str, "versions": dict,
              "entries": dict, "files": dict}  # fmt: skip
 _FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.bin")
+#: A manifest's `layout`: functrain's own files (default), or torch.distributed.checkpoint's.
+LAYOUTS = ("raw", "dcp")
+_DCP_FILE = re.compile(r"\.metadata|__[0-9]+_[0-9]+\.distcp")
 _DAMAGED = "the snapshot is damaged or incomplete — resume from an earlier snapshot"
 
 
@@ -73,18 +76,38 @@ def _manifest_problems(m: dict) -> list[str]:
     bad = [k for k, t in _REQUIRED.items() if not isinstance(m[k], t) or isinstance(m[k], bool)]
     if bad:
         return [f"field {k!r} must be a {_REQUIRED[k].__name__}" for k in bad]
+    layout = m.get("layout", "raw")
+    if layout not in LAYOUTS:
+        return [f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)}); upgrade functrain"]
+    names = _FILE if layout == "raw" else _DCP_FILE
     problems = [
         f"files[{name!r}] is malformed"
         for name, f in m["files"].items()
-        if not _FILE.fullmatch(name)
+        if not names.fullmatch(name)
         or not isinstance(f, dict)
         or not (_count(f.get("bytes")) and _count(f.get("crc32")))
     ]
     if problems:
         return problems
+    check = _entry_problems if layout == "raw" else _dcp_entry_problems
     for entry, spec in m["entries"].items():
-        problems += [f"entries[{entry!r}]: {p}" for p in _entry_problems(spec, m["files"])]
+        problems += [f"entries[{entry!r}]: {p}" for p in check(spec, m["files"])]
     return problems
+
+
+def _dcp_entry_problems(spec: Any, files: dict) -> list[str]:
+    """An entry of a DCP snapshot lists its leaves' keys, dtypes and whole shapes only."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("leaves"), list):
+        return ["malformed (needs 'leaves', 'empty')"]
+    empty = spec.get("empty")
+    if not isinstance(empty, list) or not all(isinstance(k, str) for k in empty):
+        return ["'empty' must be a list of keys"]
+    problems = []
+    for i, leaf in enumerate(spec["leaves"]):
+        problem = _leaf_problem(leaf, None, None)
+        if problem:
+            problems.append(f"leaf {i}: {problem}")
+    return problems or _tree_problems([leaf["key"] for leaf in spec["leaves"]], empty)
 
 
 def _entry_problems(spec: Any, files: dict) -> list[str]:
@@ -108,7 +131,8 @@ def _entry_problems(spec: Any, files: dict) -> list[str]:
     return problems
 
 
-def _leaf_problem(leaf: Any, end: int, size: int) -> str | None:
+def _leaf_problem(leaf: Any, end: int | None, size: int | None) -> str | None:
+    """What is wrong with a leaf record; `end`/`size` None: no file offsets to check (DCP)."""
     if not isinstance(leaf, dict) or not isinstance(leaf.get("key"), str):
         return "malformed"
     if leaf.get("dtype") not in _DTYPES:
@@ -117,11 +141,15 @@ def _leaf_problem(leaf: Any, end: int, size: int) -> str | None:
             "was it written by a newer functrain? upgrade to load it"
         )
     shape, offset, nbytes = leaf.get("shape"), leaf.get("offset"), leaf.get("nbytes")
-    if not (isinstance(shape, list) and all(map(_count, shape)) and _count(offset)):
-        return "malformed shape or offset"
+    if not (isinstance(shape, list) and all(map(_count, shape))):
+        return "malformed shape"
     itemsize = _DTYPES[leaf["dtype"]].itemsize
     if nbytes != math.prod(shape) * itemsize:
         return f"nbytes {nbytes!r} does not match shape {shape} of {leaf['dtype']}"
+    if end is None or size is None:
+        return None
+    if not _count(offset):
+        return "malformed offset"
     if offset < end or offset % _ALIGN:
         return f"offset {offset} overlaps the previous leaf or is not {_ALIGN}-byte aligned"
     if offset + nbytes > size:

@@ -12,7 +12,7 @@ import attrs
 import torch
 
 from functrain import data as data_lib
-from functrain import rng
+from functrain import fsdp, rng
 from functrain.loop import to_device
 from functrain.recipe import Component, Recipe, instantiate
 from functrain.state import TrainState, create
@@ -64,6 +64,11 @@ def data_seed(recipe: Recipe) -> int:
     return rng.fold_in(recipe.seed, "data")
 
 
+def sharded(recipe: Recipe, world_size: int) -> bool:
+    """Whether a run of `recipe` on `world_size` processes shards its state with FSDP2."""
+    return recipe.parallel == "fsdp" and world_size > 1
+
+
 def build(recipe: Recipe, *, world_size: int = 1, rank: int = 0, transforms_extra=()) -> Built:
     """Instantiate the recipe's components and the state at step 0.
 
@@ -85,6 +90,13 @@ def build(recipe: Recipe, *, world_size: int = 1, rank: int = 0, transforms_extr
     # Initial weights from the recipe's seed, leaving the global RNG as it was.
     with rng.seeded(rng.fold_in(recipe.seed, "init")):
         model = _make("model", recipe.model)
+    if sharded(recipe, world_size):
+        if recipe.checkpoint.async_save:
+            raise BuildError(
+                "checkpoint.async: true is not supported with parallel: fsdp yet (sharded "
+                "snapshots are written by every rank together); set checkpoint.async=false"
+            )
+        fsdp.shard(model.to(device), world_size=world_size, device=device.type)
     transforms = [_make(f"step.{i}", c) for i, c in enumerate(recipe.step)]
     transforms[1:1] = list(transforms_extra)
     state = create(

@@ -61,7 +61,7 @@ __all__ = [
 
 _CHUNK = 16 << 20  # read granularity: crc32 of one chunk overlaps the read of the next
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-_RESERVED = ("format_version", "created", "versions", "entries", "files")
+_RESERVED = ("format_version", "created", "versions", "entries", "files", "layout")
 _SNAPSHOT = re.compile(r"state_(\d+)")
 _TMP = re.compile(r"\.tmp-.+-(\d+)-[0-9a-f]{8}")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -187,16 +187,22 @@ def _write_snapshot(tmp: Path, plan: dict, meta: dict[str, Any]) -> None:
             records, size, crc = _write_entry(tmp / name, leaves, pool)
             entries[entry] = {"file": name, "leaves": records, "empty": empty}
             files[name] = {"bytes": size, "crc32": crc}
+    _test_seam(tmp / MANIFEST, len(plan))
+    _write_manifest(tmp, meta, entries, files)
+
+
+def _write_manifest(tmp: Path, meta: dict[str, Any], entries: dict, files: dict, **extra) -> None:
+    """Write `manifest.json` into the snapshot's temp dir, last, and fsync the dir."""
     manifest = {
         "format_version": FORMAT_VERSION,
         **meta,
+        **extra,
         "created": datetime.now(timezone.utc).isoformat(),
         "versions": versions(),
         "entries": entries,
         "files": files,
     }
     body = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
-    _test_seam(tmp / MANIFEST, len(plan))
     _write_file(tmp / MANIFEST, [memoryview(body)])
     _fsync_dir(tmp)
 
@@ -315,9 +321,17 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[T
     """Read a snapshot back as (tensors, manifest), checking every file's size and crc32.
 
     Leaves are fresh memory (never mapped to the files), views into one buffer per entry.
+    A sharded snapshot (`layout: dcp`) is read whole, in this process alone.
     """
     manifest = read_manifest(path)
     device = torch.device(device)
+    if manifest.get("layout") == "dcp":
+        from functrain import dcp  # it builds on this module
+
+        problems = verify(path)
+        if problems:
+            raise SnapshotError(problems[0])
+        return dcp.load_whole(path, manifest).to(device), manifest
     out = {entry: _unflatten(buf, spec, device) for entry, spec, buf in _entries(path, manifest)}
     return TensorDict(out, batch_size=[]), manifest
 
@@ -412,18 +426,38 @@ def verify(path: str | os.PathLike) -> list[str]:
 def digests(path: str | os.PathLike) -> dict[str, str]:
     """Top-level entry -> sha256 hex over its leaf keys, dtypes, shapes and bytes.
 
-    Independent of file layout, so equal contents give equal digests across snapshots.
+    Independent of file layout, so equal contents give equal digests across snapshots
+    (a sharded snapshot and an unsharded one included).
     """
+    manifest = read_manifest(path)
+    if manifest.get("layout") == "dcp":
+        whole = load(path)[0]
+        return {
+            entry: _digest(spec, lambda leaf, e=entry: _leaf_bytes(whole, e, leaf["key"]))
+            for entry, spec in manifest["entries"].items()
+        }
     out = {}
-    for entry, spec, buf in _entries(path, read_manifest(path)):
-        view, h = memoryview(buf.numpy()), hashlib.sha256()
-        for key in spec["empty"]:
-            h.update(f"empty\0{key}\n".encode())
-        for leaf in spec["leaves"]:
-            h.update(f"leaf\0{leaf['key']}\0{leaf['dtype']}\0{leaf['shape']}\n".encode())
-            h.update(view[leaf["offset"] : leaf["offset"] + leaf["nbytes"]])
-        out[entry] = h.hexdigest()
+    for entry, spec, buf in _entries(path, manifest):
+        view = memoryview(buf.numpy())
+        out[entry] = _digest(
+            spec, lambda leaf, v=view: v[leaf["offset"] : leaf["offset"] + leaf["nbytes"]]
+        )
     return out
+
+
+def _digest(spec: dict, data) -> str:
+    h = hashlib.sha256()
+    for key in spec["empty"]:
+        h.update(f"empty\0{key}\n".encode())
+    for leaf in spec["leaves"]:
+        h.update(f"leaf\0{leaf['key']}\0{leaf['dtype']}\0{leaf['shape']}\n".encode())
+        h.update(data(leaf))
+    return h.hexdigest()
+
+
+def _leaf_bytes(tensors: TensorDict, entry: str, key: str) -> memoryview:
+    t = tensors[(entry, *key.split("/"))] if key else tensors[entry]
+    return _host_bytes(t)
 
 
 # ---------------------------------------------------------------- manifest checks

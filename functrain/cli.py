@@ -19,9 +19,9 @@ from pathlib import Path
 import attrs
 import orjson
 
-from functrain import checkpoint, dist, preempt, runs
+from functrain import checkpoint, dcp, dist, preempt, runs
 from functrain.async_save import AsyncWriter
-from functrain.build import BuildError, Built, build, probe, train_loader
+from functrain.build import BuildError, Built, build, probe, sharded, train_loader
 from functrain.data import DataError, make_loader
 from functrain.loop import Progress, append_metrics, evaluate, train
 from functrain.recipe import RecipeError, load_recipe, recipe_hash, to_dict
@@ -132,7 +132,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         recipe = attrs.evolve(recipe, name=args.name)
     target = runs.run_path(recipe)
     snap = ctx.all_ok(lambda: runs.find_snapshot(source_run, args.source, warn=ctx.warn))
-    tensors, manifest = ctx.all_ok(lambda: checkpoint.load(snap))  # verifies every checksum
+    tensors, manifest = ctx.all_ok(lambda: _read(ctx, snap, sharded(recipe, ctx.world_size)))
     ctx.agree("snapshot (step, manifest digest)", (manifest["step"], _digest(manifest)))
     built = _build(ctx, recipe)
     ctx.agree("data fingerprint", _digest(built.fingerprint))
@@ -168,8 +168,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
             "is). Resuming in place would overwrite the later history. Branch into a new run "
             "with --name NEW, or resume with --from latest."
         )
-    try:
-        state = built.state.load(tensors)
+    try:  # a sharded read is collective, but a snapshot that does not fit fails every rank alike
+        state = (
+            dcp.load_into(snap, manifest, built.state)
+            if tensors is None
+            else built.state.load(tensors)
+        )
     except ValueError as err:
         raise RunError(f"{snap}: {err}. Resume with the recipe the run was trained with.") from None
     ctx.agree("loaded step", int(state.step))
@@ -196,12 +200,26 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _train(ctx, built, state, target, extra_meta=extra, resumed_from=snap)
 
 
+def _read(ctx, snap: Path, sharded: bool) -> tuple:
+    """(tensors, manifest) of a snapshot, every checksum verified. A sharded run reading a
+    sharded snapshot gets tensors None: each rank reads its own rows later (`dcp.load_into`),
+    and only rank 0 checks the files here."""
+    manifest = checkpoint.read_manifest(snap)
+    if not (sharded and manifest.get("layout") == "dcp"):
+        return checkpoint.load(snap)
+    problems = checkpoint.verify(snap) if ctx.is_main else []
+    if problems:
+        raise checkpoint.SnapshotError(problems[0])
+    return None, manifest
+
+
 def _build(ctx, recipe) -> Built:
     """Build on every rank; a failure on any rank (e.g. missing data) fails all of them."""
 
     def build_and_probe() -> Built:
         w, r = ctx.world_size, ctx.rank
-        built = build(recipe, world_size=w, rank=r, transforms_extra=ctx.transforms())
+        extra = ctx.transforms(sharded=sharded(recipe, w))
+        built = build(recipe, world_size=w, rank=r, transforms_extra=extra)
         probe(built, world_size=w, rank=r)
         return built
 
@@ -239,7 +257,11 @@ def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_fr
         runs.retain(path, ck.keep_last, keep={snap, resumed_from}, keep_every=ck.keep_every)
 
     def write(s) -> None:
-        if ctx.is_main:
+        if s.static.sharding is not None:  # every rank writes its rows; rank 0 publishes
+            snap = dcp.save(path / f"state_{int(s.step)}", s, {"step": int(s.step), **meta})
+            if ctx.is_main:
+                retain(snap)
+        elif ctx.is_main:
             snap, snap_meta = path / f"state_{int(s.step)}", {"step": int(s.step), **meta}
             if writer is not None:  # returns once copied: the next in-place step cannot race it
                 writer.save(snap, s.tensors(), snap_meta, on_done=retain)

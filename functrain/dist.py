@@ -117,9 +117,13 @@ class Context:
             raise error
         return result
 
-    def transforms(self) -> list[Transform]:
-        """The transforms a distributed step needs after forward/backward."""
-        return [all_reduce_grads()] if self.world_size > 1 else []
+    def transforms(self, sharded: bool = False) -> list[Transform]:
+        """The transforms a distributed step needs after forward/backward.
+
+        Sharded (FSDP2), gradients are already reduce-scattered: only the loss is averaged
+        and the buffers broadcast.
+        """
+        return [all_reduce_grads(grads=not sharded)] if self.world_size > 1 else []
 
 
 def init() -> Context:
@@ -158,8 +162,11 @@ def close() -> None:
         td.destroy_process_group()
 
 
-def all_reduce_grads(bucket_bytes: int = _BUCKET_BYTES) -> Transform:
+def all_reduce_grads(bucket_bytes: int = _BUCKET_BYTES, *, grads: bool = True) -> Transform:
     """Average gradients (and the loss) over ranks; broadcast rank 0's buffers, as DDP does.
+
+    With `grads=False` (FSDP2, whose backward already reduce-scattered them) only the loss
+    is averaged and the buffers broadcast.
 
     Tensors are grouped by dtype into flat buckets of about `bucket_bytes`: one `cat`, one
     all-reduce and one split-copy per bucket. The loss rides in the last float32 bucket, so
@@ -170,7 +177,8 @@ def all_reduce_grads(bucket_bytes: int = _BUCKET_BYTES) -> Transform:
     def transform(state: TrainState, batch: Any) -> TrainState:
         world = state.static.world_size
         loss = state.metrics["loss"].detach().clone()
-        for bucket in _buckets([*leaves(state.grads), loss], bucket_bytes):
+        reduced = [*leaves(state.grads), loss] if grads else [loss]
+        for bucket in _buckets(reduced, bucket_bytes):
             flat = torch.cat([t.reshape(-1) for t in bucket])
             td.all_reduce(flat, op=td.ReduceOp.SUM)
             flat /= world

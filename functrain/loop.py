@@ -38,7 +38,7 @@ def evaluate(
     model.eval()
     total = torch.zeros((), device=device)
     try:
-        with state.params.to_module(model), state.buffers.to_module(model):
+        with state.bind() as model:
             for _ in range(n):
                 total += state.static.loss(model, to_device(next(batches), device)).float()
     finally:

@@ -153,6 +153,11 @@ class Recipe:
         expect="'auto', 'cpu', 'cuda' or 'cuda:N'",
         check=lambda v: bool(_DEVICE.match(v)),
     )
+    parallel: Literal["ddp", "fsdp"] = _field(
+        default="ddp",
+        expect="'ddp' (under torchrun every rank holds the whole state) or 'fsdp' (params, "
+        "gradients and optimizer state sharded over the ranks with FSDP2)",
+    )
     model: Component
     loss: Component
     data: DataConfig

@@ -7,7 +7,8 @@ the recipe and never written to disk (flax's `pytree_node=False`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -15,7 +16,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from functrain import rng
+from functrain import fsdp, rng
 from functrain.optim import Optimizer
 from functrain.schedule import Schedule, constant
 
@@ -42,6 +43,8 @@ class Static:
     transform: Transform
     world_size: int = 1
     rank: int = 0
+    #: Set when the model is sharded with FSDP2: the state then holds this rank's shards.
+    sharding: fsdp.Sharding | None = None
 
 
 class TrainState:
@@ -104,15 +107,42 @@ class TrainState:
         Structure, shapes and dtypes must match this state exactly; tensors are copied to
         this state's devices.
         """
-        self._check_live()
-        problems = _structure_mismatches(self.tensors(), tensors)
+        problems = self.mismatches(tensors)
         if problems:
             raise ValueError(
                 "the snapshot does not fit this model and recipe: " + "; ".join(problems)
             )
+        if self._static.sharding is not None:  # keep this rank's rows of the whole tensors
+            tensors = self._static.sharding.localize(tensors)
         mine = self._entries
         new = {k: _like(mine[k], tensors[k]) for k in ENTRIES}
         return TrainState(new, self._static)
+
+    def mismatches(self, tensors: TensorDict) -> list[str]:
+        """Where whole `tensors` (e.g. a snapshot's) differ from this state in keys, shapes
+        or dtypes; [] when they fit. A sharded state is compared by its whole shapes."""
+        self._check_live()
+        mine = self.tensors()
+        if self._static.sharding is not None:
+            mine = self._static.sharding.global_meta(mine)
+        return _structure_mismatches(mine, tensors)
+
+    @contextlib.contextmanager
+    def bind(self) -> Iterator[nn.Module]:
+        """The model with this state's params and buffers in place, for forward passes.
+
+        Unsharded, they are swapped into the skeleton and swapped out on exit; sharded
+        (FSDP2), the shards are copied into the sharded module, which gathers them.
+        """
+        self._check_live()
+        static = self._static
+        params = (
+            static.sharding.bind(self.params)
+            if static.sharding is not None
+            else self.params.to_module(static.model)
+        )
+        with params, self.buffers.to_module(static.model):
+            yield static.model
 
     def clone(self) -> TrainState:
         """A deep copy of every entry (params keep `requires_grad`)."""
@@ -165,11 +195,12 @@ def _structure_mismatches(mine: TensorDict, theirs: TensorDict) -> list[str]:
 
 def _split_module(model: nn.Module) -> tuple[TensorDict, TensorDict]:
     params = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
+    return TensorDict(params, batch_size=[]).unflatten_keys("."), _buffers(model)
+
+
+def _buffers(model: nn.Module) -> TensorDict:
     buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
-    return (
-        TensorDict(params, batch_size=[]).unflatten_keys("."),
-        TensorDict(buffers, batch_size=[]).unflatten_keys("."),
-    )
+    return TensorDict(buffers, batch_size=[]).unflatten_keys(".")
 
 
 def create(
@@ -187,13 +218,20 @@ def create(
     """The state at step 0: params and buffers taken from `model`, optimizer state, key.
 
     The model becomes the skeleton: its own tensors move to the meta device (no memory),
-    and the state's tensors are swapped in for each forward pass.
+    and the state's tensors are swapped in for each forward pass. A model sharded with
+    FSDP2 (`functrain.fsdp.shard`) keeps its shards instead, and the state holds copies.
     """
     from functrain.step import compose  # step imports state; keep the cycle local
 
-    model = model.to(device)
-    params, buffers = _split_module(model)
-    model.to("meta").train()
+    sharding = fsdp.Sharding.of(model) if fsdp.is_sharded(model) else None
+    if sharding is None:
+        model = model.to(device)
+        params, buffers = _split_module(model)
+        model.to("meta")
+    else:
+        params = sharding.local_params().apply(lambda t: t.requires_grad_(True))
+        buffers = _buffers(model)
+    model.train()
     static = Static(
         model=model,
         loss=loss,
@@ -202,6 +240,7 @@ def create(
         transform=compose(*transforms),
         world_size=world_size,
         rank=rank,
+        sharding=sharding,
     )
     metric = torch.full((), float("nan"), device=device)
     entries = {

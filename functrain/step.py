@@ -75,7 +75,8 @@ def forward_backward(micro_batches: int = 1) -> Transform:
     """Loss and gradients of the batch, split into `micro_batches` accumulated in order.
 
     Randomness (dropout) is drawn from a seed derived from (key, step, rank), so step k's
-    masks depend on the key and k only; the global RNG is left as it was.
+    masks depend on the key and k only; the global RNG is left as it was. With an FSDP2
+    model the gradients come back reduce-scattered: this rank's shards, averaged over ranks.
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
@@ -91,20 +92,19 @@ def forward_backward(micro_batches: int = 1) -> Transform:
         grads: list[torch.Tensor] | None = None
         total = torch.zeros((), device=params[0].device)
         seed = rng.step_seed(state.rng, int(state.step), static.rank)
-        with (
-            rng.seeded(seed, params[0].device),
-            state.params.to_module(static.model),
-            state.buffers.to_module(static.model),
-        ):
+        with rng.seeded(seed, params[0].device), state.bind() as model:
             for i in range(micro_batches):
                 micro = tree_map(lambda t, i=i: t.chunk(micro_batches)[i], batch)
-                loss = static.loss(static.model, micro) / micro_batches
-                g = torch.autograd.grad(loss, params)
-                if grads is None:
-                    grads = list(g)
+                loss = static.loss(model, micro) / micro_batches
+                if static.sharding is not None:  # FSDP2 reduce-scatters into its own .grad
+                    loss.backward()
+                elif grads is None:
+                    grads = list(torch.autograd.grad(loss, params))
                 else:
-                    torch._foreach_add_(grads, g)
+                    torch._foreach_add_(grads, torch.autograd.grad(loss, params))
                 total = total + loss.detach()
+        if static.sharding is not None:
+            grads = static.sharding.take_grads(state.params)
         return state.replace(
             grads=_like_params(state.params, grads),
             metrics=state.metrics.replace(loss=total),
@@ -130,6 +130,8 @@ def clip_by_global_norm(max_norm: float) -> Transform:
         grads = leaves(state.grads)
         norms = torch._foreach_norm(grads, 2.0)
         total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        if state.static.sharding is not None:  # each rank holds a shard: combine the norms
+            total = state.static.sharding.global_norm(total)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coef)
         return state.replace(metrics=state.metrics.replace(grad_norm=total))

@@ -1,0 +1,160 @@
+"""Snapshots of a sharded (FSDP2) state, through torch.distributed.checkpoint.
+
+The directory keeps the contract of `functrain.checkpoint`: a `manifest.json` (with
+`"layout": "dcp"`) lists every file with its size and crc32, and every leaf with its dtype
+and whole shape. Beside it lie DCP's files: `.metadata` and one `__<rank>_0.distcp` per
+rank. Every rank writes its own rows into one temporary directory; once all have written,
+rank 0 checksums the files, writes the manifest, fsyncs and renames: a snapshot is
+published whole or not at all. Any number of ranks can read it back (DCP reshards), and
+one process without a process group can read it whole (`checkpoint.load` does).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as td
+import torch.distributed.checkpoint as dist_cp
+from tensordict import TensorDict
+
+from functrain import checkpoint as ck
+from functrain._manifest import _DCP_FILE, _DTYPES, MANIFEST, SnapshotError
+from functrain.state import TrainState
+
+_CHUNK = 16 << 20
+
+
+def save(path: str | os.PathLike, state: TrainState, meta: Mapping[str, Any]) -> Path:
+    """Write a sharded `state` and `meta` as the snapshot `path` (a collective: all ranks).
+
+    Refuses to overwrite; on any failure nothing is visible at `path`, on every rank.
+    """
+    sharding = state.static.sharding
+    if sharding is None:
+        raise ValueError("dcp.save writes sharded states; use checkpoint.save for this one")
+    final, meta = Path(path), ck._check_meta(meta)
+    main = td.get_rank() == 0
+    box: list[Any] = [_make_tmp(final) if main else None]
+    td.broadcast_object_list(box, src=0)  # the temp dir, or why it could not be made
+    if isinstance(box[0], str):
+        raise SnapshotError(box[0])
+    tmp = box[0]
+    try:
+        tensors = state.tensors()
+        writer = dist_cp.FileSystemWriter(tmp, sync_files=True)
+        dist_cp.save(sharding.views(tensors), storage_writer=writer)  # each rank, its rows
+        if main:
+            _publish(tmp, final, sharding.global_meta(tensors), meta)
+    except BaseException as e:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise SnapshotError(
+                f"could not write snapshot {final}: {e}; nothing was published — "
+                "free space or fix the directory, then save again"
+            ) from e
+        raise
+    finally:
+        ck._ACTIVE.discard(os.path.abspath(tmp))
+    return final
+
+
+def _make_tmp(final: Path) -> Path | str:
+    """Rank 0: the new temp dir for `final`, or a message saying why there is none."""
+    if os.path.lexists(final):
+        return (
+            f"snapshot {final} already exists; snapshots are never overwritten — "
+            "delete it first or save under another step"
+        )
+    tmp = ck._tmp_name(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp)
+    except OSError as e:
+        return f"could not write snapshot {final}: {e}; free space or fix the directory"
+    ck._ACTIVE.add(os.path.abspath(tmp))
+    return tmp
+
+
+def _publish(tmp: Path, final: Path, whole: TensorDict, meta: dict[str, Any]) -> None:
+    """Rank 0, after every rank wrote: checksum DCP's files, write the manifest, rename."""
+    files = {}
+    for name in sorted(os.listdir(tmp)):
+        if not _DCP_FILE.fullmatch(name):
+            raise SnapshotError(f"torch.distributed.checkpoint wrote an unexpected file {name}")
+        files[name] = _checksum(tmp / name)
+    entries = {}
+    for entry, (leaves, empty) in ck._plan(whole).items():
+        records = [
+            dict(key=k, dtype=ck._DTYPE_NAMES[t.dtype], shape=list(t.shape), nbytes=_nbytes(t))
+            for k, t in leaves
+        ]
+        entries[entry] = {"leaves": records, "empty": empty}
+    ck._write_manifest(tmp, meta, entries, files, layout="dcp")
+    if os.path.lexists(final):
+        raise SnapshotError(f"snapshot {final} appeared while it was being written")
+    os.rename(tmp, final)
+    ck._fsync_dir(final.parent)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _checksum(path: Path) -> dict[str, int]:
+    """Size and crc32 of a file another process wrote; fsynced again to be sure it is down."""
+    crc, size = 0, 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_CHUNK):
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+        os.fsync(f.fileno())
+    return {"bytes": size, "crc32": crc}
+
+
+def load_whole(path: str | os.PathLike, manifest: dict) -> TensorDict:
+    """Every entry, whole, read in this process alone (no process group needed)."""
+    tree, flat = _skeleton(manifest, "cpu")
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.filterwarnings("ignore", message=".*load in a single process")
+        dist_cp.load(flat, checkpoint_id=str(path), no_dist=True)
+    return tree
+
+
+def load_into(path: str | os.PathLike, manifest: dict, state: TrainState) -> TrainState:
+    """Read the snapshot into the shards of a fresh sharded `state` (a collective: all ranks).
+
+    `state` is overwritten in place and returned (it is the just-built state at step 0, so no
+    second copy of the shards is made). A snapshot that does not fit raises ValueError on
+    every rank alike, before any rank reads.
+    """
+    problems = state.mismatches(_skeleton(manifest, "meta")[0])
+    if problems:
+        raise ValueError("the snapshot does not fit this model and recipe: " + "; ".join(problems))
+    dist_cp.load(state.static.sharding.views(state.tensors()), checkpoint_id=str(path))
+    return state
+
+
+def _skeleton(manifest: dict, device: str) -> tuple[TensorDict, dict[str, torch.Tensor]]:
+    """Empty tensors shaped as the manifest says: nested by entry, and flat by DCP key."""
+    tree: dict[str, Any] = {}
+    flat: dict[str, torch.Tensor] = {}
+    for entry, spec in manifest["entries"].items():
+        for key in spec["empty"]:
+            ck._nest(tree, [entry, *key.split("/")], {})
+        for leaf in spec["leaves"]:
+            t = torch.empty(leaf["shape"], dtype=_DTYPES[leaf["dtype"]], device=device)
+            name = "/".join(p for p in (entry, leaf["key"]) if p)
+            flat[name] = t
+            ck._nest(tree, name.split("/"), t)
+        tree.setdefault(entry, {})
+    return TensorDict(tree, batch_size=[]), flat
+
+
+__all__ = ["MANIFEST", "load_into", "load_whole", "save"]

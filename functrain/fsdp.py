@@ -1,0 +1,230 @@
+"""FSDP2 under torchrun: each rank holds one dim-0 shard of the params and optimizer state.
+
+`shard(model, world_size)` applies `torch.distributed.fsdp.fully_shard` to every block of
+the model's `nn.ModuleList`s (bottom-up) and then to the root. `create` sees the sharded
+module and keeps in the state plain tensors: this rank's rows of every param, and of every
+optimizer or EMA leaf shaped like one. The module itself is a workspace: before a forward
+pass the state's shards are copied into it (one copy of 1/N of the params), FSDP gathers
+them, and after backward FSDP reduce-scatters the gradients, which the step takes back as
+plain local tensors. Everything after that (clipping, the optimizer, EMA) runs on shards.
+
+Snapshots of a sharded state go through torch.distributed.checkpoint (`functrain.dcp`):
+`views` wraps each shard as a DTensor view without copying, so each rank writes its own
+rows and any number of ranks can read them back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import attrs
+import torch
+import torch.distributed as td
+from tensordict import TensorDict
+from torch import nn
+
+#: The saved entries that may hold shards: leaves there that mirror a param are sharded.
+SHARDED_ENTRIES = ("params", "opt", "ema")
+
+Key = tuple[str, ...]
+
+
+@attrs.frozen
+class Piece:
+    """One param's sharding: its global shape and stride, and this rank's rows of dim 0."""
+
+    shape: torch.Size
+    stride: tuple[int, ...]
+    start: int
+    rows: int
+
+    @property
+    def local_shape(self) -> torch.Size:
+        return torch.Size((self.rows, *self.shape[1:]))
+
+
+@attrs.frozen(eq=False)
+class Sharding:
+    """The FSDP2-sharded module of a state and where this rank's rows of each param lie."""
+
+    module: nn.Module
+    mesh: object  # a 1-D torch.distributed DeviceMesh
+    pieces: dict[Key, Piece]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Sharding:
+        """Read the sharding off a module that `fully_shard` has been applied to."""
+        pieces, mesh = {}, None
+        for name, p in module.named_parameters():
+            spec = getattr(p, "placements", None)
+            if spec is None or len(spec) != 1 or getattr(spec[0], "dim", None) != 0:
+                raise ValueError(
+                    f"param {name!r} is not sharded on dim 0 by fully_shard (placements "
+                    f"{spec}); apply fully_shard to the model and to every submodule holding "
+                    "params, or use functrain.fsdp.shard(model)"
+                )
+            mesh = p.device_mesh
+            n, world, rank = p.shape[0], mesh.size(), mesh.get_local_rank()
+            start = min(rank * -(-n // world), n)
+            pieces[tuple(name.split("."))] = Piece(
+                p.shape, p.stride(), start, p.to_local().shape[0]
+            )
+        return cls(module=module, mesh=mesh, pieces=pieces)
+
+    def local_params(self) -> TensorDict:
+        """A copy of this rank's shard of every param (the state's params at step 0)."""
+        named = dict(self.module.named_parameters())
+        out = {k: named[".".join(k)].to_local().detach().clone() for k in self.pieces}
+        return TensorDict(out, batch_size=[])
+
+    @contextlib.contextmanager
+    def bind(self, params: TensorDict) -> Iterator[nn.Module]:
+        """The module with `params` (this rank's shards) copied in, resharded on exit."""
+        _reshard(self.module)
+        keys, values = zip(*_leaves(params), strict=True)
+        with torch.no_grad():
+            torch._foreach_copy_([p.to_local() for p in self._params(keys)], list(values))
+        try:
+            yield self.module
+        finally:
+            _reshard(self.module)
+
+    def take_grads(self, params: TensorDict) -> list[torch.Tensor]:
+        """The reduce-scattered gradients as plain shards, in the leaf order of `params`.
+
+        The module's gradients are cleared; a param the loss did not use gets zeros.
+        """
+        grads, leaves = [], _leaves(params)
+        for (_, value), p in zip(leaves, self._params(k for k, _ in leaves), strict=True):
+            grads.append(p.grad.to_local() if p.grad is not None else torch.zeros_like(value))
+            p.grad = None
+        return grads
+
+    def _params(self, keys) -> list[nn.Parameter]:
+        named = dict(self.module.named_parameters())
+        return [named[".".join(k)] for k in keys]
+
+    def global_norm(self, local: torch.Tensor) -> torch.Tensor:
+        """The L2 norm over all ranks from this rank's L2 norm (a collective)."""
+        total = local.square()
+        td.all_reduce(total, op=td.ReduceOp.SUM, group=self.mesh.get_group())
+        return total.sqrt()
+
+    def piece(self, entry: str, key: Key, shape: torch.Size, whole: bool = False) -> Piece | None:
+        """The sharding of the leaf `entry/key` if it mirrors a param, else None.
+
+        It mirrors one when its key ends with the param's key (optimizer state nests a
+        params-shaped tree under keys of its own: `opt/mu/...`) and its shape is the param's
+        local shape (or, with `whole`, the param's whole shape).
+        """
+        if entry not in SHARDED_ENTRIES:
+            return None
+        for i in range(len(key)):
+            found = self.pieces.get(key[i:])
+            if found is not None and tuple(shape) == tuple(
+                found.shape if whole else found.local_shape
+            ):
+                return found
+        return None
+
+    def localize(self, tensors: TensorDict) -> TensorDict:
+        """`tensors` (whole, e.g. from an unsharded snapshot) with this rank's rows of each shard."""
+
+        def local(entry: str, key: Key, t: torch.Tensor) -> torch.Tensor:
+            p = self.piece(entry, key, t.shape, whole=True)
+            return t if p is None else t.narrow(0, p.start, p.rows)
+
+        return _map(tensors, local)
+
+    def global_meta(self, tensors: TensorDict) -> TensorDict:
+        """Meta tensors with the whole shapes of `tensors`, a sharded state's entries."""
+
+        def whole(entry: str, key: Key, t: torch.Tensor) -> torch.Tensor:
+            p = self.piece(entry, key, t.shape)
+            return torch.empty(p.shape if p else t.shape, dtype=t.dtype, device="meta")
+
+        return _map(tensors, whole)
+
+    def views(self, tensors: TensorDict) -> dict[str, torch.Tensor]:
+        """`entry/key` -> a DTensor view of each shard (no copy), the plain tensor otherwise."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        out = {}
+        for key, t in _leaves(tensors):
+            p = self.piece(key[0], key[1:], t.shape)
+            if p is not None:
+                t = DTensor.from_local(
+                    t.detach(),
+                    self.mesh,
+                    [Shard(0)],
+                    run_check=False,
+                    shape=p.shape,
+                    stride=p.stride,
+                )
+            out["/".join(key)] = t
+        return out
+
+
+def shard(model: nn.Module, *, world_size: int | None = None, device: str = "cpu") -> nn.Module:
+    """Apply FSDP2 to `model` in place: each block of its ModuleLists, then the root.
+
+    Needs an initialized process group; the mesh spans all `world_size` ranks.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world_size = world_size or td.get_world_size()
+    mesh = init_device_mesh(torch.device(device).type, (world_size,))
+    blocks = [
+        child
+        for m in model.modules()
+        if isinstance(m, nn.ModuleList)
+        for child in m
+        if any(True for _ in child.parameters())
+    ]
+    for block in reversed(blocks):  # bottom-up: nested blocks before the blocks holding them
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `fully_shard` was applied to `model`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _reshard(module: nn.Module) -> None:
+    """Free the gathered params of every FSDP group (the root keeps them after a no-grad forward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _leaves(tensors: TensorDict) -> list[tuple[Key, torch.Tensor]]:
+    return [
+        ((k,) if isinstance(k, str) else k, t)
+        for k, t in tensors.items(include_nested=True, leaves_only=True)
+    ]
+
+
+def _map(tensors: TensorDict, fn) -> TensorDict:
+    """`tensors` with each leaf replaced by `fn(entry, key_below_entry, leaf)`, entries in order."""
+    out = {}
+    for entry, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            out[entry] = fn(entry, (), value)
+        else:
+            out[entry] = _map_entry(entry, value, fn)
+    return TensorDict(out, batch_size=[])
+
+
+def _map_entry(entry: str, td: TensorDict, fn) -> TensorDict:
+    out = td.empty(recurse=True)  # the sub-dicts, empty ones included, in order
+    for key, t in _leaves(td):
+        out[key] = fn(entry, key, t)
+    return out
