@@ -1,6 +1,7 @@
 """Data-parallel throughput at 1..N ranks and the share of step time spent in the all-reduce.
 
     python bench/dist.py [--nproc 1 2] [--size small|medium] [--batch 16] [--steps 20]
+                         [--parallel ddp|fsdp]
 
 For each N the script launches itself under `torchrun --nproc_per_node=N` (N = 1 runs in
 this process). Every rank trains a GPT (the `bench/step.py` sizes) with the functrain step
@@ -9,13 +10,16 @@ transform wrapped in a timer. On CPU each rank gets cores/N threads (or --thread
 JSON line; the driver prints a table. The all-reduce time includes waiting for the slower
 rank (it is a synchronising collective), so it bounds communication from above.
 On GPUs (NCCL), the same command measures the GPU path: `--device cuda`.
+
+With `--parallel fsdp` the model is sharded with FSDP2 (`functrain.fsdp.shard`); its
+all-gathers and reduce-scatters run inside forward and backward, so no communication share
+is printed, but the state each rank holds (params + optimizer state) is.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,7 +29,7 @@ import orjson
 import torch
 
 import functrain as ft
-from functrain import dist
+from functrain import dist, fsdp
 from functrain.losses import next_token_cross_entropy
 from functrain.models import GPT
 
@@ -61,8 +65,12 @@ def worker(a: argparse.Namespace) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = GPT(dropout=0.1, **cfg)
+    n_params = sum(p.numel() for p in model.parameters())  # before sharding: all of them
+    sharded = a.parallel == "fsdp" and ctx.world_size > 1
+    if sharded:
+        fsdp.shard(model.to(device), world_size=ctx.world_size, device=device.type)
     comm: list[float] = []
-    extra = [_timed(t, comm, device) for t in ctx.transforms()]
+    extra = [_timed(t, comm, device) for t in ctx.transforms(sharded)]
     state = ft.create(
         model,
         loss=next_token_cross_entropy(),
@@ -94,12 +102,14 @@ def worker(a: argparse.Namespace) -> None:
         state.metrics["loss"].item()  # host sync: the step is done
         if i >= a.warmup:
             times.append(time.perf_counter() - t)
-    n_params = sum(p.numel() for p in state.params.values(True, True))
+    held = [t for e in ("params", "opt") for t in getattr(state, e).values(True, True)]
+    state_mb = sum(t.numel() * t.element_size() for t in held) / 2**20
     if ctx.is_main:
         step_s = statistics.median(times)
         comm_s = statistics.median(comm) if comm else 0.0
         row = {"nproc": ctx.world_size, "params": n_params, "step_ms": step_s * 1e3}
         row |= {"comm_ms": comm_s * 1e3, "samples_per_s": a.batch / step_s}
+        row |= {"sharded": sharded, "state_mb": state_mb}
         print(orjson.dumps(row).decode(), flush=True)
     dist.close()
 
@@ -107,13 +117,10 @@ def worker(a: argparse.Namespace) -> None:
 def _launch(a: argparse.Namespace, nproc: int) -> dict:
     args = [__file__, "--worker", "--size", a.size, "--batch", str(a.batch)]
     args += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--device", a.device]
-    args += ["--threads", str(a.threads)]
+    args += ["--threads", str(a.threads), "--parallel", a.parallel]
     if nproc > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-        cmd += [f"--master-port={port}", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += [f"--nproc_per_node={nproc}", *args]
     else:
         cmd = [sys.executable, *args]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -131,6 +138,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per rank (0: cores/N)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -138,14 +146,14 @@ def main() -> None:
     rows = [_launch(a, n) for n in a.nproc]
     base = rows[0]["samples_per_s"]
     print(f"{a.size} GPT, {rows[0]['params']:,} params, global batch {a.batch}, {a.device}")
-    print(
-        f"{'ranks':>5} {'step ms':>9} {'samples/s':>10} {'speed-up':>9} {'all-reduce ms':>14} {'share':>6}"
-    )
+    head = f"{'ranks':>5} {'step ms':>9} {'samples/s':>10} {'speed-up':>9} {'all-reduce ms':>14}"
+    print(f"{head} {'share':>6} {'state MB/rank':>14}")
     for r in rows:
-        share = r["comm_ms"] / r["step_ms"]
+        comm, share = r["comm_ms"], r["comm_ms"] / r["step_ms"]
+        comm_s, share_s = ("–", "–") if r["sharded"] else (f"{comm:.1f}", f"{share:.1%}")
         print(
             f"{r['nproc']:>5} {r['step_ms']:>9.1f} {r['samples_per_s']:>10.1f} "
-            f"{r['samples_per_s'] / base:>9.2f} {r['comm_ms']:>14.1f} {share:>6.1%}"
+            f"{r['samples_per_s'] / base:>9.2f} {comm_s:>14} {share_s:>6} {r['state_mb']:>14.2f}"
         )
 
 

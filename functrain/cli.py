@@ -210,6 +210,7 @@ def _read(ctx, snap: Path, sharded: bool) -> tuple:
     problems = checkpoint.verify(snap) if ctx.is_main else []
     if problems:
         raise checkpoint.SnapshotError(problems[0])
+    dcp.read_metadata(snap)  # every rank will: refuse a bad one here, on all ranks alike
     return None, manifest
 
 
@@ -257,16 +258,17 @@ def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_fr
         runs.retain(path, ck.keep_last, keep={snap, resumed_from}, keep_every=ck.keep_every)
 
     def write(s) -> None:
+        snap, snap_meta = path / f"state_{int(s.step)}", {"step": int(s.step), **meta}
         if s.static.sharding is not None:  # every rank writes its rows; rank 0 publishes
-            snap = dcp.save(path / f"state_{int(s.step)}", s, {"step": int(s.step), **meta})
+            dcp.save(snap, s, snap_meta)
             if ctx.is_main:
                 retain(snap)
-        elif ctx.is_main:
-            snap, snap_meta = path / f"state_{int(s.step)}", {"step": int(s.step), **meta}
-            if writer is not None:  # returns once copied: the next in-place step cannot race it
-                writer.save(snap, s.tensors(), snap_meta, on_done=retain)
-            else:
-                retain(checkpoint.save(snap, s.tensors(), snap_meta))
+        elif not ctx.is_main:
+            return
+        elif writer is not None:  # returns once copied: the next in-place step cannot race it
+            writer.save(snap, s.tensors(), snap_meta, on_done=retain)
+        else:
+            retain(checkpoint.save(snap, s.tensors(), snap_meta))
 
     stop = preempt.Preemption(recipe.checkpoint.signal)
     stopping = False
@@ -396,7 +398,7 @@ def _print_snapshot(r: dict) -> None:
     print(f"valid     {'yes' if r['valid'] else 'NO'}")
     for p in r["problems"]:
         print(f"  problem: {p}")
-    for key in ("recipe_hash", "device", "world_size", "parent"):
+    for key in ("recipe_hash", "device", "world_size", "layout", "parent"):
         if m.get(key) is not None:
             print(f"{key:<9} {m[key]}")
     print("versions  " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))

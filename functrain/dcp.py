@@ -7,11 +7,15 @@ rank. Every rank writes its own rows into one temporary directory; once all have
 rank 0 checksums the files, writes the manifest, fsyncs and renames: a snapshot is
 published whole or not at all. Any number of ranks can read it back (DCP reshards), and
 one process without a process group can read it whole (`checkpoint.load` does).
+
+DCP pickles its `.metadata`; functrain reads it with an unpickler that only builds DCP's
+metadata classes, torch sizes and the whitelisted dtypes, so a snapshot still runs no code.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import warnings
 import zlib
@@ -25,7 +29,7 @@ import torch.distributed.checkpoint as dist_cp
 from tensordict import TensorDict
 
 from functrain import checkpoint as ck
-from functrain._manifest import _DCP_FILE, _DTYPES, MANIFEST, SnapshotError
+from functrain._manifest import _DCP_FILE, _DTYPES, SnapshotError
 from functrain.state import TrainState
 
 _CHUNK = 16 << 20
@@ -121,9 +125,10 @@ def _checksum(path: Path) -> dict[str, int]:
 def load_whole(path: str | os.PathLike, manifest: dict) -> TensorDict:
     """Every entry, whole, read in this process alone (no process group needed)."""
     tree, flat = _skeleton(manifest, "cpu")
+    read_metadata(path)  # DCP would wrap a refusal in errors of its own: refuse first
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.filterwarnings("ignore", message=".*load in a single process")
-        dist_cp.load(flat, checkpoint_id=str(path), no_dist=True)
+        dist_cp.load(flat, storage_reader=_Reader(path), no_dist=True)
     return tree
 
 
@@ -137,7 +142,7 @@ def load_into(path: str | os.PathLike, manifest: dict, state: TrainState) -> Tra
     problems = state.mismatches(_skeleton(manifest, "meta")[0])
     if problems:
         raise ValueError("the snapshot does not fit this model and recipe: " + "; ".join(problems))
-    dist_cp.load(state.static.sharding.views(state.tensors()), checkpoint_id=str(path))
+    dist_cp.load(state.static.sharding.views(state.tensors()), storage_reader=_Reader(path))
     return state
 
 
@@ -157,4 +162,52 @@ def _skeleton(manifest: dict, device: str) -> tuple[TensorDict, dict[str, torch.
     return TensorDict(tree, batch_size=[]), flat
 
 
-__all__ = ["MANIFEST", "load_into", "load_whole", "save"]
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    *(("torch", name) for name in _DTYPES),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata and nothing else: any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == _METADATA_MODULE or (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise SnapshotError(
+            f".metadata refers to {module}.{name}, which a torch.distributed.checkpoint "
+            "snapshot never holds; the file is not to be trusted — resume from another snapshot"
+        )
+
+
+def read_metadata(path: str | os.PathLike) -> Any:
+    """DCP's `.metadata` of a snapshot, read by `_MetadataUnpickler`."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    file = Path(path) / ".metadata"
+    try:
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError) as e:
+        raise SnapshotError(f"{file}: cannot be read ({e}); resume from another snapshot") from e
+    if not isinstance(metadata, Metadata):
+        raise SnapshotError(f"{file} is not torch.distributed.checkpoint metadata")
+    return metadata
+
+
+class _Reader(dist_cp.FileSystemReader):
+    """DCP's file reader, with `.metadata` read by `_MetadataUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        metadata = read_metadata(self.path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -16,14 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(trace: Path | None) -> dict:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FUNCTRAIN_DIST_TIMEOUT": "30"}
+def _env(trace: Path | None, timeout: int = 120) -> dict:
+    """The environment of a launch. The collective timeout leaves room for a slow start of
+    3 ranks on 2 cores; the kill test lowers it to bound the time a dead rank may cost."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FUNCTRAIN_DIST_TIMEOUT": str(timeout)}
     env.pop("FUNCTRAIN_TRACE", None)
     if trace is not None:
         env["FUNCTRAIN_TRACE"] = str(trace)
@@ -35,8 +31,8 @@ def _torchrun_cmd(nproc: int, target: list[str]) -> list[str]:
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # rendezvous on a port the OS assigns: no race for a free port
         f"--nproc_per_node={nproc}",
-        f"--master-port={_free_port()}",
         *target,
     ]
 
@@ -83,3 +79,13 @@ def digests(snapshot: Path) -> dict:
     """The per-entry content digests `functrain inspect --json` prints (in-process: faster)."""
     assert not checkpoint.verify(snapshot)
     return checkpoint.digests(snapshot)
+
+
+def rank_pid(trace: Path, rank: int, cursor: int, proc, deadline: float) -> int:
+    """The pid of `rank` once its trace shows it training at global `cursor`."""
+    path = trace / f"rank{rank}.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and b'"samples":%d,' % cursor in (lines := path.read_bytes()):
+            return orjson.loads(lines.splitlines()[0])["pid"]
+        time.sleep(0.005)
+    raise AssertionError(f"rank {rank} never reached cursor {cursor}: exit {proc.poll()}")

@@ -6,10 +6,8 @@ import contextlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
@@ -140,21 +138,6 @@ DAMAGE = {  # how to damage a snapshot, the file it names, what inspect and resu
     ),
     "no manifest": (lambda s: (s / "manifest.json").unlink(), "manifest.json", "is missing"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_pid(trace: Path, rank: int, cursor: int, proc, deadline: float) -> int:
-    path = trace / f"rank{rank}.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.exists() and b'"samples":%d,' % cursor in (lines := path.read_bytes()):
-            return orjson.loads(lines.splitlines()[0])["pid"]
-        time.sleep(0.005)
-    raise AssertionError(f"rank {rank} never reached cursor {cursor}: exit {proc.poll()}")
 
 
 def dead_pid() -> int:

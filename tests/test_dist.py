@@ -34,6 +34,7 @@ from _dist_common import (
     max_diff,
     metrics,
     params,
+    rank_pid,
     trace,
 )
 
@@ -101,18 +102,6 @@ def test_resume_across_world_sizes_keeps_samples_and_lr(cross):
 KILL_RUN = ("steps=40", "checkpoint.every=10", "log_every=5", "eval.every=20", "eval.batches=1")
 
 
-def _wait_for_step(trace_dir: Path, rank: int, samples: int, proc, deadline: float) -> int:
-    """The pid of `rank` once its trace shows the batch at cursor `samples` (dropout on)."""
-    path = trace_dir / f"rank{rank}.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.exists():
-            lines = path.read_bytes().splitlines()
-            if any(b'"samples":%d,' % samples in line for line in lines):
-                return orjson.loads(lines[0])["pid"]
-        time.sleep(0.005)
-    raise AssertionError(f"rank {rank} never reached cursor {samples}: exit {proc.poll()}")
-
-
 def test_killed_rank_ends_the_job_and_resume_is_bitwise(tmp_path):
     launch(2, "run", TINY, f"out_dir={tmp_path}", "name=full", *KILL_RUN)
     args = ["run", str(TINY), f"out_dir={tmp_path}", "name=cut", *KILL_RUN]
@@ -120,11 +109,11 @@ def test_killed_rank_ends_the_job_and_resume_is_bitwise(tmp_path):
         _torchrun_cmd(2, ["-m", "functrain"]) + args,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_env(tmp_path / "trace_cut"),
+        env=_env(tmp_path / "trace_cut", timeout=30),
     )
     try:
         # Rank 1 taking batch 13 means rank 0 has published state_10 (a collective after it).
-        pid = _wait_for_step(tmp_path / "trace_cut", 1, 13 * 8, proc, time.monotonic() + 120)
+        pid = rank_pid(tmp_path / "trace_cut", 1, 13 * 8, proc, time.monotonic() + 120)
         os.kill(pid, signal.SIGSTOP)  # freeze it first: the job cannot finish behind our back
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()

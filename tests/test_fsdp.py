@@ -11,8 +11,12 @@ writes snapshots through torch.distributed.checkpoint, each rank its own rows. W
 
 from __future__ import annotations
 
+import os
+import pickle
 import shutil
+import zlib
 
+import orjson
 import pytest
 from _dist_common import ROOT, TINY, digests, launch, max_diff, metrics, params, trace
 
@@ -111,3 +115,22 @@ def test_async_snapshots_are_refused_with_fsdp():
     recipe = load_recipe(TINY, ["parallel=fsdp", "checkpoint.async=true"])
     with pytest.raises(BuildError, match=r"checkpoint.async: true is not supported with parallel"):
         build(recipe, world_size=2, rank=0)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_dcp_metadata_that_would_run_code_is_refused(cross, tmp_path):
+    """DCP pickles `.metadata`; functrain's reader builds only DCP's own metadata classes."""
+    bad = tmp_path / "state_6"
+    shutil.copytree(cross / "two" / "state_6", bad)
+    body = pickle.dumps(_Boom())
+    (bad / ".metadata").write_bytes(body)
+    manifest = orjson.loads((bad / "manifest.json").read_bytes())
+    manifest["files"][".metadata"] = {"bytes": len(body), "crc32": zlib.crc32(body)}
+    (bad / "manifest.json").write_bytes(orjson.dumps(manifest))  # checksums pass: a forgery
+    assert checkpoint.verify(bad) == []
+    with pytest.raises(checkpoint.SnapshotError, match=r"refers to (posix|os)\.system"):
+        checkpoint.load(bad)

@@ -17,11 +17,11 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from _dist_common import _env, _torchrun_cmd, rank_pid
 from _rel_common import (
     DAMAGE,
     FAST,
@@ -33,11 +33,9 @@ from _rel_common import (
     dead_pid,
     digests,
     flip_bit,
-    free_port,
     inspect_json,
     leftovers,
     metrics,
-    rank_pid,
     snapshot_steps,
     snapshots,
     tree,
@@ -197,17 +195,8 @@ def test_second_ctrl_c_aborts_mid_save_and_publishes_nothing_partial(server, tmp
 
 
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FUNCTRAIN_DIST_TIMEOUT": "60"}
-    env["FUNCTRAIN_TRACE"] = str(tmp_path / "trace")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    cmd += [
-        f"--master-port={free_port()}",
-        "-m",
-        "functrain",
-        "run",
-        str(TINY),
-        f"out_dir={tmp_path}",
-    ]
+    env = _env(tmp_path / "trace", timeout=60)
+    cmd = _torchrun_cmd(2, ["-m", "functrain", "run", str(TINY), f"out_dir={tmp_path}"])
     cmd += ["name=d", *FAST, "checkpoint.every=null"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
