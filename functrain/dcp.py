@@ -29,7 +29,7 @@ import torch.distributed.checkpoint as dist_cp
 from tensordict import TensorDict
 
 from functrain import checkpoint as ck
-from functrain._manifest import _DCP_FILE, _DTYPES, SnapshotError
+from functrain._manifest import _DCP_FILE, _DTYPES, MANIFEST, SnapshotError
 from functrain.state import TrainState
 
 _CHUNK = 16 << 20
@@ -89,6 +89,7 @@ def _make_tmp(final: Path) -> Path | str:
 
 def _publish(tmp: Path, final: Path, whole: TensorDict, meta: dict[str, Any]) -> None:
     """Rank 0, after every rank wrote: checksum DCP's files, write the manifest, rename."""
+    ck._test_seam(tmp / MANIFEST, 0)
     files = {}
     for name in sorted(os.listdir(tmp)):
         if not _DCP_FILE.fullmatch(name):

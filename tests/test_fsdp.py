@@ -14,14 +14,30 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import time
 import zlib
+from pathlib import Path
 
 import orjson
 import pytest
-from _dist_common import ROOT, TINY, digests, launch, max_diff, metrics, params, trace
+from _dist_common import (
+    ROOT,
+    TINY,
+    _env,
+    _torchrun_cmd,
+    digests,
+    launch,
+    max_diff,
+    metrics,
+    params,
+    trace,
+)
 
 from functrain import checkpoint, cli
 from functrain.build import BuildError, build
+from functrain.checkpoint import _SLOW_SAVE_ENV
 from functrain.recipe import load_recipe
 
 # Global batch 12: divisible by 1, 2 and 3 ranks.
@@ -31,21 +47,46 @@ NO_DROPOUT = (*BASE, "model.dropout=0.0")
 PARAMS_ATOL = 1e-4
 
 
-def test_two_to_two_resume_is_bitwise_with_dropout(tmp_path):
-    launch(2, "run", TINY, f"out_dir={tmp_path}", *BASE)
-    a = tmp_path / "tiny"
-    files = sorted(p.name for p in (a / "state_6").iterdir())
+def test_killed_while_publishing_then_resumed_two_to_two_is_bitwise(tmp_path):
+    """Rank 0 is SIGKILLed after every rank wrote its rows of state_12 but before it is
+    published: nothing is listed, and `resume --from latest` (state_6, dropout on) ends
+    bitwise where the unbroken run ends."""
+    launch(2, "run", TINY, f"out_dir={tmp_path}", "name=full", *BASE)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    files = sorted(p.name for p in (full / "state_6").iterdir())
     assert files == [".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json"]
-    assert checkpoint.read_manifest(a / "state_6")["layout"] == "dcp"
-    launch(2, "resume", TINY, f"out_dir={tmp_path}", *BASE, "--from", "state_6", "--name", "b")
-    b = tmp_path / "b"
-    assert digests(b / "state_12") == digests(a / "state_12")  # every entry, bitwise
-    assert metrics(b) == metrics(a) or _same_but_speed(metrics(a), metrics(b))
+    assert checkpoint.read_manifest(full / "state_6")["layout"] == "dcp"
+    env = {**_env(None, timeout=30), _SLOW_SAVE_ENV: "2"}  # rank 0 waits before publishing
+    cmd = _torchrun_cmd(2, ["-m", "functrain", "run", str(TINY), f"out_dir={tmp_path}"])
+    proc = subprocess.Popen([*cmd, "name=cut", *BASE], stderr=subprocess.PIPE, env=env)
+    try:
+        pid = _publishing_pid(cut, "state_12", proc, time.monotonic() + 180)
+        os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and not (cut / "state_12").exists()
+    assert [s for s, _ in checkpoint.list_snapshots(cut)] == [6]
+    res = launch(2, "resume", TINY, f"out_dir={tmp_path}", "name=cut", *BASE, "--from", "latest")
+    assert "left over by an interrupted write" in res.stderr
+    assert not list(cut.glob(".tmp-*"))
+    assert digests(cut / "state_12") == digests(full / "state_12")  # every entry, bitwise
+    assert _strip(metrics(cut)) == _strip(metrics(full))
 
 
-def _same_but_speed(x: list[dict], y: list[dict]) -> bool:
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
-    return strip(x) == strip(y)
+def _publishing_pid(run: Path, name: str, proc, deadline: float) -> int:
+    """Rank 0's pid, once DCP finished writing `name` (its temp dir is named after rank 0)."""
+    while time.monotonic() < deadline and proc.poll() is None:
+        for tmp in run.glob(f".tmp-{name}-*"):
+            if (tmp / ".metadata").exists():
+                return int(tmp.name.split("-")[2])
+        time.sleep(0.005)
+    raise AssertionError(f"{name} was never written: exit {proc.poll()}")
+
+
+def _strip(rows: list[dict]) -> list[dict]:
+    """Metrics without samples_per_s, the only field that depends on the wall clock."""
+    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
 
 
 @pytest.fixture(scope="module")
