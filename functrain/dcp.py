@@ -140,9 +140,7 @@ def load_into(path: str | os.PathLike, manifest: dict, state: TrainState) -> Tra
     second copy of the shards is made). A snapshot that does not fit raises ValueError on
     every rank alike, before any rank reads.
     """
-    problems = state.mismatches(_skeleton(manifest, "meta")[0])
-    if problems:
-        raise ValueError("the snapshot does not fit this model and recipe: " + "; ".join(problems))
+    state.check_fits(_skeleton(manifest, "meta")[0])
     dist_cp.load(state.static.sharding.views(state.tensors()), storage_reader=_Reader(path))
     return state
 

@@ -1,8 +1,10 @@
 """Data parallel under torchrun: process group, gradient all-reduce, agreement between ranks.
 
 Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op for one
-process. Under torchrun every rank holds the whole state, draws its slice of each global
-batch from the one global cursor, and averages gradients inside the step.
+process. Under torchrun every rank draws its slice of each global batch from the one global
+cursor. With `parallel: ddp` every rank holds the whole state and gradients are averaged
+inside the step; with `parallel: fsdp` each rank holds a shard (`functrain.fsdp`) and FSDP2's
+backward reduce-scatters them.
 
 Debugging aid: with `FUNCTRAIN_TRACE=DIR` each rank appends to `DIR/rank<r>.jsonl` a header
 line `{"pid", "rank", "world_size"}` and then, for every batch it trains on, the global
@@ -165,13 +167,13 @@ def close() -> None:
 def all_reduce_grads(bucket_bytes: int = _BUCKET_BYTES, *, grads: bool = True) -> Transform:
     """Average gradients (and the loss) over ranks; broadcast rank 0's buffers, as DDP does.
 
-    With `grads=False` (FSDP2, whose backward already reduce-scattered them) only the loss
-    is averaged and the buffers broadcast.
-
     Tensors are grouped by dtype into flat buckets of about `bucket_bytes`: one `cat`, one
     all-reduce and one split-copy per bucket. The loss rides in the last float32 bucket, so
     a float32 model costs one collective per step (plus one per buffer dtype). Every rank
     then applies the same update to the same params, so the replicas stay equal.
+
+    With `grads=False` (FSDP2, whose backward already reduce-scattered them) only the loss
+    is averaged and the buffers broadcast.
     """
 
     def transform(state: TrainState, batch: Any) -> TrainState:

@@ -26,6 +26,7 @@ ENTRIES = ("step", "params", "buffers", "opt", "rng", "data", "stats", "ema", "m
 TRANSIENT = ("grads",)
 
 Transform = Callable[["TrainState", Any], "TrainState"]
+_SHOWN = 3  # mismatches of each kind a misfit snapshot's error lists before "and N more"
 
 
 class ConsumedStateError(RuntimeError):
@@ -107,25 +108,25 @@ class TrainState:
         Structure, shapes and dtypes must match this state exactly; tensors are copied to
         this state's devices.
         """
-        problems = self.mismatches(tensors)
-        if problems:
-            raise ValueError(
-                "the snapshot does not fit this model and recipe: " + "; ".join(problems)
-            )
+        self.check_fits(tensors)
         if self._static.sharding is not None:  # keep this rank's rows of the whole tensors
             tensors = self._static.sharding.localize(tensors)
         mine = self._entries
         new = {k: _like(mine[k], tensors[k]) for k in ENTRIES}
         return TrainState(new, self._static)
 
-    def mismatches(self, tensors: TensorDict) -> list[str]:
-        """Where whole `tensors` (e.g. a snapshot's) differ from this state in keys, shapes
-        or dtypes; [] when they fit. A sharded state is compared by its whole shapes."""
+    def check_fits(self, tensors: TensorDict) -> None:
+        """Raise ValueError naming where whole `tensors` (e.g. a snapshot's) differ from this
+        state in keys, shapes or dtypes. A sharded state is compared by its whole shapes."""
         self._check_live()
         mine = self.tensors()
         if self._static.sharding is not None:
             mine = self._static.sharding.global_meta(mine)
-        return _structure_mismatches(mine, tensors)
+        problems = _structure_mismatches(mine, tensors)
+        if problems:
+            raise ValueError(
+                "the snapshot does not fit this model and recipe: " + "; ".join(_few(problems))
+            )
 
     @contextlib.contextmanager
     def bind(self) -> Iterator[nn.Module]:
@@ -177,6 +178,20 @@ def _like(mine: Any, theirs: Any) -> Any:
     return mine.apply(
         lambda m, t: t.to(m.device, copy=True).requires_grad_(m.requires_grad), theirs
     )
+
+
+def _few(problems: list[str]) -> list[str]:
+    """The first few problems of each kind (missing, unexpected, other shape or dtype)."""
+    kinds: dict[str, list[str]] = {}
+    for p in problems:
+        kind = p.split(" ", 1)[0] if p.startswith(("missing ", "unexpected ")) else "changed"
+        kinds.setdefault(kind, []).append(p)
+    out = []
+    for items in kinds.values():
+        out += items[:_SHOWN]
+        if len(items) > _SHOWN:
+            out.append(f"and {len(items) - _SHOWN} more like it")
+    return out
 
 
 def _structure_mismatches(mine: TensorDict, theirs: TensorDict) -> list[str]:

@@ -7,6 +7,7 @@ import torch
 from conftest import assert_states_equal, make_state
 
 import functrain as ft
+from functrain.models import MLP
 from functrain.state import ENTRIES
 
 
@@ -36,6 +37,15 @@ def test_load_names_mismatched_entries():
         ValueError, match=r"does not fit.*missing opt/mu/0/bias.*unexpected opt/momentum/0/bias"
     ):
         make_state().load(other)
+
+
+def test_load_lists_a_few_mismatches_of_each_kind():
+    wide = make_state(MLP(in_features=16, hidden=64, classes=4, depth=2)).tensors()
+    with pytest.raises(ValueError) as err:
+        make_state().load(wide)
+    message = str(err.value)
+    assert "buffers/1/running_mean is torch.float32 [64], expected torch.float32 [32]" in message
+    assert message.count(" is torch.float32 ") == 3 and message.endswith("more like it")
 
 
 def test_unknown_attribute_lists_entries():
