@@ -15,9 +15,9 @@ never change what is being written.
 Rules: at most one write is in flight (a new `save` first waits for the previous one); a
 write's error is raised by the next call into the writer (`check`, `save`,
 `wait_until_finished`, `close`); `on_done(path)` runs on the writer thread after the
-snapshot is published (retention belongs there). The thread does file I/O only — never
-call a torch.distributed collective from `on_done` (it can deadlock against the
-collectives of the training step).
+snapshot is published (retention belongs there). Never call a torch.distributed collective
+from `on_done`: it can deadlock against the collectives of the training step. (The sharded
+writer, `functrain.dcp.async_writer`, runs its collectives on a process group of its own.)
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ class AsyncWriter:
     reused while the state keeps its structure, shapes and dtypes; `close` frees it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, write: Callable[..., Path] | None = None) -> None:
+        """`write(path, tensors, meta) -> path` publishes a staged copy: `checkpoint.save`
+        (None), or for a sharded state `functrain.dcp.async_writer(sharding)`."""
+        self._save = write
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._staged: TensorDict | None = None
@@ -160,7 +163,7 @@ class AsyncWriter:
         try:
             for event in ready:
                 event.synchronize()  # the host copy of a device tensor has landed
-            published = checkpoint.save(path, staged, meta)
+            published = (self._save or checkpoint.save)(path, staged, meta)
             if on_done is not None:
                 on_done(published)
         except BaseException as e:  # handed to the training thread by check()

@@ -91,11 +91,6 @@ def build(recipe: Recipe, *, world_size: int = 1, rank: int = 0, transforms_extr
     with rng.seeded(rng.fold_in(recipe.seed, "init")):
         model = _make("model", recipe.model)
     if sharded(recipe, world_size):
-        if recipe.checkpoint.async_save:
-            raise BuildError(
-                "checkpoint.async: true is not supported with parallel: fsdp yet (sharded "
-                "snapshots are written by every rank together); set checkpoint.async=false"
-            )
         fsdp.shard(model.to(device), world_size=world_size, device=device.type)
     transforms = [_make(f"step.{i}", c) for i, c in enumerate(recipe.step)]
     transforms[1:1] = list(transforms_extra)

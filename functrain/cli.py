@@ -251,7 +251,7 @@ def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_fr
             append_metrics(path / runs.METRICS_FILE, record)
             progress.update(record)
 
-    writer = AsyncWriter() if ctx.is_main and recipe.checkpoint.async_save else None
+    writer = _writer(ctx, state) if recipe.checkpoint.async_save else None
 
     def retain(snap: Path) -> None:  # once `snap` is published (on the writer thread if async)
         ck = recipe.checkpoint
@@ -259,14 +259,15 @@ def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_fr
 
     def write(s) -> None:
         snap, snap_meta = path / f"state_{int(s.step)}", {"step": int(s.step), **meta}
-        if s.static.sharding is not None:  # every rank writes its rows; rank 0 publishes
+        sharded = s.static.sharding is not None  # then every rank writes its rows
+        if not (sharded or ctx.is_main):
+            return
+        if writer is not None:  # returns once copied: the next in-place step cannot race it
+            writer.save(snap, s.tensors(), snap_meta, on_done=retain if ctx.is_main else None)
+        elif sharded:
             dcp.save(snap, s, snap_meta)
             if ctx.is_main:
                 retain(snap)
-        elif not ctx.is_main:
-            return
-        elif writer is not None:  # returns once copied: the next in-place step cannot race it
-            writer.save(snap, s.tensors(), snap_meta, on_done=retain)
         else:
             retain(checkpoint.save(snap, s.tensors(), snap_meta))
 
@@ -326,6 +327,13 @@ def _train(ctx, built: Built, state, path: Path, *, extra_meta: dict, resumed_fr
     if progress is not None:
         progress.message(f"done: {path} (step {recipe.steps})")
     return 0
+
+
+def _writer(ctx, state) -> AsyncWriter | None:
+    """The async snapshot writer: rank 0's alone, or every rank's for a sharded state."""
+    if state.static.sharding is not None:
+        return AsyncWriter(write=dcp.async_writer(state.static.sharding))
+    return AsyncWriter() if ctx.is_main else None
 
 
 def _eval_loss(ctx, built: Built):

@@ -14,12 +14,13 @@ metadata classes, torch sizes and the whitelisted dtypes, so a snapshot still ru
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import shutil
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from tensordict import TensorDict
 
 from functrain import checkpoint as ck
 from functrain._manifest import _DCP_FILE, _DTYPES, MANIFEST, SnapshotError
+from functrain.fsdp import Sharding
 from functrain.state import TrainState
 
 _CHUNK = 16 << 20
@@ -40,20 +42,39 @@ def save(path: str | os.PathLike, state: TrainState, meta: Mapping[str, Any]) ->
 
     Refuses to overwrite; on any failure nothing is visible at `path`, on every rank.
     """
-    sharding = state.static.sharding
-    if sharding is None:
+    if state.static.sharding is None:
         raise ValueError("dcp.save writes sharded states; use checkpoint.save for this one")
+    return save_tensors(path, state.tensors(), meta, sharding=state.static.sharding)
+
+
+def async_writer(sharding: Sharding) -> Callable[..., Path]:
+    """`save_tensors` for `AsyncWriter(write=...)`: on a gloo process group of its own, so
+    the writer thread's collectives never interleave with the training step's (a collective:
+    every rank creates the group)."""
+    group = td.new_group(backend="gloo")
+    return functools.partial(save_tensors, sharding=sharding, group=group)
+
+
+def save_tensors(
+    path: str | os.PathLike,
+    tensors: TensorDict,
+    meta: Mapping[str, Any],
+    *,
+    sharding: Sharding,
+    group: Any = None,
+) -> Path:
+    """`save` of a sharded state's `tensors` (e.g. a staged copy), collectives on `group`."""
     final, meta = Path(path), ck._check_meta(meta)
     main = td.get_rank() == 0
     box: list[Any] = [_make_tmp(final) if main else None]
-    td.broadcast_object_list(box, src=0)  # the temp dir, or why it could not be made
+    td.broadcast_object_list(box, src=0, group=group)  # the temp dir, or why there is none
     if isinstance(box[0], str):
         raise SnapshotError(box[0])
     tmp = box[0]
     try:
-        tensors = state.tensors()
         writer = dist_cp.FileSystemWriter(tmp, sync_files=True)
-        dist_cp.save(sharding.views(tensors), storage_writer=writer)  # each rank, its rows
+        views = sharding.views(tensors)
+        dist_cp.save(views, storage_writer=writer, process_group=group)  # each rank, its rows
         if main:
             _publish(tmp, final, sharding.global_meta(tensors), meta)
     except BaseException as e:

@@ -224,7 +224,7 @@ def _map(tensors: TensorDict, fn) -> TensorDict:
 
 
 def _map_entry(entry: str, td: TensorDict, fn) -> TensorDict:
-    out = td.empty(recurse=True)  # the sub-dicts, empty ones included, in order
+    out = td.empty(recurse=True).clear_device_()  # the sub-dicts, in order; any device
     for key, t in _leaves(td):
         out[key] = fn(entry, key, t)
     return out

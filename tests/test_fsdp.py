@@ -2,7 +2,9 @@
 
 A sharded run keeps on each rank only its rows of every param and optimizer leaf, and
 writes snapshots through torch.distributed.checkpoint, each rank its own rows. What holds:
-- 2 -> 2 resume is bitwise (dropout on): same shards, same per-rank masks, same reductions.
+- 2 -> 2 resume is bitwise (dropout on): same shards, same per-rank masks, same reductions;
+  async snapshots (every rank writes a staged copy on a gloo group of its own) are bitwise
+  the synchronous ones.
 - Resharding is exact: a 2-rank snapshot read by 3 ranks and written back is bitwise the same.
 - 2 -> 3, 2 -> 1 and 1 -> 2 resumes train on the same global batches with the same LR; params
   stay within 1e-4 of the unbroken run, not bitwise, for the reason test_dist.py gives
@@ -36,9 +38,7 @@ from _dist_common import (
 )
 
 from functrain import checkpoint, cli
-from functrain.build import BuildError, build
 from functrain.checkpoint import _SLOW_SAVE_ENV
-from functrain.recipe import load_recipe
 
 # Global batch 12: divisible by 1, 2 and 3 ranks.
 BASE = ("parallel=fsdp", "data.batch_size=12", "steps=12", "checkpoint.every=6", "log_every=1")
@@ -47,12 +47,28 @@ NO_DROPOUT = (*BASE, "model.dropout=0.0")
 PARAMS_ATOL = 1e-4
 
 
-def test_killed_while_publishing_then_resumed_two_to_two_is_bitwise(tmp_path):
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """An unbroken 2-rank FSDP run with dropout, synchronous snapshots at steps 6 and 12."""
+    out = tmp_path_factory.mktemp("full")
+    launch(2, "run", TINY, f"out_dir={out}", "name=full", *BASE)
+    return out / "full"
+
+
+def test_async_sharded_snapshots_equal_synchronous_ones(full, tmp_path):
+    args = ("name=async", "checkpoint.async=true", "checkpoint.keep_last=1")
+    launch(2, "run", TINY, f"out_dir={tmp_path}", *BASE, *args)
+    run = tmp_path / "async"
+    assert [s for s, _ in checkpoint.list_snapshots(run)] == [12]  # retention ran, on rank 0
+    assert digests(run / "state_12") == digests(full / "state_12")
+    assert _strip(metrics(run)) == _strip(metrics(full))
+
+
+def test_killed_while_publishing_then_resumed_two_to_two_is_bitwise(full, tmp_path):
     """Rank 0 is SIGKILLed after every rank wrote its rows of state_12 but before it is
     published: nothing is listed, and `resume --from latest` (state_6, dropout on) ends
     bitwise where the unbroken run ends."""
-    launch(2, "run", TINY, f"out_dir={tmp_path}", "name=full", *BASE)
-    full, cut = tmp_path / "full", tmp_path / "cut"
+    cut = tmp_path / "cut"
     files = sorted(p.name for p in (full / "state_6").iterdir())
     assert files == [".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json"]
     assert checkpoint.read_manifest(full / "state_6")["layout"] == "dcp"
@@ -150,12 +166,6 @@ def test_a_corrupt_shard_is_named(cross, tmp_path, capsys):
         checkpoint.load(bad)
     assert cli.main(["inspect", str(bad)]) == 1
     assert "__1_0.distcp: checksum mismatch" in capsys.readouterr().out
-
-
-def test_async_snapshots_are_refused_with_fsdp():
-    recipe = load_recipe(TINY, ["parallel=fsdp", "checkpoint.async=true"])
-    with pytest.raises(BuildError, match=r"checkpoint.async: true is not supported with parallel"):
-        build(recipe, world_size=2, rank=0)
 
 
 class _Boom:
