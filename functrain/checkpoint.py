@@ -13,6 +13,7 @@ leaves out as views; nothing in a snapshot is ever executed (no pickle, whitelis
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import importlib.metadata
@@ -81,25 +82,41 @@ def save(path: str | os.PathLike, tensors: TensorDict, meta: Mapping[str, Any]) 
     final = Path(path)
     plan = _plan(tensors)
     meta = _check_meta(meta)
+    _refuse_existing(final)
+    tmp = _tmp_name(final)
+    with _publishing(tmp, final):
+        _make_dir(tmp, final)
+        _write_snapshot(tmp, plan, meta)
+        _rename_into_place(tmp, final)
+    return final
+
+
+def _refuse_existing(final: Path) -> None:
     if os.path.lexists(final):
         raise SnapshotError(
             f"snapshot {final} already exists; snapshots are never overwritten — "
             "delete it first or save under another step"
         )
-    tmp = _tmp_name(final)
+
+
+def _make_dir(tmp: Path, final: Path) -> None:
+    """The temp dir a snapshot is written into, beside where it will be published."""
+    if not final.parent.is_dir():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(final.parent.parent)
+    os.mkdir(tmp)
+
+
+@contextlib.contextmanager
+def _publishing(tmp: Path, final: Path, owner: bool = True) -> Iterator[None]:
+    """Around the writing of `tmp`: on any failure it is removed (by its `owner`) and nothing
+    is published; an OSError becomes a SnapshotError naming the snapshot."""
     _ACTIVE.add(os.path.abspath(tmp))
     try:
-        if not final.parent.is_dir():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(final.parent.parent)
-        os.mkdir(tmp)
-        _write_snapshot(tmp, plan, meta)
-        if os.path.lexists(final):
-            raise SnapshotError(f"snapshot {final} appeared while it was being written")
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        yield
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise SnapshotError(
                 f"could not write snapshot {final}: {e}; nothing was published — "
@@ -108,7 +125,14 @@ def save(path: str | os.PathLike, tensors: TensorDict, meta: Mapping[str, Any]) 
         raise
     finally:
         _ACTIVE.discard(os.path.abspath(tmp))
-    return final
+
+
+def _rename_into_place(tmp: Path, final: Path) -> None:
+    """Publish a complete, fsynced temp dir as `final` (the one atomic step)."""
+    if os.path.lexists(final):
+        raise SnapshotError(f"snapshot {final} appeared while it was being written")
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def _plan(tensors: TensorDict) -> dict[str, tuple[Leaves, list[str]]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-import shutil
 import warnings
 import zlib
 from collections.abc import Callable, Mapping
@@ -51,8 +50,11 @@ def async_writer(sharding: Sharding) -> Callable[..., Path]:
     """`save_tensors` for `AsyncWriter(write=...)`: on a gloo process group of its own, so
     the writer thread's collectives never interleave with the training step's (a collective:
     every rank creates the group)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
     group = td.new_group(backend="gloo")
-    return functools.partial(save_tensors, sharding=sharding, group=group)
+    mesh = DeviceMesh.from_group(group, device_type="cpu")  # the staged copies are on the host
+    return functools.partial(save_tensors, sharding=sharding, group=group, mesh=mesh)
 
 
 def save_tensors(
@@ -62,8 +64,10 @@ def save_tensors(
     *,
     sharding: Sharding,
     group: Any = None,
+    mesh: Any = None,
 ) -> Path:
-    """`save` of a sharded state's `tensors` (e.g. a staged copy), collectives on `group`."""
+    """`save` of a sharded state's `tensors` (e.g. a staged copy), collectives on `group`,
+    DTensor views on `mesh` (default: the model's)."""
     final, meta = Path(path), ck._check_meta(meta)
     main = td.get_rank() == 0
     box: list[Any] = [_make_tmp(final) if main else None]
@@ -71,40 +75,25 @@ def save_tensors(
     if isinstance(box[0], str):
         raise SnapshotError(box[0])
     tmp = box[0]
-    try:
+    with ck._publishing(tmp, final, owner=main):
         writer = dist_cp.FileSystemWriter(tmp, sync_files=True)
-        views = sharding.views(tensors)
+        views = sharding.views(tensors, mesh)
         dist_cp.save(views, storage_writer=writer, process_group=group)  # each rank, its rows
         if main:
             _publish(tmp, final, sharding.global_meta(tensors), meta)
-    except BaseException as e:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise SnapshotError(
-                f"could not write snapshot {final}: {e}; nothing was published — "
-                "free space or fix the directory, then save again"
-            ) from e
-        raise
-    finally:
-        ck._ACTIVE.discard(os.path.abspath(tmp))
     return final
 
 
 def _make_tmp(final: Path) -> Path | str:
     """Rank 0: the new temp dir for `final`, or a message saying why there is none."""
-    if os.path.lexists(final):
-        return (
-            f"snapshot {final} already exists; snapshots are never overwritten — "
-            "delete it first or save under another step"
-        )
     tmp = ck._tmp_name(final)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.mkdir(tmp)
+        ck._refuse_existing(final)
+        ck._make_dir(tmp, final)
+    except SnapshotError as e:
+        return str(e)
     except OSError as e:
         return f"could not write snapshot {final}: {e}; free space or fix the directory"
-    ck._ACTIVE.add(os.path.abspath(tmp))
     return tmp
 
 
@@ -124,10 +113,7 @@ def _publish(tmp: Path, final: Path, whole: TensorDict, meta: dict[str, Any]) ->
         ]
         entries[entry] = {"leaves": records, "empty": empty}
     ck._write_manifest(tmp, meta, entries, files, layout="dcp")
-    if os.path.lexists(final):
-        raise SnapshotError(f"snapshot {final} appeared while it was being written")
-    os.rename(tmp, final)
-    ck._fsync_dir(final.parent)
+    ck._rename_into_place(tmp, final)
 
 
 def _nbytes(t: torch.Tensor) -> int:

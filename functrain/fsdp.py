@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import attrs
 import torch
@@ -146,8 +147,12 @@ class Sharding:
 
         return _map(tensors, whole)
 
-    def views(self, tensors: TensorDict) -> dict[str, torch.Tensor]:
-        """`entry/key` -> a DTensor view of each shard (no copy), the plain tensor otherwise."""
+    def views(self, tensors: TensorDict, mesh: Any = None) -> dict[str, torch.Tensor]:
+        """`entry/key` -> a DTensor view of each shard (no copy), the plain tensor otherwise.
+
+        `mesh` (default: the model's) must span the same ranks; its device type must be the
+        tensors' (DTensor moves a shard to its mesh's device).
+        """
         from torch.distributed.tensor import DTensor, Shard
 
         out = {}
@@ -156,7 +161,7 @@ class Sharding:
             if p is not None:
                 t = DTensor.from_local(
                     t.detach(),
-                    self.mesh,
+                    mesh or self.mesh,
                     [Shard(0)],
                     run_check=False,
                     shape=p.shape,
