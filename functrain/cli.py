@@ -131,8 +131,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if args.name:
         recipe = attrs.evolve(recipe, name=args.name)
     target = runs.run_path(recipe)
-    snap = ctx.all_ok(lambda: runs.find_snapshot(source_run, args.source, warn=ctx.warn))
-    tensors, manifest = ctx.all_ok(lambda: _read(ctx, snap, sharded(recipe, ctx.world_size)))
+    shard = sharded(recipe, ctx.world_size)
+    snap, (tensors, manifest) = ctx.all_ok(
+        lambda: runs.find_snapshot(source_run, args.source, ctx.warn, lambda s: _read(s, shard))
+    )
     ctx.agree("snapshot (step, manifest digest)", (manifest["step"], _digest(manifest)))
     built = _build(ctx, recipe)
     ctx.agree("data fingerprint", _digest(built.fingerprint))
@@ -200,17 +202,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _train(ctx, built, state, target, extra_meta=extra, resumed_from=snap)
 
 
-def _read(ctx, snap: Path, sharded: bool) -> tuple:
+def _read(snap: Path, sharded: bool) -> tuple:
     """(tensors, manifest) of a snapshot, every checksum verified. A sharded run reading a
-    sharded snapshot gets tensors None: each rank reads its own rows later (`dcp.load_into`),
-    and only rank 0 checks the files here."""
+    sharded snapshot gets tensors None: each rank reads its own rows later (`dcp.load_into`)."""
     manifest = checkpoint.read_manifest(snap)
     if not (sharded and manifest.get("layout") == "dcp"):
         return checkpoint.load(snap)
-    problems = checkpoint.verify(snap) if ctx.is_main else []
+    problems = checkpoint.verify(snap)  # on every rank, so that all pick the same snapshot
     if problems:
         raise checkpoint.SnapshotError(problems[0])
-    dcp.read_metadata(snap)  # every rank will: refuse a bad one here, on all ranks alike
+    dcp.read_metadata(snap)  # DCP unpickles it on every rank: refuse a bad one here
     return None, manifest
 
 

@@ -69,16 +69,22 @@ def cut_metrics(path: Path, step: int) -> None:
     _write_atomic(path, metrics_until(path, step))
 
 
-def find_snapshot(run: Path, spec: str, warn) -> Path:
-    """`latest` (newest valid), `state_<step>` in the run, or a path to a snapshot."""
+def find_snapshot(run: Path, spec: str, warn, read=None) -> tuple[Path, Any]:
+    """(`latest` (the newest valid), `state_<step>` in the run, or a path, what `read` made of it).
+
+    `read(snapshot)` reads and checks it (default: `checkpoint.verify` alone) and raises
+    SnapshotError when it is invalid; `latest` then warns and tries the next older one. So a
+    snapshot is read once, not verified first and read again.
+    """
+    read = read or _verified
     if spec == "latest":
         if not run.is_dir():
             raise RunError(f"no run directory {run}: start the run with `functrain run` first")
         for _, snap in reversed(checkpoint.list_snapshots(run)):
-            problems = checkpoint.verify(snap)
-            if not problems:
-                return snap
-            warn(f"skipping invalid snapshot {snap}: {problems[0]}")
+            try:
+                return snap, read(snap)
+            except checkpoint.SnapshotError as err:
+                warn(f"skipping invalid snapshot {snap}: {err}")
         raise RunError(f"run {run} has no valid snapshot to resume from")
     path = run / spec if _SNAPSHOT_NAME.fullmatch(spec) else Path(spec)
     if not path.is_dir():
@@ -88,7 +94,13 @@ def find_snapshot(run: Path, spec: str, warn) -> Path:
             + (f"Snapshots of {run}: {have}." if have else f"{run} has no snapshots.")
             + " Use --from latest, state_<step>, or a path to a snapshot directory."
         )
-    return path
+    return path, read(path)
+
+
+def _verified(snap: Path) -> None:
+    problems = checkpoint.verify(snap)
+    if problems:
+        raise checkpoint.SnapshotError(problems[0])
 
 
 def _is_free(key: str) -> bool:

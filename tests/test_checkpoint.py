@@ -17,6 +17,7 @@ import torch
 from tensordict import TensorDict
 
 from functrain import checkpoint as ck
+from functrain import runs
 from functrain.checkpoint import SnapshotError
 
 
@@ -323,3 +324,22 @@ def test_remove_deletes_only_snapshots(snap: Path, tmp_path: Path) -> None:
     ck.remove(snap)
     assert sorted(tmp_path.iterdir()) == [other] and ck.list_snapshots(tmp_path) == []
     assert ck.versions()["torch"] == torch.__version__
+
+
+def test_latest_reads_each_snapshot_once_and_skips_invalid_ones(tmp_path):
+    for step in (1, 2, 3):
+        ck.save(tmp_path / f"state_{step}", sample(), {"step": step})
+    bad = tmp_path / "state_3" / "params.bin"
+    data = bad.read_bytes()
+    bad.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, wrong crc32
+    reads, warnings = [], []
+
+    def read(snap: Path):
+        reads.append(snap.name)
+        return ck.load(snap)
+
+    snap, (tensors, manifest) = runs.find_snapshot(tmp_path, "latest", warnings.append, read)
+    assert snap.name == "state_2" and manifest["step"] == 2
+    assert reads == ["state_3", "state_2"]  # the valid one read once: no verify-then-load
+    assert len(warnings) == 1 and "state_3" in warnings[0] and "params.bin" in warnings[0]
+    assert torch.equal(tensors["params", "0", "bias"], sample()["params", "0", "bias"])
