@@ -89,46 +89,32 @@ def _manifest_problems(m: dict) -> list[str]:
     ]
     if problems:
         return problems
-    check = _entry_problems if layout == "raw" else _dcp_entry_problems
     for entry, spec in m["entries"].items():
-        problems += [f"entries[{entry!r}]: {p}" for p in check(spec, m["files"])]
+        found = _entry_problems(spec, m["files"], raw=layout == "raw")
+        problems += [f"entries[{entry!r}]: {p}" for p in found]
     return problems
 
 
-def _dcp_entry_problems(spec: Any, files: dict) -> list[str]:
-    """An entry of a DCP snapshot lists its leaves' keys, dtypes and whole shapes only."""
+def _entry_problems(spec: Any, files: dict, raw: bool) -> list[str]:
+    """A raw entry names its file and where each leaf lies in it; an entry of a DCP
+    snapshot lists its leaves' keys, dtypes and whole shapes only."""
     if not isinstance(spec, dict) or not isinstance(spec.get("leaves"), list):
-        return ["malformed (needs 'leaves', 'empty')"]
-    empty = spec.get("empty")
-    if not isinstance(empty, list) or not all(isinstance(k, str) for k in empty):
-        return ["'empty' must be a list of keys"]
-    problems = []
-    for i, leaf in enumerate(spec["leaves"]):
-        problem = _leaf_problem(leaf, None, None)
-        if problem:
-            problems.append(f"leaf {i}: {problem}")
-    return problems or _tree_problems([leaf["key"] for leaf in spec["leaves"]], empty)
-
-
-def _entry_problems(spec: Any, files: dict) -> list[str]:
-    if not isinstance(spec, dict) or not isinstance(spec.get("leaves"), list):
-        return ["malformed (needs 'file', 'leaves', 'empty')"]
-    if not isinstance(spec.get("file"), str) or spec["file"] not in files:
+        needs = "'file', 'leaves', 'empty'" if raw else "'leaves', 'empty'"
+        return [f"malformed (needs {needs})"]
+    if raw and (not isinstance(spec.get("file"), str) or spec["file"] not in files):
         return [f"file {spec.get('file')!r} is not listed in 'files'"]
     empty = spec.get("empty")
     if not isinstance(empty, list) or not all(isinstance(k, str) for k in empty):
         return ["'empty' must be a list of keys"]
-    size, end, problems = files[spec["file"]]["bytes"], 0, []
+    size, end = (files[spec["file"]]["bytes"], 0) if raw else (None, None)
+    problems = []
     for i, leaf in enumerate(spec["leaves"]):
         problem = _leaf_problem(leaf, end, size)
         if problem:
             problems.append(f"leaf {i}: {problem}")
-        else:
+        elif raw:
             end = leaf["offset"] + leaf["nbytes"]
-    if not problems:
-        keys = [leaf["key"] for leaf in spec["leaves"]]
-        problems += _tree_problems(keys, empty)
-    return problems
+    return problems or _tree_problems([leaf["key"] for leaf in spec["leaves"]], empty)
 
 
 def _leaf_problem(leaf: Any, end: int | None, size: int | None) -> str | None:

@@ -49,6 +49,7 @@ from functrain._manifest import (
 __all__ = [
     "FORMAT_VERSION",
     "SnapshotError",
+    "check",
     "clean_partial",
     "digests",
     "list_snapshots",
@@ -352,9 +353,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[T
     if manifest.get("layout") == "dcp":
         from functrain import dcp  # it builds on this module
 
-        problems = verify(path)
-        if problems:
-            raise SnapshotError(problems[0])
+        check(path)
         return dcp.load_whole(path, manifest).to(device), manifest
     out = {entry: _unflatten(buf, spec, device) for entry, spec, buf in _entries(path, manifest)}
     return TensorDict(out, batch_size=[]), manifest
@@ -445,6 +444,13 @@ def verify(path: str | os.PathLike) -> list[str]:
             except SnapshotError as e:
                 problems.append(str(e))
     return problems
+
+
+def check(path: str | os.PathLike) -> None:
+    """Raise SnapshotError with the first problem `verify` finds; return if there is none."""
+    problems = verify(path)
+    if problems:
+        raise SnapshotError(problems[0])
 
 
 def digests(path: str | os.PathLike) -> dict[str, str]:

@@ -208,9 +208,7 @@ def _read(snap: Path, sharded: bool) -> tuple:
     manifest = checkpoint.read_manifest(snap)
     if not (sharded and manifest.get("layout") == "dcp"):
         return checkpoint.load(snap)
-    problems = checkpoint.verify(snap)  # on every rank, so that all pick the same snapshot
-    if problems:
-        raise checkpoint.SnapshotError(problems[0])
+    checkpoint.check(snap)  # on every rank, so that all pick the same snapshot
     dcp.read_metadata(snap)  # DCP unpickles it on every rank: refuse a bad one here
     return None, manifest
 

@@ -72,11 +72,11 @@ def cut_metrics(path: Path, step: int) -> None:
 def find_snapshot(run: Path, spec: str, warn, read=None) -> tuple[Path, Any]:
     """(`latest` (the newest valid), `state_<step>` in the run, or a path, what `read` made of it).
 
-    `read(snapshot)` reads and checks it (default: `checkpoint.verify` alone) and raises
+    `read(snapshot)` reads and checks it (default: `checkpoint.check`, checksums alone) and raises
     SnapshotError when it is invalid; `latest` then warns and tries the next older one. So a
     snapshot is read once, not verified first and read again.
     """
-    read = read or _verified
+    read = read or checkpoint.check
     if spec == "latest":
         if not run.is_dir():
             raise RunError(f"no run directory {run}: start the run with `functrain run` first")
@@ -95,12 +95,6 @@ def find_snapshot(run: Path, spec: str, warn, read=None) -> tuple[Path, Any]:
             + " Use --from latest, state_<step>, or a path to a snapshot directory."
         )
     return path, read(path)
-
-
-def _verified(snap: Path) -> None:
-    problems = checkpoint.verify(snap)
-    if problems:
-        raise checkpoint.SnapshotError(problems[0])
 
 
 def _is_free(key: str) -> bool:
