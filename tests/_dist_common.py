@@ -65,6 +65,11 @@ def metrics(run: Path) -> list[dict]:
     return [orjson.loads(line) for line in (run / "metrics.jsonl").read_bytes().splitlines()]
 
 
+def timeless_metrics(run: Path) -> list[dict]:
+    """metrics.jsonl without samples_per_s, the only field that depends on the wall clock."""
+    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in metrics(run)]
+
+
 def params(snapshot: Path) -> dict:
     tensors, _ = checkpoint.load(snapshot)
     return dict(tensors["params"].items(include_nested=True, leaves_only=True))

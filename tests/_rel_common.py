@@ -84,12 +84,6 @@ def digests(snapshot: Path) -> dict:
     return report["digests"]
 
 
-def metrics(run: Path) -> list[dict]:
-    """metrics.jsonl without wall-clock fields."""
-    rows = [orjson.loads(line) for line in (run / "metrics.jsonl").read_bytes().splitlines()]
-    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
-
-
 def tree(path: Path) -> dict:
     """Every file under `path` with its size and mtime: to prove nothing changed."""
     if not path.exists():

@@ -34,6 +34,7 @@ from _dist_common import (
     max_diff,
     metrics,
     params,
+    timeless_metrics,
     trace,
 )
 
@@ -61,7 +62,7 @@ def test_async_sharded_snapshots_equal_synchronous_ones(full, tmp_path):
     run = tmp_path / "async"
     assert [s for s, _ in checkpoint.list_snapshots(run)] == [12]  # retention ran, on rank 0
     assert digests(run / "state_12") == digests(full / "state_12")
-    assert _strip(metrics(run)) == _strip(metrics(full))
+    assert timeless_metrics(run) == timeless_metrics(full)
 
 
 def test_killed_while_publishing_then_resumed_two_to_two_is_bitwise(full, tmp_path):
@@ -87,7 +88,7 @@ def test_killed_while_publishing_then_resumed_two_to_two_is_bitwise(full, tmp_pa
     assert "left over by an interrupted write" in res.stderr
     assert not list(cut.glob(".tmp-*"))
     assert digests(cut / "state_12") == digests(full / "state_12")  # every entry, bitwise
-    assert _strip(metrics(cut)) == _strip(metrics(full))
+    assert timeless_metrics(cut) == timeless_metrics(full)
 
 
 def _publishing_pid(run: Path, name: str, proc, deadline: float) -> int:
@@ -98,11 +99,6 @@ def _publishing_pid(run: Path, name: str, proc, deadline: float) -> int:
                 return int(tmp.name.split("-")[2])
         time.sleep(0.005)
     raise AssertionError(f"{name} was never written: exit {proc.poll()}")
-
-
-def _strip(rows: list[dict]) -> list[dict]:
-    """Metrics without samples_per_s, the only field that depends on the wall clock."""
-    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
 
 
 @pytest.fixture(scope="module")

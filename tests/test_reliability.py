@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _dist_common import _env, _torchrun_cmd, rank_pid
+from _dist_common import _env, _torchrun_cmd, rank_pid, timeless_metrics
 from _rel_common import (
     DAMAGE,
     FAST,
@@ -35,7 +35,6 @@ from _rel_common import (
     flip_bit,
     inspect_json,
     leftovers,
-    metrics,
     snapshot_steps,
     snapshots,
     tree,
@@ -74,9 +73,9 @@ def reference(server, tmp_path_factory) -> dict:
         # keep_last=2 and keep_every=4 leave the multiples of 4 and the newest two.
         assert snapshot_steps(out / name) == [4, 8, STEPS]
     assert digests(out / "slow" / FINAL) == digests(out / "fast" / FINAL)
-    assert metrics(out / "slow") == metrics(out / "fast")
+    assert timeless_metrics(out / "slow") == timeless_metrics(out / "fast")
     run = out / "fast"
-    return {"digests": digests(run / FINAL), "metrics": metrics(run), "seconds": seconds}
+    return {"digests": digests(run / FINAL), "metrics": timeless_metrics(run), "seconds": seconds}
 
 
 # ------------------------------------------------------------------ 1. kill -9 at any moment
@@ -122,7 +121,7 @@ def _kill_trial(server: Server, reference: dict, out: Path, trial: int) -> dict:
     assert_all_listed_valid(run)
     assert {4, 8, STEPS} <= set(snapshot_steps(run))
     assert digests(run / FINAL) == reference["digests"]
-    assert metrics(run) == reference["metrics"]
+    assert timeless_metrics(run) == reference["metrics"]
     return seen
 
 
@@ -160,11 +159,11 @@ def test_signal_finishes_the_step_snapshots_and_resume_is_exact(
     [stop] = snapshot_steps(run)  # every=null: this snapshot exists only because of the signal
     assert 3 <= stop < STEPS
     assert f"stopped by {sig} after step {stop}; snapshot {run / f'state_{stop}'}" in res["log"]
-    assert metrics(run)[-1]["step"] == stop  # the step it was in finished, and was logged
+    assert timeless_metrics(run)[-1]["step"] == stop  # the step it was in finished, and was logged
     res = server.run("resume", TINY, *args, "--from", "latest")
     assert res["code"] == 0, res["log"]
     assert digests(run / FINAL) == reference["digests"]
-    assert metrics(run) == reference["metrics"]
+    assert timeless_metrics(run) == reference["metrics"]
 
 
 def test_an_unconfigured_signal_keeps_its_default_action(server, tmp_path):
@@ -213,7 +212,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     # The first rank to exit 143 makes torchrun end the job: the other may show 143 or SIGTERM.
     assert "exitcode  : 143 " in text, text
     assert_all_listed_valid(run)
-    assert metrics(run)[-1]["step"] == stop
+    assert timeless_metrics(run)[-1]["step"] == stop
 
 
 # ------------------------------------------------------------------ 3. damaged snapshots
@@ -270,7 +269,7 @@ def test_resume_from_latest_skips_invalid_snapshots_and_sets_them_aside(
     assert snapshot_steps(run) == [2, 4, 6, 8, STEPS]  # resumed from 6, the newest valid
     assert_all_listed_valid(run)
     assert digests(run / FINAL) == reference["digests"]
-    assert metrics(run) == reference["metrics"]
+    assert timeless_metrics(run) == reference["metrics"]
 
 
 # ------------------------------------------------------------------ 4. failed writes
@@ -309,7 +308,7 @@ def test_a_failed_snapshot_write_stops_cleanly_or_warns(
         res = server.run("resume", TINY, *args, "--from", "latest")
         assert res["code"] == 0, res["log"]
         assert digests(run / FINAL) == reference["digests"]
-        assert metrics(run) == reference["metrics"]
+        assert timeless_metrics(run) == reference["metrics"]
 
 
 # ------------------------------------------------------------------ 5. retention
