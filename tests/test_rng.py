@@ -24,6 +24,23 @@ def test_fold_in_separates_inputs():
     assert all(0 <= s < 2**63 for s in seeds)
 
 
+def test_fold_in_is_a_stable_63_bit_hash():
+    a = rng.fold_in(3, "data", 7)
+    assert a == rng.fold_in(3, "data", 7)
+    assert 0 <= a < 2**63
+    assert (
+        len(
+            {
+                a,
+                rng.fold_in(3, "data", 8),
+                rng.fold_in(4, "data", 7),
+                rng.fold_in("3", "data", 7),
+            }
+        )
+        == 4
+    )
+
+
 def test_key_rejects_bad_seeds():
     with pytest.raises(ValueError, match="seed must be a non-negative int, got -1"):
         rng.key(-1)

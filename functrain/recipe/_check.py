@@ -1,6 +1,8 @@
-"""The checks behind `functrain.recipe`: component targets, signatures, kwarg types, overrides.
+"""Components: import a `_component_` target, check kwargs against its signature, call it.
 
-Private: `functrain.recipe` re-exports what is public (`Component`).
+Also the small vocabulary every recipe check speaks: dotted paths (`join`), short value
+descriptions (`show`), did-you-mean hints (`unknown`) and the scalar types a recipe value
+can be checked against (`type_ok`, `describe`).
 """
 
 import difflib
@@ -9,26 +11,14 @@ import inspect
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal, Union
 
 import attrs
 
+from functrain.errors import RecipeError
+
 TOP = "<top level>"
-
-
-class RecipeError(Exception):
-    """A recipe that cannot run; `problems` holds one "dotted.key: what; what is allowed" each."""
-
-    def __init__(self, problems: Sequence[str], source: str = "<recipe>") -> None:
-        super().__init__(list(problems), source)
-        self.problems: list[str] = list(problems)
-        self.source = source
-
-    def __str__(self) -> str:
-        n = len(self.problems)
-        head = f"{self.source}: {n} problem{'' if n == 1 else 's'} in the recipe:"
-        return head + "".join(f"\n  - {p}" for p in self.problems)
 
 
 class _Missing:
@@ -64,6 +54,9 @@ def unknown(path: str, key: Any, allowed: Any, what: str) -> str:
     hint = f"; did you mean {close[0]!r}?" if close else ";"
     label = "accepted" if what.startswith("parameter") else "allowed"
     return f"{path}: unknown {what}{hint} {label}: {', '.join(names) or 'none'}"
+
+
+# ---------------------------------------------------------------------------- components
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -205,6 +198,9 @@ def _hints(fn: Any) -> dict[str, Any]:
         return {}
 
 
+# ---------------------------------------------------------------------------- types
+
+
 _SCALARS = {
     bool: "true or false",
     int: "an integer",
@@ -250,72 +246,7 @@ def describe(hint: Any) -> str:
     return " or ".join(describe(a) for a in args) if args else str(hint)
 
 
-# ---------------------------------------------------------------------------- overrides
-
-
-def config_fields(cls: type) -> dict[str, attrs.Attribute]:
-    """An attrs config class's fields by recipe key: the field name, or `metadata["key"]`
-    where the key is no Python name (`checkpoint.async` is the field `async_save`)."""
-    return {f.metadata.get("key", f.name): f for f in attrs.fields(cls)}
-
-
-def set_path(raw: dict, key: str, value: Any, schema: type, problems: list[str]) -> None:
-    """Set `value` at dotted `key` in `raw`, refusing keys that neither `schema` (an attrs
-    config class) nor the component at that path accepts; list items go by index."""
-    parts = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts):
-        here, last = ".".join(parts[: i + 1]), i == len(parts) - 1
-        if isinstance(node, list):
-            if not (part.isdigit() and int(part) < len(node)):
-                problems.append(
-                    f"{here}: no such index; {'.'.join(parts[:i])} has {len(node)} items"
-                )
-                return
-            part, schema = int(part), None
-        elif isinstance(node, dict):
-            error = _check_key(node, part, schema, here, last)
-            if error:
-                problems.append(error)
-                return
-            schema = _child_schema(schema, part, node)
-            if not last and part not in node:
-                node[part] = {}  # an absent config section
-        else:
-            problems.append(f"{here}: {'.'.join(parts[:i])} is {show(node)}, which has no keys")
-            return
-        if last:
-            node[part] = value
-        else:
-            node = node[part]
-
-
-def _check_key(node: dict, key: str, schema: Any, path: str, last: bool) -> str | None:
-    absent = f"{path}: not set in the recipe; override the whole value, e.g. {path}={{...}}"
-    if "_component_" in node:
-        if key in node:
-            return None
-        if not last:
-            return absent
-        target = node["_component_"]
-        fn, error = resolve(target) if isinstance(target, str) else (None, "")
-        params = None if error is not None else parameters(fn)
-        if params is None or params[1] or key in params[0]:
-            return None  # accepted, or a target validation will report anyway
-        return unknown(path, key, params[0], f"parameter of {target}")
-    if schema is not None:
-        fields = config_fields(schema)
-        if key not in fields:
-            return unknown(path, key, fields, "key")
-        return None if last or key in node or attrs.has(fields[key].type) else absent
-    return None if key in node else unknown(path, key, node, "key")
-
-
-def _child_schema(schema: Any, key: str, node: dict) -> Any:
-    if schema is None or "_component_" in node:
-        return None
-    t = config_fields(schema)[key].type
-    return t if attrs.has(t) else None
+# ---------------------------------------------------------------------------- instantiate
 
 
 def instantiate(component: Component, **extra: Any) -> Any:

@@ -1,0 +1,172 @@
+"""The data cursor: `CursorSampler`, positioned by global samples consumed, and `make_loader`.
+
+See `functrain.data` for what the cursor means and why resuming from it is exact.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from functrain.data._args import as_int
+from functrain.errors import DataError
+from functrain.rng import fold_in
+
+
+class _CursorIter(Iterator[int]):
+    """One pass of a CursorSampler from its start; counts what it handed out."""
+
+    def __init__(self, sampler: CursorSampler, start: int) -> None:
+        self._s = sampler
+        self.start = start
+        self.yielded = 0  # indices of this rank handed out
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.int64)
+        self._batch: list[int] = []
+
+    def position(self) -> int:
+        """Global samples consumed: whole per-rank batches handed out, times G."""
+        return self.start + (self.yielded // self._s.batch_size) * self._s.global_batch
+
+    def __next__(self) -> int:
+        s, j = self._s, self.yielded % self._s.batch_size
+        if j == 0:  # a new batch: this rank's slice of the global batch at position()
+            epoch, offset = divmod(self.position(), s.epoch_len)
+            if epoch != self._epoch:  # one permutation per epoch, computed once
+                self._epoch, self._order = epoch, s.permutation(epoch)
+            lo = offset + s.rank * s.batch_size
+            self._batch = self._order[lo : lo + s.batch_size].tolist()
+        self.yielded += 1  # before returning, so position() counts a batch once it is taken
+        return self._batch[j]
+
+
+class CursorSampler(Sampler[int]):
+    """Infinite stream of this rank's sample indices, positioned by global samples consumed.
+
+    `batch_size` is the per-rank batch B; G = B * world_size. An epoch is the first
+    `(size // G) * G` positions of a permutation of `range(size)` drawn from
+    `fold_in(seed, epoch)` (identity when `shuffle=False`); global batch s is positions
+    `[s*G, (s+1)*G)` and rank r takes `[s*G + r*B, s*G + (r+1)*B)`. `start` (a multiple of
+    G) is where the stream begins; nothing before it is computed.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        start: int = 0,
+    ) -> None:
+        self.size = as_int("size", size, 0)
+        self.batch_size = as_int("batch_size", batch_size, 1)
+        self.world_size = as_int("world_size", world_size, 1)
+        self.rank = as_int("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise DataError(f"rank must be < world_size ({self.world_size}), got {self.rank}")
+        self.seed = as_int("seed", seed, 0)
+        self.shuffle = bool(shuffle)
+        self.global_batch = self.batch_size * self.world_size
+        if self.size < self.global_batch:
+            raise DataError(
+                f"the dataset has {self.size} samples, fewer than one global batch of "
+                f"{self.global_batch} ({self.batch_size} per rank x {self.world_size} ranks); "
+                "use a smaller batch_size or more data"
+            )
+        self.epoch_len = (self.size // self.global_batch) * self.global_batch
+        self.start = self._check_start(start)
+        self._live: _CursorIter | None = None
+
+    def _check_start(self, start: Any) -> int:
+        start = as_int("start", start, 0)
+        if start % self.global_batch:
+            raise DataError(
+                f"start must be a multiple of the global batch size {self.global_batch} "
+                f"(global samples consumed at a step boundary), got {start}"
+            )
+        return start
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The order of `range(size)` in `epoch` (identity when not shuffling), int64."""
+        if not self.shuffle:
+            return torch.arange(self.size)
+        g = torch.Generator().manual_seed(fold_in(self.seed, epoch))
+        return torch.randperm(self.size, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        self._live = _CursorIter(self, self.start)
+        return self._live
+
+    def state_dict(self) -> dict[str, int | bool]:
+        """Plain ints/bools: where the live iterator stands, and what the order depends on."""
+        start = self._live.position() if self._live is not None else self.start
+        return {
+            "start": start,
+            "size": self.size,
+            "global_batch": self.global_batch,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state["start"]`; the other fields must match this sampler."""
+        if "start" not in state:
+            raise DataError(f"sampler state has no 'start' entry: {state!r}")
+        ours = self.state_dict()
+        for k in ("size", "global_batch", "seed", "shuffle"):
+            if k in state and state[k] != ours[k]:
+                raise DataError(
+                    f"sampler state has {k}={state[k]!r} but this loader has {k}={ours[k]!r}; "
+                    "resume with the data and batch settings the state was saved with"
+                )
+        self.start = self._check_start(state["start"])
+        self._live = None
+
+
+def make_loader(
+    dataset,
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    start: int = 0,
+    world_size: int = 1,
+    rank: int = 0,
+    num_workers: int = 0,
+    collate_fn=None,
+    pin_memory: bool = False,
+) -> StatefulDataLoader:
+    """A StatefulDataLoader yielding this rank's batches forever, from `start` global samples.
+
+    `batch_size` is per rank. The global torch RNG is never drawn from: the loader's own
+    generator (which seeds the workers) is derived from (seed, rank).
+    """
+    sampler = CursorSampler(
+        len(dataset),
+        batch_size=batch_size,
+        world_size=world_size,
+        rank=rank,
+        seed=seed,
+        shuffle=shuffle,
+        start=start,
+    )
+    generator = torch.Generator().manual_seed(fold_in(seed, "loader", rank))
+    with warnings.catch_warnings():
+        # torchdata 0.11 calls torch.set_vital, deprecated in newer torch, on every construction.
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+        return StatefulDataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=as_int("num_workers", num_workers, 0),
+            collate_fn=collate_fn,
+            pin_memory=pin_memory,
+            generator=generator,
+        )

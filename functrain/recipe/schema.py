@@ -1,0 +1,151 @@
+"""The recipe schema: frozen attrs config classes, one per section, and their field helpers.
+
+Each scalar field says in its metadata what it allows (`expect`, the text of a problem),
+how to test a value past its type (`check`) and, where the recipe key is no Python name,
+that key (`key`). `functrain.recipe.parse` reads these to validate plain data.
+"""
+
+import re
+from collections.abc import Callable
+from typing import Any, Literal
+
+import attrs
+
+from functrain.errors import RecipeError
+from functrain.recipe._check import Component, describe, show, type_ok
+
+# Signals a recipe may name in `checkpoint.signal`, on top of SIGTERM and SIGINT.
+SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGXCPU")
+
+
+def _field(
+    *, expect: str, check: Callable[[Any], bool] | None = None, key: str | None = None, **kw: Any
+) -> Any:
+    """A config field: `expect` says what is allowed, `check` tests the value past its type,
+    `key` is its recipe key when that is no Python name (see `config_fields`)."""
+    metadata = {"expect": expect, "check": check, **({"key": key} if key else {})}
+    return attrs.field(metadata=metadata, validator=_on_set, **kw)
+
+
+def _on_set(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    # Runs only when code builds or evolves a config directly; parse_recipe checks first.
+    problem = scalar_problem(value, attribute, f"{type(inst).__name__}.{attribute.name}")
+    if problem:
+        raise RecipeError([problem], "<config>")
+
+
+def _positive(v: Any) -> bool:
+    return v is None or v > 0
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_DEVICE = re.compile(r"(auto|cpu|cuda(:[0-9]+)?)\Z")
+
+
+@attrs.frozen(kw_only=True)
+class DataConfig:
+    """The `data:` section."""
+
+    dataset: Component
+    batch_size: int = _field(expect="an integer > 0 (the global batch size)", check=_positive)
+    shuffle: bool = _field(default=True, expect="true or false")
+    num_workers: int = _field(default=0, expect="an integer >= 0", check=lambda v: v >= 0)
+
+
+@attrs.frozen(kw_only=True)
+class CheckpointConfig:
+    """The `checkpoint:` section: snapshot cadence and retention."""
+
+    every: int | None = _field(
+        default=None, expect="an integer > 0, or null (only the final snapshot)", check=_positive
+    )
+    keep_last: int | None = _field(
+        default=None, expect="an integer > 0, or null (keep all)", check=_positive
+    )
+    async_save: bool = _field(
+        default=False,
+        key="async",
+        expect="true or false (true: write snapshots in the background, stalling only for a copy)",
+    )
+    keep_every: int | None = _field(
+        default=None,
+        expect="an integer > 0 (keep snapshots whose step is a multiple of it), or null",
+        check=_positive,
+    )
+    on_error: Literal["stop", "continue"] = _field(
+        default="stop",
+        expect="'stop' (a failed snapshot ends the run, exit 2) or 'continue' (warn, train on)",
+    )
+    signal: str | None = _field(
+        default=None,
+        expect=f"null or one of {', '.join(SIGNALS)} (stop cleanly on it, as on SIGTERM)",
+        check=lambda v: v in SIGNALS,
+    )
+
+
+@attrs.frozen(kw_only=True)
+class EvalConfig:
+    """The `eval:` section."""
+
+    every: int | None = _field(
+        default=None, expect="an integer > 0, or null (no eval)", check=_positive
+    )
+    batches: int = _field(default=10, expect="an integer > 0", check=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class Recipe:
+    """A validated run recipe. Component fields are checked but not instantiated."""
+
+    name: str = _field(
+        expect="a name of letters, digits, '-', '_', '.' (not '.' or '..')",
+        check=lambda v: bool(_NAME.match(v)) and v not in (".", ".."),
+    )
+    out_dir: str = _field(default="runs", expect="a non-empty path", check=bool)
+    seed: int = _field(default=0, expect="an integer >= 0", check=lambda v: v >= 0)
+    steps: int = _field(expect="an integer > 0 (total optimizer steps)", check=_positive)
+    device: str = _field(
+        default="auto",
+        expect="'auto', 'cpu', 'cuda' or 'cuda:N'",
+        check=lambda v: bool(_DEVICE.match(v)),
+    )
+    parallel: Literal["ddp", "fsdp"] = _field(
+        default="ddp",
+        expect="'ddp' (under torchrun every rank holds the whole state) or 'fsdp' (params, "
+        "gradients and optimizer state sharded over the ranks with FSDP2)",
+    )
+    model: Component
+    loss: Component
+    data: DataConfig
+    optim: Component
+    # `fill`: a parameter of the target that, when accepted and not given, takes a sibling's value.
+    schedule: Component = attrs.field(
+        factory=lambda: Component(target="functrain.schedule.constant"),
+        metadata={"fill": {"total_steps": "steps"}},
+    )
+    step: list[Component] = attrs.field(metadata={"expect": "a non-empty list of components"})
+    checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
+    log_every: int = _field(default=10, expect="an integer > 0", check=_positive)
+    eval: EvalConfig = attrs.field(factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------- field helpers
+
+
+def config_fields(cls: type) -> dict[str, attrs.Attribute]:
+    """An attrs config class's fields by recipe key: the field name, or `metadata["key"]`
+    where the key is no Python name (`checkpoint.async` is the field `async_save`)."""
+    return {f.metadata.get("key", f.name): f for f in attrs.fields(cls)}
+
+
+def expected(f: attrs.Attribute) -> str:
+    """What field `f` allows, in words."""
+    return f.metadata.get("expect") or describe(f.type)
+
+
+def scalar_problem(value: Any, f: attrs.Attribute, path: str) -> str | None:
+    """The problem with `value` as the scalar field `f` at `path`, or None if it is allowed."""
+    check = f.metadata.get("check")
+    if type_ok(value, f.type) and (check is None or value is None or check(value)):
+        return None
+    return f"{path}: got {show(value)}; expected {expected(f)}"
