@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import functrain as ft
-from functrain.async_save import AsyncWriter
+from functrain.checkpoint import AsyncWriter
 from functrain.losses import next_token_cross_entropy
 from functrain.models import GPT
 

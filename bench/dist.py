@@ -11,7 +11,7 @@ JSON line; the driver prints a table. The all-reduce time includes waiting for t
 rank (it is a synchronising collective), so it bounds communication from above.
 On GPUs (NCCL), the same command measures the GPU path: `--device cuda`.
 
-With `--parallel fsdp` the model is sharded with FSDP2 (`functrain.fsdp.shard`); its
+With `--parallel fsdp` the model is sharded with FSDP2 (`functrain.dist.fsdp.shard`); its
 all-gathers and reduce-scatters run inside forward and backward, so no communication share
 is printed, but the state each rank holds (params + optimizer state) is.
 """
@@ -29,7 +29,8 @@ import orjson
 import torch
 
 import functrain as ft
-from functrain import dist, fsdp
+from functrain import dist
+from functrain.dist import fsdp
 from functrain.losses import next_token_cross_entropy
 from functrain.models import GPT
 
@@ -67,10 +68,12 @@ def worker(a: argparse.Namespace) -> None:
         model = GPT(dropout=0.1, **cfg)
     n_params = sum(p.numel() for p in model.parameters())  # before sharding: all of them
     sharded = a.parallel == "fsdp" and ctx.world_size > 1
+    sharding = None
     if sharded:
         fsdp.shard(model.to(device), world_size=ctx.world_size, device=device.type)
+        sharding = fsdp.Sharding.of(model)
     comm: list[float] = []
-    extra = [_timed(t, comm, device) for t in ctx.transforms(sharded)]
+    extra = [_timed(t, comm, device) for t in dist.transforms(ctx, sharded)]
     state = ft.create(
         model,
         loss=next_token_cross_entropy(),
@@ -82,8 +85,8 @@ def worker(a: argparse.Namespace) -> None:
             ft.apply_optimizer(),
         ],
         device=device,
-        world_size=ctx.world_size,
-        rank=ctx.rank,
+        placement=ctx,
+        sharding=sharding,
     )
     local = a.batch // ctx.world_size
     g = torch.Generator().manual_seed(1 + ctx.rank)

@@ -4,23 +4,21 @@ state = functrain.create(model, loss=..., optimizer=..., transforms=[...])
 state = functrain.step(state, batch)
 """
 
+from functrain.errors import ConsumedStateError
 from functrain.optim import Optimizer, adamw, sgd
+from functrain.parallel import Placement
 from functrain.rng import fold_in
-from functrain.state import ConsumedStateError, Static, TrainState, create
-from functrain.step import (
-    apply_optimizer,
-    clip_by_global_norm,
-    compose,
-    ema,
-    forward_backward,
-    step,
-)
+from functrain.state import Static, TrainState, create
+from functrain.step import apply_optimizer, clip_by_global_norm, ema, forward_backward, step
+from functrain.transform import Transform, compose
 
 __all__ = [
     "ConsumedStateError",
     "Optimizer",
+    "Placement",
     "Static",
     "TrainState",
+    "Transform",
     "adamw",
     "apply_optimizer",
     "clip_by_global_norm",

@@ -16,21 +16,20 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from functrain import fsdp, rng
+from functrain import rng
+from functrain.errors import ConsumedStateError
 from functrain.optim import Optimizer
+from functrain.parallel import UNSHARDED, Placement, Sharding
 from functrain.schedule import Schedule, constant
+from functrain.transform import Transform, compose
 
 #: The entries a snapshot holds, in order.
 ENTRIES = ("step", "params", "buffers", "opt", "rng", "data", "stats", "ema", "metrics")
 #: Entries that live between transforms of one step only (gradients), never saved.
 TRANSIENT = ("grads",)
 
-Transform = Callable[["TrainState", Any], "TrainState"]
 _SHOWN = 3  # mismatches of each kind a misfit snapshot's error lists before "and N more"
-
-
-class ConsumedStateError(RuntimeError):
-    """A state donated to `step` was used again."""
+__all__ = ["ENTRIES", "TRANSIENT", "ConsumedStateError", "Static", "TrainState", "create"]
 
 
 @attrs.frozen(kw_only=True)
@@ -42,10 +41,9 @@ class Static:
     optimizer: Optimizer
     schedule: Schedule
     transform: Transform
-    world_size: int = 1
-    rank: int = 0
-    #: Set when the model is sharded with FSDP2: the state then holds this rank's shards.
-    sharding: fsdp.Sharding | None = None
+    placement: Placement = Placement()
+    #: How the params relate to the model and the other ranks (FSDP2: this rank's shards).
+    sharding: Sharding = UNSHARDED
 
 
 class TrainState:
@@ -109,8 +107,7 @@ class TrainState:
         this state's devices.
         """
         self.check_fits(tensors)
-        if self._static.sharding is not None:  # keep this rank's rows of the whole tensors
-            tensors = self._static.sharding.localize(tensors)
+        tensors = self._static.sharding.localize(tensors)  # e.g. this rank's rows of each shard
         mine = self._entries
         new = {k: _like(mine[k], tensors[k]) for k in ENTRIES}
         return TrainState(new, self._static)
@@ -119,9 +116,7 @@ class TrainState:
         """Raise ValueError naming where whole `tensors` (e.g. a snapshot's) differ from this
         state in keys, shapes or dtypes. A sharded state is compared by its whole shapes."""
         self._check_live()
-        mine = self.tensors()
-        if self._static.sharding is not None:
-            mine = self._static.sharding.global_meta(mine)
+        mine = self._static.sharding.global_meta(self.tensors())
         problems = _structure_mismatches(mine, tensors)
         if problems:
             raise ValueError(
@@ -136,14 +131,9 @@ class TrainState:
         (FSDP2), the shards are copied into the sharded module, which gathers them.
         """
         self._check_live()
-        static = self._static
-        params = (
-            static.sharding.bind(self.params)
-            if static.sharding is not None
-            else self.params.to_module(static.model)
-        )
-        with params, self.buffers.to_module(static.model):
-            yield static.model
+        model = self._static.model
+        with self._static.sharding.bind(model, self.params), self.buffers.to_module(model):
+            yield model
 
     def clone(self) -> TrainState:
         """A deep copy of every entry (params keep `requires_grad`)."""
@@ -208,53 +198,41 @@ def _structure_mismatches(mine: TensorDict, theirs: TensorDict) -> list[str]:
     return sorted(problems)
 
 
-def _split_module(model: nn.Module) -> tuple[TensorDict, TensorDict]:
-    params = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
-    return TensorDict(params, batch_size=[]).unflatten_keys("."), _buffers(model)
-
-
-def _buffers(model: nn.Module) -> TensorDict:
-    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
-    return TensorDict(buffers, batch_size=[]).unflatten_keys(".")
-
-
 def create(
     model: nn.Module,
     *,
     loss: Callable[[nn.Module, Any], torch.Tensor],
     optimizer: Optimizer,
-    transforms: Sequence[Transform],
+    transforms: Sequence[Transform | Callable[[TrainState, Any], TrainState]],
     schedule: Schedule | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
-    world_size: int = 1,
-    rank: int = 0,
+    placement: Placement | None = None,
+    sharding: Sharding | None = None,
 ) -> TrainState:
     """The state at step 0: params and buffers taken from `model`, optimizer state, key.
 
     The model becomes the skeleton: its own tensors move to the meta device (no memory),
-    and the state's tensors are swapped in for each forward pass. A model sharded with
-    FSDP2 (`functrain.fsdp.shard`) keeps its shards instead, and the state holds copies.
+    and the state's tensors are swapped in for each forward pass. With a `sharding` (e.g.
+    FSDP2's, `functrain.dist.fsdp.Sharding.of(model)`) the model keeps its shards instead,
+    and the state holds copies. `placement` is this process's rank in the job.
     """
-    from functrain.step import compose  # step imports state; keep the cycle local
-
-    sharding = fsdp.Sharding.of(model) if fsdp.is_sharded(model) else None
-    if sharding is None:
-        model = model.to(device)
-        params, buffers = _split_module(model)
-        model.to("meta")
-    else:
-        params = sharding.local_params().apply(lambda t: t.requires_grad_(True))
-        buffers = _buffers(model)
+    if sharding is None and any(hasattr(p, "device_mesh") for p in model.parameters()):
+        raise ValueError(
+            "the model's params are sharded DTensors: pass "
+            "sharding=functrain.dist.fsdp.Sharding.of(model) to create()"
+        )
+    sharding = sharding or UNSHARDED
+    params, buffers = sharding.split(model, device)
     model.train()
+    transform = compose(*transforms)
     static = Static(
         model=model,
         loss=loss,
         optimizer=optimizer,
         schedule=schedule or constant(),
-        transform=compose(*transforms),
-        world_size=world_size,
-        rank=rank,
+        transform=transform,
+        placement=placement or Placement(),
         sharding=sharding,
     )
     metric = torch.full((), float("nan"), device=device)
@@ -274,9 +252,4 @@ def create(
             {"loss": metric.clone(), "grad_norm": metric.clone(), "lr": metric.clone()}, []
         ),
     }
-    state = TrainState(entries, static)
-    for t in transforms:  # transforms that keep state of their own (e.g. EMA) set it up
-        init = getattr(t, "init_state", None)
-        if init is not None:
-            state = init(state)
-    return state
+    return transform.init(TrainState(entries, static))  # e.g. EMA starts from the params

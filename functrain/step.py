@@ -1,9 +1,11 @@
 """The pure step and the transforms it is composed of.
 
-A transform is `f(state, batch) -> state`. `compose` folds a list of them into one, and
-`step` runs the state's composed transform, then advances the step counter, the data
-cursor and the running statistics. Nothing here reads globals, clocks or files, and
-nothing syncs the host: loss, grad norm and LR stay tensors in `state.metrics`.
+A transform is a named `(init, apply)` pair (`functrain.transform`); a plain
+`f(state, batch) -> state` is one too. `compose` folds a list of them into one, and `step`
+runs the state's composed transform, then advances the step counter, the data cursor and
+the running statistics. Nothing here reads globals, clocks or files, and nothing syncs the
+host: loss, grad norm and LR stay tensors in `state.metrics`. Parallelism enters only
+through the state's `Placement` and `Sharding` (`functrain.parallel`).
 """
 
 from __future__ import annotations
@@ -16,20 +18,12 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from functrain import rng
 from functrain.optim import leaves
-from functrain.state import TrainState, Transform
+from functrain.state import TrainState
+from functrain.transform import Transform, compose
+
+__all__ = ["apply_optimizer", "clip_by_global_norm", "compose", "ema", "forward_backward", "step"]
 
 _LOSS_EMA_DECAY = 0.98
-
-
-def compose(*transforms: Transform) -> Transform:
-    """One transform that applies `transforms` in order (a fold); itself a transform."""
-
-    def composed(state: TrainState, batch: Any) -> TrainState:
-        for transform in transforms:
-            state = transform(state, batch)
-        return state
-
-    return composed
 
 
 def step(state: TrainState, batch: Any, *, donate: bool = True) -> TrainState:
@@ -58,7 +52,7 @@ def _batch_size(batch: Any) -> int:
 
 def _advance(state: TrainState, batch: Any) -> TrainState:
     """Count the update and the samples consumed (all ranks), and track the loss EMA."""
-    global_batch = _batch_size(batch) * state.static.world_size
+    global_batch = _batch_size(batch) * state.static.placement.world_size
     with torch.no_grad():
         stats = state.stats
         loss = state.metrics["loss"]
@@ -75,13 +69,14 @@ def forward_backward(micro_batches: int = 1) -> Transform:
     """Loss and gradients of the batch, split into `micro_batches` accumulated in order.
 
     Randomness (dropout) is drawn from a seed derived from (key, step, rank), so step k's
-    masks depend on the key and k only; the global RNG is left as it was. With an FSDP2
-    model the gradients come back reduce-scattered: this rank's shards, averaged over ranks.
+    masks depend on the key and k only; the global RNG is left as it was. The state's
+    `Sharding` computes the gradients: with FSDP2 they come back reduce-scattered (this
+    rank's shards, averaged over ranks).
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
 
-    def transform(state: TrainState, batch: Any) -> TrainState:
+    def apply(state: TrainState, batch: Any) -> TrainState:
         static = state.static
         n = _batch_size(batch)
         if n % micro_batches:
@@ -89,28 +84,22 @@ def forward_backward(micro_batches: int = 1) -> Transform:
                 f"batch of {n} samples does not split into {micro_batches} micro-batches"
             )
         params = leaves(state.params)
-        grads: list[torch.Tensor] | None = None
+        acc: list[torch.Tensor] | None = None
         total = torch.zeros((), device=params[0].device)
-        seed = rng.step_seed(state.rng, int(state.step), static.rank)
+        seed = rng.step_seed(state.rng, int(state.step), static.placement.rank)
         with rng.seeded(seed, params[0].device), state.bind() as model:
             for i in range(micro_batches):
                 micro = tree_map(lambda t, i=i: t.chunk(micro_batches)[i], batch)
                 loss = static.loss(model, micro) / micro_batches
-                if static.sharding is not None:  # FSDP2 reduce-scatters into its own .grad
-                    loss.backward()
-                elif grads is None:
-                    grads = list(torch.autograd.grad(loss, params))
-                else:
-                    torch._foreach_add_(grads, torch.autograd.grad(loss, params))
+                acc = static.sharding.backward(loss, params, acc)
                 total = total + loss.detach()
-        if static.sharding is not None:
-            grads = static.sharding.take_grads(state.params)
+        grads = static.sharding.gradients(state.params, acc)
         return state.replace(
             grads=_like_params(state.params, grads),
             metrics=state.metrics.replace(loss=total),
         )
 
-    return transform
+    return Transform(name="forward_backward", apply=apply)
 
 
 def _like_params(params: TensorDict, values: list[torch.Tensor]) -> TensorDict:
@@ -126,23 +115,22 @@ def clip_by_global_norm(max_norm: float) -> Transform:
     if max_norm <= 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
 
-    def transform(state: TrainState, batch: Any) -> TrainState:
+    def apply(state: TrainState, batch: Any) -> TrainState:
         grads = leaves(state.grads)
         norms = torch._foreach_norm(grads, 2.0)
-        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-        if state.static.sharding is not None:  # each rank holds a shard: combine the norms
-            total = state.static.sharding.global_norm(total)
+        local = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        total = state.static.sharding.global_norm(local)  # sharded: combine the ranks' norms
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coef)
         return state.replace(metrics=state.metrics.replace(grad_norm=total))
 
-    return transform
+    return Transform(name="clip_by_global_norm", apply=apply)
 
 
 def apply_optimizer() -> Transform:
     """Update params and optimizer state with the gradients at LR `optim.lr * schedule(step)`."""
 
-    def transform(state: TrainState, batch: Any) -> TrainState:
+    def apply(state: TrainState, batch: Any) -> TrainState:
         static = state.static
         step_now = int(state.step)
         lr = static.optimizer.lr * static.schedule(step_now)
@@ -152,7 +140,7 @@ def apply_optimizer() -> Transform:
         metrics = state.metrics.replace(lr=torch.full_like(state.metrics["lr"], lr))
         return state.replace(params=params, opt=opt, grads=None, metrics=metrics)
 
-    return transform
+    return Transform(name="apply_optimizer", apply=apply)
 
 
 def ema(decay: float = 0.999) -> Transform:
@@ -160,13 +148,12 @@ def ema(decay: float = 0.999) -> Transform:
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must lie in [0, 1), got {decay}")
 
-    def transform(state: TrainState, batch: Any) -> TrainState:
+    def init(state: TrainState) -> TrainState:
+        return state.replace(ema=state.params.apply(lambda p: p.detach().clone()))
+
+    def apply(state: TrainState, batch: Any) -> TrainState:
         with torch.no_grad():
             torch._foreach_lerp_(leaves(state.ema), leaves(state.params), 1.0 - decay)
         return state
 
-    def init_state(state: TrainState) -> TrainState:
-        return state.replace(ema=state.params.apply(lambda p: p.detach().clone()))
-
-    transform.init_state = init_state  # type: ignore[attr-defined]
-    return transform
+    return Transform(name="ema", apply=apply, init=init)

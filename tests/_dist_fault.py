@@ -10,7 +10,7 @@ import os
 import sys
 
 from functrain import checkpoint
-from functrain.cli import main
+from functrain.run.cli import main
 
 fault = os.environ["FUNCTRAIN_FAULT"]
 if os.environ.get("RANK") == "1":

@@ -44,8 +44,7 @@ state = ft.create(
     loss=cross_entropy(),
     optimizer=ft.adamw(lr=1e-3),
     transforms=[ft.apply_optimizer()],
-    world_size=ctx.world_size,
-    rank=ctx.rank,
+    placement=ctx,
 )
 scale = ctx.rank + 1
 grads = [torch.arange(p.numel()).view_as(p).to(p.dtype) * scale for p in leaves(state.params)]

@@ -9,19 +9,19 @@ import sys
 import warnings
 from pathlib import Path
 
-from functrain import checkpoint, dcp, dist
-from functrain.build import build
+from functrain import checkpoint, dist
+from functrain.checkpoint import Snapshots, dcp
 from functrain.recipe import load_recipe
+from functrain.run.build import build
 
 warnings.filterwarnings("ignore")
 recipe_path, snapshot, out, *overrides = sys.argv[1:]
 ctx = dist.init()
 recipe = load_recipe(recipe_path, overrides)
-built = build(
-    recipe, world_size=ctx.world_size, rank=ctx.rank, transforms_extra=ctx.transforms(True)
-)
-state = dcp.load_into(snapshot, checkpoint.read_manifest(snapshot), built.state)
+built = build(recipe, ctx)
+manifest = checkpoint.read_manifest(snapshot)
+state = Snapshots.restore(Path(snapshot), None, manifest, built.state)
 shapes = {k: list(v.shape) for k, v in state.params.items(include_nested=True, leaves_only=True)}
 Path(f"{out}.rank{ctx.rank}").write_text(str(shapes[("tok", "weight")]))  # this rank's rows
-dcp.save(out, state, {"step": int(state.step)})
+dcp.save(out, state.tensors(), {"step": int(state.step)}, sharding=built.sharding)
 dist.close()

@@ -15,7 +15,8 @@ import torch
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
-from functrain import checkpoint, cli
+from functrain import checkpoint
+from functrain.run import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"

@@ -17,8 +17,8 @@ from tensordict import TensorDict
 
 import functrain as ft
 from functrain import checkpoint
-from functrain.async_save import AsyncWriter
-from functrain.cli import main
+from functrain.checkpoint import AsyncWriter, _files, raw
+from functrain.run.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
@@ -68,7 +68,7 @@ class Gate:
 @pytest.fixture
 def gate(monkeypatch) -> Gate:
     g = Gate()
-    monkeypatch.setattr(checkpoint, "save", g.save)
+    monkeypatch.setattr(raw, "save", g.save)
     return g
 
 
@@ -160,7 +160,7 @@ def test_at_most_one_write_in_flight(tmp_path, gate):
 
 
 def test_write_error_raised_once_at_the_next_call_nothing_published(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "_write_file", disk_full)
+    monkeypatch.setattr(_files, "write_file", disk_full)
     writer = AsyncWriter()
     writer.save(tmp_path / "state_1", TensorDict({"w": torch.ones(3)}, []), {"step": 1})
     wait_idle(writer)
@@ -176,7 +176,7 @@ def test_write_error_raised_once_at_the_next_call_nothing_published(tmp_path, mo
 
 
 def test_pending_error_raised_by_save_close_and_with_exit(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "_write_file", disk_full)
+    monkeypatch.setattr(_files, "write_file", disk_full)
     td = TensorDict({"w": torch.ones(3)}, [])
     writer = AsyncWriter()
     writer.save(tmp_path / "state_1", td, {"step": 1})
@@ -220,10 +220,9 @@ def test_interpreter_exit_waits_for_the_write_in_flight(tmp_path):
     script = (
         "import sys, time, torch\n"
         "from tensordict import TensorDict\n"
-        "from functrain import checkpoint\n"
-        "from functrain.async_save import AsyncWriter\n"
-        "real = checkpoint.save\n"
-        "checkpoint.save = lambda *a: (time.sleep(1.0), real(*a))[1]\n"
+        "from functrain.checkpoint import AsyncWriter, raw\n"
+        "real = raw.save\n"
+        "raw.save = lambda *a: (time.sleep(1.0), real(*a))[1]\n"
         "td = TensorDict({'w': torch.ones(3)}, [])\n"
         "AsyncWriter().save(sys.argv[1] + '/state_1', td, {'step': 1})\n"
         "AsyncWriter().save(sys.argv[1] + '/file/state_2', td, {'step': 2})  # fails\n"
@@ -263,14 +262,14 @@ def test_cli_async_run_matches_sync_run_and_retains_after_publish(tmp_path, caps
 
 def fail_snapshot(monkeypatch, step: int) -> None:
     """Every write of snapshot state_<step> fails with a full disk."""
-    real = checkpoint._write_file
+    real = _files.write_file
 
     def write_file(path, chunks):
         if f"state_{step}-" in path.parent.name:
             disk_full(path, chunks)
         return real(path, chunks)
 
-    monkeypatch.setattr(checkpoint, "_write_file", write_file)
+    monkeypatch.setattr(_files, "write_file", write_file)
 
 
 def logged_steps(run: Path) -> list[int]:

@@ -17,8 +17,8 @@ import torch
 from tensordict import TensorDict
 
 from functrain import checkpoint as ck
-from functrain import runs
-from functrain.checkpoint import SnapshotError
+from functrain.checkpoint import SnapshotError, Snapshots
+from functrain.checkpoint import raw as raw_layout
 
 
 def sample() -> TensorDict:
@@ -141,7 +141,7 @@ def test_failed_rename_publishes_nothing(tmp_path: Path, monkeypatch: pytest.Mon
     def fail(src, dst):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(ck.os, "rename", fail)
+    monkeypatch.setattr(os, "rename", fail)
     target = tmp_path / "state_5"
     with pytest.raises(SnapshotError, match=f"could not write snapshot {target}: .*Input/output"):
         ck.save(target, sample(), {"step": 5})
@@ -158,7 +158,7 @@ def test_disk_full_mid_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(ck.os, "write", write)
+    monkeypatch.setattr(os, "write", write)
     with pytest.raises(SnapshotError, match="state_5: .*No space left on device"):
         ck.save(tmp_path / "state_5", sample(), {"step": 5})
     assert list(tmp_path.iterdir()) == []
@@ -170,7 +170,7 @@ def test_hard_crash_leaves_only_a_temp_dir_that_clean_partial_removes(tmp_path: 
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_checkpoint import sample
         from functrain import checkpoint as ck
-        ck.os.fsync = lambda fd: os._exit(3)  # die like a killed process, mid-save
+        os.fsync = lambda fd: os._exit(3)  # die like a killed process, mid-save
         ck.save({str(tmp_path / "state_7")!r}, sample(), {{"step": 7}})
     """)
     assert subprocess.run([sys.executable, "-c", child]).returncode == 3
@@ -190,13 +190,13 @@ def test_clean_partial_spares_a_save_in_progress(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen = []
-    real = ck._write_snapshot
+    real = raw_layout._write_snapshot
 
     def write_and_clean(tmp, plan, meta):
         seen.append(ck.clean_partial(tmp_path))
         real(tmp, plan, meta)
 
-    monkeypatch.setattr(ck, "_write_snapshot", write_and_clean)
+    monkeypatch.setattr(raw_layout, "_write_snapshot", write_and_clean)
     path = ck.save(tmp_path / "state_3", sample(), {"step": 3})
     assert seen == [[]] and ck.verify(path) == []
 
@@ -306,7 +306,7 @@ def test_list_snapshots_sees_only_published_ones(tmp_path: Path) -> None:
 
 
 def test_files_larger_than_one_read_chunk(snap: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ck, "_CHUNK", 96)  # many chunks per file, a short last one
+    monkeypatch.setattr(raw_layout, "_CHUNK", 96)  # many chunks per file, a short last one
     assert ck.verify(snap) == []
     assert_bitwise(sample(), ck.load(snap)[0])
     _flip_byte(snap / "params.bin", 300)
@@ -338,7 +338,7 @@ def test_latest_reads_each_snapshot_once_and_skips_invalid_ones(tmp_path):
         reads.append(snap.name)
         return ck.load(snap)
 
-    snap, (tensors, manifest) = runs.find_snapshot(tmp_path, "latest", warnings.append, read)
+    snap, (tensors, manifest) = Snapshots(tmp_path).find("latest", read, warnings.append)
     assert snap.name == "state_2" and manifest["step"] == 2
     assert reads == ["state_3", "state_2"]  # the valid one read once: no verify-then-load
     assert len(warnings) == 1 and "state_3" in warnings[0] and "params.bin" in warnings[0]

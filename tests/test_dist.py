@@ -1,6 +1,6 @@
 """Data parallel for real: `torchrun --nproc_per_node=2` on CPU with gloo, no mocks.
 
-Runs are traced (FUNCTRAIN_TRACE, see functrain/dist.py): each rank records a digest of
+Runs are traced (FUNCTRAIN_TRACE, see functrain/dist/trace.py): each rank records a digest of
 every sample it trains on, so runs at different world sizes are compared sample by sample.
 
 Why 1 rank vs 2 ranks is close and not bitwise: with 2 ranks each rank averages the
@@ -38,7 +38,8 @@ from _dist_common import (
     trace,
 )
 
-from functrain.dist import _buckets
+from functrain import checkpoint
+from functrain.dist.reduce import _buckets
 
 NO_DROPOUT = ("model.dropout=0.0", "steps=12", "checkpoint.every=6", "log_every=1")
 NO_DROPOUT += ("eval.every=6", "eval.batches=1", "data.num_workers=0")
@@ -162,6 +163,28 @@ def test_a_failed_load_on_one_rank_stops_all(cross, monkeypatch):
     res = launch(2, *args, "--name", "fault", script=FAULT, check=False)
     _assert_clean_failure(res, "on rank 1: state_6 is unreadable here")
     assert not (cross / "fault").exists()
+
+
+ASYNC_FAIL = ("steps=12", "checkpoint.every=4", "checkpoint.async=true", "log_every=4")
+
+
+@pytest.mark.parametrize(("on_error", "codes"), [("stop", "22"), ("continue", "00")])
+def test_a_failed_async_write_on_rank_0_reaches_every_rank(tmp_path, monkeypatch, on_error, codes):
+    """With ddp only rank 0 writes, in the background; when that write fails, every rank
+    learns of it at the next step and all stop alike (exit 2, one message), or all train on."""
+    monkeypatch.setenv("FUNCTRAIN_TEST_SAVE_ERROR", "ENOSPC:state_4")
+    monkeypatch.setenv("FUNCTRAIN_CODES", str(tmp_path))
+    res = launch(
+        2, "run", TINY, f"out_dir={tmp_path}", *ASYNC_FAIL, f"checkpoint.on_error={on_error}",
+        script=ROOT / "tests" / "_dist_codes.py",
+    )  # fmt: skip
+    assert (tmp_path / "rank0.code").read_text() + (tmp_path / "rank1.code").read_text() == codes
+    said = f"could not write snapshot {tmp_path / 'tiny' / 'state_4'}"
+    assert res.stderr.count(said) == 1, res.stderr
+    assert "another rank died" not in res.stderr
+    assert not FUNCTRAIN_FRAME.search(res.stderr), res.stderr
+    kept = [s for s, _ in checkpoint.list_snapshots(tmp_path / "tiny")]
+    assert kept == ([] if on_error == "stop" else [8, 12])
 
 
 # -- the all-reduce itself ----------------------------------------------------------------

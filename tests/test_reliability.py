@@ -43,9 +43,11 @@ from _rel_common import (
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from functrain import cli, runs
-from functrain.checkpoint import _SAVE_ERROR_ENV, _SLOW_SAVE_ENV
+from functrain.checkpoint import Policy, Snapshots
+from functrain.checkpoint.faults import SAVE_ERROR_ENV as _SAVE_ERROR_ENV
+from functrain.checkpoint.faults import SLOW_SAVE_ENV as _SLOW_SAVE_ENV
 from functrain.recipe import RecipeError, load_recipe
+from functrain.run import cli, rundir
 
 SEED = int(os.environ.get("FUNCTRAIN_KILL_SEED", "20250501"))
 TRIALS = int(os.environ.get("FUNCTRAIN_KILL_TRIALS", "30"))
@@ -107,7 +109,7 @@ def _kill_trial(server: Server, reference: dict, out: Path, trial: int) -> dict:
         seen["mid_save"] += _mid_save(run)
         assert_all_listed_valid(run)
         if STEPS in snapshot_steps(run):  # killed after its last snapshot: the run is done
-            runs.clean_partial(run)  # what the next start would do
+            rundir.clean_partial(run)  # what the next start would do
             break
         if not snapshot_steps(run):  # killed before any snapshot: nothing to resume
             if run.exists():
@@ -317,18 +319,18 @@ def test_a_failed_snapshot_write_stops_cleanly_or_warns(
 def test_retain_keeps_the_newest_the_multiples_and_the_spared(tmp_path):
     snapshots(tmp_path, range(1, 13))
     spared = tmp_path / "state_5"  # e.g. the snapshot this process resumed from
-    deleted = runs.retain(tmp_path, 2, keep={spared, None}, keep_every=4)
+    deleted = Snapshots(tmp_path, Policy(keep_last=2, keep_every=4)).retain(keep={spared, None})
     assert sorted(int(p.name.split("_")[1]) for p in deleted) == [1, 2, 3, 6, 7, 9, 10]
     assert snapshot_steps(tmp_path) == [4, 5, 8, 11, 12]
     assert leftovers(tmp_path) == []
-    assert runs.retain(tmp_path, 2, keep=set(), keep_every=4) == [tmp_path / "state_5"]
-    assert runs.retain(tmp_path, None, keep=set(), keep_every=4) == []  # null: keep all
+    assert Snapshots(tmp_path, Policy(keep_last=2, keep_every=4)).retain() == [tmp_path / "state_5"]
+    assert Snapshots(tmp_path, Policy(keep_every=4)).retain() == []  # null: keep all
     assert snapshot_steps(tmp_path) == [4, 8, 11, 12]
 
 
 def test_retain_never_deletes_the_newest(tmp_path):
     snapshots(tmp_path, [3, 6])
-    assert runs.retain(tmp_path, 1, keep=set()) == [tmp_path / "state_3"]
+    assert Snapshots(tmp_path, Policy(keep_last=1)).retain() == [tmp_path / "state_3"]
     assert snapshot_steps(tmp_path) == [6]
 
 
@@ -338,7 +340,7 @@ def test_clean_partial_removes_dead_processes_leftovers_only(tmp_path):
     (tmp_path / f".tmp-metrics.jsonl-{dead}").write_bytes(b"{}")
     (tmp_path / f".tmp-metrics.jsonl-{os.getpid()}").write_bytes(b"{}")  # a live writer's
     (tmp_path / "state_4.invalid").mkdir()
-    removed = runs.clean_partial(tmp_path)
+    removed = rundir.clean_partial(tmp_path)
     assert sorted(p.name for p in removed) == sorted(
         [f".tmp-state_4-{dead}-0123abcd", f".tmp-metrics.jsonl-{dead}"]
     )

@@ -7,7 +7,7 @@ A second Ctrl-C aborts at once (KeyboardInterrupt, exit 130): nothing half-writt
 published, but the steps since the last snapshot are lost.
 
     with Preemption("SIGUSR1") as stop:
-        train(..., should_stop=lambda: stop.requested is not None)
+        ...  # between steps: if stop.requested is not None, snapshot and leave the loop
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import threading
 from pathlib import Path
 from types import FrameType, TracebackType
 
-__all__ = ["EXIT_ABORTED", "EXIT_PREEMPTED", "SIGNALS", "Preemption"]
+from functrain.checkpoint import snapshot_path
+
+__all__ = ["EXIT_ABORTED", "EXIT_PREEMPTED", "Preemption", "stopped_message"]
 
 #: Exit status after a signal asked the run to stop and its snapshot was written (128 + SIGTERM).
 EXIT_PREEMPTED = 143
 #: Exit status after a second Ctrl-C aborted the run without a final snapshot (128 + SIGINT).
 EXIT_ABORTED = 130
-#: Signals a recipe may name in `checkpoint.signal`, on top of SIGTERM and SIGINT.
-SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGXCPU")
 
 
 class Preemption:
@@ -69,20 +69,7 @@ def stopped_message(signal_name: str | None, run: Path, step: int) -> str:
     """What a run stopped by a signal says on stderr before exiting `EXIT_PREEMPTED`."""
     by = signal_name or "a signal to another rank"
     return (
-        f"functrain: stopped by {by} after step {step}; snapshot {run / f'state_{step}'} "
+        f"functrain: stopped by {by} after step {step}; snapshot {snapshot_path(run, step)} "
         f"written. Continue exactly with: functrain resume <recipe> --from latest "
         f"(exit status {EXIT_PREEMPTED})"
-    )
-
-
-def stopped_by_error(error: Exception, last: bool) -> str:
-    """The error a failed snapshot write ends the run with (`checkpoint.on_error: stop`)."""
-    why = (
-        "it was the run's last snapshot"
-        if last
-        else "checkpoint.on_error is 'stop' ('continue' trains on with a warning)"
-    )
-    return (
-        f"{error}. Training stopped because {why}. Every earlier snapshot is intact: fix the "
-        "cause, then continue with functrain resume <recipe> --from latest"
     )

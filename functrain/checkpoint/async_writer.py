@@ -17,7 +17,7 @@ write's error is raised by the next call into the writer (`check`, `save`,
 `wait_until_finished`, `close`); `on_done(path)` runs on the writer thread after the
 snapshot is published (retention belongs there). Never call a torch.distributed collective
 from `on_done`: it can deadlock against the collectives of the training step. (The sharded
-writer, `functrain.dcp.async_writer`, runs its collectives on a process group of its own.)
+writer, `functrain.checkpoint.dcp.async_writer`, runs its collectives on a process group of its own.)
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from functrain import checkpoint
+from functrain.checkpoint import raw
 
 __all__ = ["AsyncWriter"]
 
@@ -52,7 +52,7 @@ class AsyncWriter:
 
     def __init__(self, write: Callable[..., Path] | None = None) -> None:
         """`write(path, tensors, meta) -> path` publishes a staged copy: `checkpoint.save`
-        (None), or for a sharded state `functrain.dcp.async_writer(sharding)`."""
+        (None), or for a sharded state `functrain.checkpoint.dcp.async_writer(sharding)`."""
         self._save = write
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -100,6 +100,11 @@ class AsyncWriter:
             self._thread.join()
             self._thread = None
         self.check()
+
+    @property
+    def failed(self) -> bool:
+        """Whether a finished write failed and `check` would raise (never blocks, raises nothing)."""
+        return self._error is not None
 
     @property
     def busy(self) -> bool:
@@ -163,7 +168,7 @@ class AsyncWriter:
         try:
             for event in ready:
                 event.synchronize()  # the host copy of a device tensor has landed
-            published = (self._save or checkpoint.save)(path, staged, meta)
+            published = (self._save or raw.save)(path, staged, meta)
             if on_done is not None:
                 on_done(published)
         except BaseException as e:  # handed to the training thread by check()

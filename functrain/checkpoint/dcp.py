@@ -1,6 +1,6 @@
-"""Snapshots of a sharded (FSDP2) state, through torch.distributed.checkpoint.
+"""The sharded snapshot layout (FSDP2 states), through torch.distributed.checkpoint.
 
-The directory keeps the contract of `functrain.checkpoint`: a `manifest.json` (with
+The directory keeps the contract of the raw layout: a `manifest.json` (with
 `"layout": "dcp"`) lists every file with its size and crc32, and every leaf with its dtype
 and whole shape. Beside it lie DCP's files: `.metadata` and one `__<rank>_0.distcp` per
 rank. Every rank writes its own rows into one temporary directory; once all have written,
@@ -21,61 +21,56 @@ import warnings
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as td
 import torch.distributed.checkpoint as dist_cp
 from tensordict import TensorDict
 
-from functrain import checkpoint as ck
-from functrain._manifest import _DCP_FILE, _DTYPES, MANIFEST, SnapshotError
-from functrain.fsdp import Sharding
-from functrain.state import TrainState
+from functrain.checkpoint import _files, faults, raw
+from functrain.checkpoint.manifest import DCP_FILE, DTYPE_NAMES, DTYPES, MANIFEST
+from functrain.errors import SnapshotError
 
 _CHUNK = 16 << 20
 
 
-def save(path: str | os.PathLike, state: TrainState, meta: Mapping[str, Any]) -> Path:
-    """Write a sharded `state` and `meta` as the snapshot `path` (a collective: all ranks).
+class Sharded(Protocol):
+    """What DCP needs of a sharded state's layout (`functrain.dist.fsdp.Sharding` has it)."""
 
-    Refuses to overwrite; on any failure nothing is visible at `path`, on every rank.
-    """
-    if state.static.sharding is None:
-        raise ValueError("dcp.save writes sharded states; use checkpoint.save for this one")
-    return save_tensors(path, state.tensors(), meta, sharding=state.static.sharding)
+    def views(self, tensors: TensorDict, mesh: Any = None) -> dict[str, torch.Tensor]:
+        """`entry/key` -> a DTensor view of each shard (no copy), the plain tensor otherwise."""
+        ...
 
-
-def async_writer(sharding: Sharding) -> Callable[..., Path]:
-    """`save_tensors` for `AsyncWriter(write=...)`: on a gloo process group of its own, so
-    the writer thread's collectives never interleave with the training step's (a collective:
-    every rank creates the group)."""
-    from torch.distributed.device_mesh import DeviceMesh
-
-    group = td.new_group(backend="gloo")
-    mesh = DeviceMesh.from_group(group, device_type="cpu")  # the staged copies are on the host
-    return functools.partial(save_tensors, sharding=sharding, group=group, mesh=mesh)
+    def global_meta(self, tensors: TensorDict) -> TensorDict:
+        """The entries as tensors of their whole shapes."""
+        ...
 
 
-def save_tensors(
+def save(
     path: str | os.PathLike,
     tensors: TensorDict,
     meta: Mapping[str, Any],
     *,
-    sharding: Sharding,
+    sharding: Sharded,
     group: Any = None,
     mesh: Any = None,
 ) -> Path:
-    """`save` of a sharded state's `tensors` (e.g. a staged copy), collectives on `group`,
-    DTensor views on `mesh` (default: the model's)."""
-    final, meta = Path(path), ck._check_meta(meta)
+    """Write a sharded state's `tensors` (this rank's shards, or a staged copy of them) and
+    `meta` as the snapshot `path` — a collective: every rank calls it.
+
+    Collectives run on `group` (default: the default group), DTensor views on `mesh`
+    (default: the model's). Refuses to overwrite; on any failure nothing is visible at
+    `path`, on every rank.
+    """
+    final, meta = Path(path), raw.check_meta(meta)
     main = td.get_rank() == 0
     box: list[Any] = [_make_tmp(final) if main else None]
     td.broadcast_object_list(box, src=0, group=group)  # the temp dir, or why there is none
     if isinstance(box[0], str):
         raise SnapshotError(box[0])
     tmp = box[0]
-    with ck._publishing(tmp, final, owner=main):
+    with _files.publishing(tmp, final, owner=main):
         writer = dist_cp.FileSystemWriter(tmp, sync_files=True)
         views = sharding.views(tensors, mesh)
         dist_cp.save(views, storage_writer=writer, process_group=group)  # each rank, its rows
@@ -84,12 +79,23 @@ def save_tensors(
     return final
 
 
+def async_writer(sharding: Sharded) -> Callable[..., Path]:
+    """`save` for `AsyncWriter(write=...)`: on a gloo process group of its own, so
+    the writer thread's collectives never interleave with the training step's (a collective:
+    every rank creates the group)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    group = td.new_group(backend="gloo")
+    mesh = DeviceMesh.from_group(group, device_type="cpu")  # the staged copies are on the host
+    return functools.partial(save, sharding=sharding, group=group, mesh=mesh)
+
+
 def _make_tmp(final: Path) -> Path | str:
     """Rank 0: the new temp dir for `final`, or a message saying why there is none."""
-    tmp = ck._tmp_name(final)
+    tmp = _files.tmp_name(final)
     try:
-        ck._refuse_existing(final)
-        ck._make_dir(tmp, final)
+        _files.refuse_existing(final)
+        _files.make_dir(tmp, final)
     except SnapshotError as e:
         return str(e)
     except OSError as e:
@@ -99,21 +105,21 @@ def _make_tmp(final: Path) -> Path | str:
 
 def _publish(tmp: Path, final: Path, whole: TensorDict, meta: dict[str, Any]) -> None:
     """Rank 0, after every rank wrote: checksum DCP's files, write the manifest, rename."""
-    ck._test_seam(tmp / MANIFEST, 0)
+    faults.inject(tmp / MANIFEST, 0)  # test-only: a no-op unless asked for
     files = {}
     for name in sorted(os.listdir(tmp)):
-        if not _DCP_FILE.fullmatch(name):
+        if not DCP_FILE.fullmatch(name):
             raise SnapshotError(f"torch.distributed.checkpoint wrote an unexpected file {name}")
         files[name] = _checksum(tmp / name)
     entries = {}
-    for entry, (leaves, empty) in ck._plan(whole).items():
+    for entry, (leaves, empty) in raw.plan_of(whole).items():
         records = [
-            dict(key=k, dtype=ck._DTYPE_NAMES[t.dtype], shape=list(t.shape), nbytes=_nbytes(t))
+            dict(key=k, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape), nbytes=_nbytes(t))
             for k, t in leaves
         ]
         entries[entry] = {"leaves": records, "empty": empty}
-    ck._write_manifest(tmp, meta, entries, files, layout="dcp")
-    ck._rename_into_place(tmp, final)
+    _files.write_manifest(tmp, meta, entries, files, layout="dcp")
+    _files.rename_into_place(tmp, final)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -140,16 +146,15 @@ def load_whole(path: str | os.PathLike, manifest: dict) -> TensorDict:
     return tree
 
 
-def load_into(path: str | os.PathLike, manifest: dict, state: TrainState) -> TrainState:
-    """Read the snapshot into the shards of a fresh sharded `state` (a collective: all ranks).
+def skeleton(manifest: dict) -> TensorDict:
+    """Meta tensors shaped as the manifest says, nested by entry (to check a state fits)."""
+    return _skeleton(manifest, "meta")[0]
 
-    `state` is overwritten in place and returned (it is the just-built state at step 0, so no
-    second copy of the shards is made). A snapshot that does not fit raises ValueError on
-    every rank alike, before any rank reads.
-    """
-    state.check_fits(_skeleton(manifest, "meta")[0])
-    dist_cp.load(state.static.sharding.views(state.tensors()), storage_reader=_Reader(path))
-    return state
+
+def load_into(path: str | os.PathLike, tensors: TensorDict, sharding: Sharded) -> None:
+    """Read the snapshot into a sharded state's `tensors` in place (a collective: all ranks):
+    each rank reads only its rows. Check first that the state fits `skeleton(manifest)`."""
+    dist_cp.load(sharding.views(tensors), storage_reader=_Reader(path))
 
 
 def _skeleton(manifest: dict, device: str) -> tuple[TensorDict, dict[str, torch.Tensor]]:
@@ -158,12 +163,12 @@ def _skeleton(manifest: dict, device: str) -> tuple[TensorDict, dict[str, torch.
     flat: dict[str, torch.Tensor] = {}
     for entry, spec in manifest["entries"].items():
         for key in spec["empty"]:
-            ck._nest(tree, [entry, *key.split("/")], {})
+            raw.nest(tree, [entry, *key.split("/")], {})
         for leaf in spec["leaves"]:
-            t = torch.empty(leaf["shape"], dtype=_DTYPES[leaf["dtype"]], device=device)
+            t = torch.empty(leaf["shape"], dtype=DTYPES[leaf["dtype"]], device=device)
             name = "/".join(p for p in (entry, leaf["key"]) if p)
             flat[name] = t
-            ck._nest(tree, name.split("/"), t)
+            raw.nest(tree, name.split("/"), t)
         tree.setdefault(entry, {})
     return TensorDict(tree, batch_size=[]), flat
 
@@ -175,7 +180,7 @@ _ALLOWED = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("pathlib", "PosixPath"),
     ("pathlib", "PurePosixPath"),
-    *(("torch", name) for name in _DTYPES),
+    *(("torch", name) for name in DTYPES),
 }
 
 

@@ -1,6 +1,9 @@
-"""Run directories: create, find snapshots, check a resume, keep `metrics.jsonl` in step.
+"""Run directories: create them, check a resume against them, keep `metrics.jsonl` in step.
 
 runs/<name>/recipe.yaml  metrics.jsonl  state_<step>/
+
+The snapshots inside are `functrain.checkpoint.Snapshots`'s business; this module keeps the
+rest of the directory.
 """
 
 from __future__ import annotations
@@ -14,17 +17,13 @@ import orjson
 
 from functrain import checkpoint
 from functrain.data import fingerprint_changes
+from functrain.errors import RunError
 from functrain.recipe import Recipe, diff, dump_yaml
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
 #: Recipe keys that change no bit of training: they may differ on resume without --allow-change.
 FREE_KEYS = ("name", "out_dir", "checkpoint", "log_every", "data.num_workers")
-_SNAPSHOT_NAME = re.compile(r"state_\d+")
-
-
-class RunError(Exception):
-    """A run directory or resume request that cannot be honoured; the message says what to do."""
 
 
 def run_path(recipe: Recipe) -> Path:
@@ -69,34 +68,6 @@ def cut_metrics(path: Path, step: int) -> None:
     _write_atomic(path, metrics_until(path, step))
 
 
-def find_snapshot(run: Path, spec: str, warn, read=None) -> tuple[Path, Any]:
-    """(`latest` (the newest valid), `state_<step>` in the run, or a path, what `read` made of it).
-
-    `read(snapshot)` reads and checks it (default: `checkpoint.check`, checksums alone) and raises
-    SnapshotError when it is invalid; `latest` then warns and tries the next older one. So a
-    snapshot is read once, not verified first and read again.
-    """
-    read = read or checkpoint.check
-    if spec == "latest":
-        if not run.is_dir():
-            raise RunError(f"no run directory {run}: start the run with `functrain run` first")
-        for _, snap in reversed(checkpoint.list_snapshots(run)):
-            try:
-                return snap, read(snap)
-            except checkpoint.SnapshotError as err:
-                warn(f"skipping invalid snapshot {snap}: {err}")
-        raise RunError(f"run {run} has no valid snapshot to resume from")
-    path = run / spec if _SNAPSHOT_NAME.fullmatch(spec) else Path(spec)
-    if not path.is_dir():
-        have = ", ".join(p.name for _, p in checkpoint.list_snapshots(run)) if run.is_dir() else ""
-        raise RunError(
-            f"snapshot {path} not found. "
-            + (f"Snapshots of {run}: {have}." if have else f"{run} has no snapshots.")
-            + " Use --from latest, state_<step>, or a path to a snapshot directory."
-        )
-    return path, read(path)
-
-
 def _is_free(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in FREE_KEYS)
 
@@ -106,7 +77,12 @@ def _is_allowed(key: str, allowed: list[str]) -> bool:
 
 
 def check_resume(
-    manifest: dict[str, Any], recipe: dict, fingerprint: dict, allow: list[str], environment: dict
+    manifest: dict[str, Any],
+    *,
+    recipe: dict,
+    fingerprint: dict,
+    allow: list[str],
+    environment: dict,
 ) -> tuple[list[str], list[str]]:
     """Refuse what would break exactness; return (changes allowed, warnings).
 
@@ -163,29 +139,6 @@ def environment(device: str) -> dict:
 
 def _show(value: Any) -> str:
     return orjson.dumps(value).decode() if not isinstance(value, str) else value
-
-
-def latest_step(run: Path) -> int | None:
-    snaps = checkpoint.list_snapshots(run) if run.is_dir() else []
-    return snaps[-1][0] if snaps else None
-
-
-def retain(
-    run: Path, keep_last: int | None, keep: set, keep_every: int | None = None
-) -> list[Path]:
-    """Delete all but the newest `keep_last` snapshots, sparing those in `keep` and those
-    whose step is a multiple of `keep_every`; call it only once the newest is published."""
-    if keep_last is None:
-        return []
-    spare = {Path(p).resolve() for p in keep if p is not None}
-    old = [
-        p
-        for s, p in checkpoint.list_snapshots(run)[:-keep_last]
-        if p.resolve() not in spare and not (keep_every and s % keep_every == 0)
-    ]
-    for p in old:
-        checkpoint.remove(p)
-    return old
 
 
 _TMP_FILE = re.compile(rf"\.tmp-(?:{re.escape(RECIPE_FILE)}|{re.escape(METRICS_FILE)})-(\d+)")

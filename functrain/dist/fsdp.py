@@ -1,16 +1,18 @@
 """FSDP2 under torchrun: each rank holds one dim-0 shard of the params and optimizer state.
 
 `shard(model, world_size)` applies `torch.distributed.fsdp.fully_shard` to every block of
-the model's `nn.ModuleList`s (bottom-up) and then to the root. `create` sees the sharded
-module and keeps in the state plain tensors: this rank's rows of every param, and of every
-optimizer or EMA leaf shaped like one. The module itself is a workspace: before a forward
-pass the state's shards are copied into it (one copy of 1/N of the params), FSDP gathers
-them, and after backward FSDP reduce-scatters the gradients, which the step takes back as
-plain local tensors. Everything after that (clipping, the optimizer, EMA) runs on shards.
+the model's `nn.ModuleList`s (bottom-up) and then to the root. `Sharding.of(model)` reads
+the result into an implementation of the core's `functrain.parallel.Sharding` protocol;
+`create(model, ..., sharding=Sharding.of(model))` then keeps in the state plain tensors:
+this rank's rows of every param, and of every optimizer or EMA leaf shaped like one. The
+module itself is a workspace: before a forward pass the state's shards are copied into it
+(one copy of 1/N of the params), FSDP gathers them, and after backward FSDP reduce-scatters
+the gradients, which the step takes back as plain local tensors. Everything after that
+(clipping, the optimizer, EMA) runs on shards.
 
-Snapshots of a sharded state go through torch.distributed.checkpoint (`functrain.dcp`):
-`views` wraps each shard as a DTensor view without copying, so each rank writes its own
-rows and any number of ranks can read them back.
+Snapshots of a sharded state go through torch.distributed.checkpoint
+(`functrain.checkpoint.dcp`): `views` wraps each shard as a DTensor view without copying,
+so each rank writes its own rows and any number of ranks can read them back.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ import torch
 import torch.distributed as td
 from tensordict import TensorDict
 from torch import nn
+
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from functrain.parallel import module_buffers
 
 #: The saved entries that may hold shards: leaves there that mirror a param are sharded.
 SHARDED_ENTRIES = ("params", "opt", "ema")
@@ -63,7 +71,7 @@ class Sharding:
                 raise ValueError(
                     f"param {name!r} is not sharded on dim 0 by fully_shard (placements "
                     f"{spec}); apply fully_shard to the model and to every submodule holding "
-                    "params, or use functrain.fsdp.shard(model)"
+                    "params, or use functrain.dist.fsdp.shard(model)"
                 )
             mesh = p.device_mesh
             n, world, rank = p.shape[0], mesh.size(), mesh.get_local_rank()
@@ -73,14 +81,16 @@ class Sharding:
             )
         return cls(module=module, mesh=mesh, pieces=pieces)
 
-    def local_params(self) -> TensorDict:
-        """A copy of this rank's shard of every param (the state's params at step 0)."""
+    def split(self, model: nn.Module, device: Any = None) -> tuple[TensorDict, TensorDict]:
+        """A copy of this rank's shard of every param, and of the buffers (the state's at
+        step 0). The sharded module stays where `shard` put it."""
         named = dict(self.module.named_parameters())
         out = {k: named[".".join(k)].to_local().detach().clone() for k in self.pieces}
-        return TensorDict(out, batch_size=[])
+        params = TensorDict(out, batch_size=[]).apply(lambda t: t.requires_grad_(True))
+        return params, module_buffers(self.module)
 
     @contextlib.contextmanager
-    def bind(self, params: TensorDict) -> Iterator[nn.Module]:
+    def bind(self, model: nn.Module, params: TensorDict) -> Iterator[nn.Module]:
         """The module with `params` (this rank's shards) copied in, resharded on exit."""
         _reshard(self.module)
         keys, values = zip(*_leaves(params), strict=True)
@@ -91,7 +101,11 @@ class Sharding:
         finally:
             _reshard(self.module)
 
-    def take_grads(self, params: TensorDict) -> list[torch.Tensor]:
+    def backward(self, loss: torch.Tensor, params: list[torch.Tensor], acc: None) -> None:
+        """FSDP2 reduce-scatters (and accumulates) into the module's own `.grad`."""
+        loss.backward()
+
+    def gradients(self, params: TensorDict, acc: None = None) -> list[torch.Tensor]:
         """The reduce-scattered gradients as plain shards, in the leaf order of `params`.
 
         The module's gradients are cleared; a param the loss did not use gets zeros.
@@ -153,8 +167,6 @@ class Sharding:
         `mesh` (default: the model's) must span the same ranks; its device type must be the
         tensors' (DTensor moves a shard to its mesh's device).
         """
-        from torch.distributed.tensor import DTensor, Shard
-
         out = {}
         for key, t in _leaves(tensors):
             p = self.piece(key[0], key[1:], t.shape)
@@ -176,9 +188,6 @@ def shard(model: nn.Module, *, world_size: int | None = None, device: str = "cpu
 
     Needs an initialized process group; the mesh spans all `world_size` ranks.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     world_size = world_size or td.get_world_size()
     mesh = init_device_mesh(torch.device(device).type, (world_size,))
     blocks = [
@@ -194,17 +203,8 @@ def shard(model: nn.Module, *, world_size: int | None = None, device: str = "cpu
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether `fully_shard` was applied to `model`."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def _reshard(module: nn.Module) -> None:
     """Free the gathered params of every FSDP group (the root keeps them after a no-grad forward)."""
-    from torch.distributed.fsdp import FSDPModule
-
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.reshard()

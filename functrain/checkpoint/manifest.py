@@ -1,21 +1,27 @@
-"""The snapshot manifest: its constants, and the checks a manifest must pass before any of
-its numbers is trusted to read a file (whitelisted dtypes, safe file names, leaves that lie
-inside their file without overlapping). Private to `functrain.checkpoint`."""
+"""The snapshot manifest: its constants, the versions it records, and the checks a manifest
+must pass before any of its numbers is trusted to read a file (whitelisted dtypes, safe file
+names, leaves that lie inside their file without overlapping)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
+import os
+import platform
 import re
 from pathlib import Path
 from typing import Any
 
 import orjson
+import tensordict
 import torch
+
+from functrain.errors import SnapshotError
 
 FORMAT_VERSION: int = 1
 MANIFEST = "manifest.json"
-_ALIGN = 64
-_DTYPES = {  # the whitelist: a dtype name in a manifest is only ever looked up here
+ALIGN = 64
+DTYPES = {  # the whitelist: a dtype name in a manifest is only ever looked up here
     name: getattr(torch, name)
     for name in (
         "float64", "float32", "float16", "bfloat16", "complex64", "complex128",
@@ -24,20 +30,34 @@ _DTYPES = {  # the whitelist: a dtype name in a manifest is only ever looked up 
     )
     if hasattr(torch, name)
 }  # fmt: skip
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _REQUIRED = {"format_version": int, "step": int, "created": str, "versions": dict,
              "entries": dict, "files": dict}  # fmt: skip
 _FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.bin")
 #: A manifest's `layout`: functrain's own files (default), or torch.distributed.checkpoint's.
 LAYOUTS = ("raw", "dcp")
-_DCP_FILE = re.compile(r"\.metadata|__[0-9]+_[0-9]+\.distcp")
+DCP_FILE = re.compile(r"\.metadata|__[0-9]+_[0-9]+\.distcp")
 _DAMAGED = "the snapshot is damaged or incomplete — resume from an earlier snapshot"
 
 
-class SnapshotError(Exception):
-    """A snapshot is missing, incomplete, corrupt or unreadable; the message names the file."""
+def versions() -> dict[str, str]:
+    """The versions a manifest records: functrain, torch, tensordict, python."""
+    try:
+        functrain = importlib.metadata.version("functrain")
+    except importlib.metadata.PackageNotFoundError:
+        functrain = "unknown"
+    python = platform.python_version()
+    return dict(
+        functrain=functrain,
+        torch=torch.__version__,
+        tensordict=tensordict.__version__,
+        python=python,
+    )
 
 
-def _read_manifest(root: Path) -> dict:
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Parse and validate `<path>/manifest.json` only; raise SnapshotError on any problem."""
+    root = Path(path)
     if not root.is_dir():
         raise SnapshotError(
             f"snapshot directory {root} does not exist; check the path "
@@ -79,7 +99,7 @@ def _manifest_problems(m: dict) -> list[str]:
     layout = m.get("layout", "raw")
     if layout not in LAYOUTS:
         return [f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)}); upgrade functrain"]
-    names = _FILE if layout == "raw" else _DCP_FILE
+    names = _FILE if layout == "raw" else DCP_FILE
     problems = [
         f"files[{name!r}] is malformed"
         for name, f in m["files"].items()
@@ -121,23 +141,23 @@ def _leaf_problem(leaf: Any, end: int | None, size: int | None) -> str | None:
     """What is wrong with a leaf record; `end`/`size` None: no file offsets to check (DCP)."""
     if not isinstance(leaf, dict) or not isinstance(leaf.get("key"), str):
         return "malformed"
-    if leaf.get("dtype") not in _DTYPES:
+    if leaf.get("dtype") not in DTYPES:
         return (
-            f"unknown dtype {leaf.get('dtype')!r} (known: {', '.join(_DTYPES)}); "
+            f"unknown dtype {leaf.get('dtype')!r} (known: {', '.join(DTYPES)}); "
             "was it written by a newer functrain? upgrade to load it"
         )
     shape, offset, nbytes = leaf.get("shape"), leaf.get("offset"), leaf.get("nbytes")
     if not (isinstance(shape, list) and all(map(_count, shape))):
         return "malformed shape"
-    itemsize = _DTYPES[leaf["dtype"]].itemsize
+    itemsize = DTYPES[leaf["dtype"]].itemsize
     if nbytes != math.prod(shape) * itemsize:
         return f"nbytes {nbytes!r} does not match shape {shape} of {leaf['dtype']}"
     if end is None or size is None:
         return None
     if not _count(offset):
         return "malformed offset"
-    if offset < end or offset % _ALIGN:
-        return f"offset {offset} overlaps the previous leaf or is not {_ALIGN}-byte aligned"
+    if offset < end or offset % ALIGN:
+        return f"offset {offset} overlaps the previous leaf or is not {ALIGN}-byte aligned"
     if offset + nbytes > size:
         return f"bytes {offset}..{offset + nbytes} lie past the end of the {size}-byte file"
     return None
@@ -165,11 +185,11 @@ def _count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _size_problem(path: Path, size: int, want: int) -> str:
+def size_problem(path: Path, size: int, want: int) -> str:
     return f"{path}: has {size} bytes but {MANIFEST} says {want} (truncated?); {_DAMAGED}"
 
 
-def _crc_problem(path: Path, got: int, want: int) -> str:
+def crc_problem(path: Path, got: int, want: int) -> str:
     return (
         f"{path}: checksum mismatch (crc32 {got:08x}, {MANIFEST} says {want:08x}): "
         f"the data is corrupt; {_DAMAGED}"

@@ -1,0 +1,57 @@
+"""Snapshots: the state written to a directory, read back, checked, and managed for a run.
+
+    save / load / verify / check / digests    one snapshot, whatever its layout
+    Snapshots                                 a run's snapshots: when to save, retention,
+                                              async writes, errors, agreement between ranks
+    AsyncWriter                               stage a copy, write it in the background
+
+The modules below: `raw` (functrain's own layout: one file per entry), `dcp` (sharded
+states through torch.distributed.checkpoint), `manifest` (what a manifest holds and the
+checks it must pass), `_files` (names, temp dirs, fsync, the atomic rename: the one place
+that spells `state_<step>`), `async_writer`, `manager`, and `faults` (test-only fault
+injection). This package imports the core, never the run machinery or `functrain.dist`.
+
+>>> save("runs/a/state_10", td, {"step": 10})          # doctest: +SKIP
+>>> tensors, manifest = load("runs/a/state_10")       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from functrain.checkpoint import dcp, raw
+from functrain.checkpoint._files import (
+    clean_partial,
+    list_snapshots,
+    process_alive,
+    remove,
+    snapshot_path,
+    snapshot_step,
+)
+from functrain.checkpoint.async_writer import AsyncWriter
+from functrain.checkpoint.manager import Policy, Snapshots
+from functrain.checkpoint.manifest import FORMAT_VERSION, MANIFEST, read_manifest, versions
+from functrain.checkpoint.snapshot import check, digests, load, save, verify
+from functrain.errors import SnapshotError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "AsyncWriter",
+    "Policy",
+    "SnapshotError",
+    "Snapshots",
+    "check",
+    "clean_partial",
+    "dcp",
+    "digests",
+    "list_snapshots",
+    "load",
+    "process_alive",
+    "raw",
+    "read_manifest",
+    "remove",
+    "save",
+    "snapshot_path",
+    "snapshot_step",
+    "verify",
+    "versions",
+]

@@ -1,0 +1,278 @@
+"""`Snapshots`: the one manager of a run's snapshots, with orbax's small vocabulary.
+
+    snapshots = Snapshots(run_dir, Policy(every=250, keep_last=3), context=ctx, meta=meta)
+    with snapshots:
+        ...
+        snapshots.maybe_save(state)            # on the policy's steps (last=True: always)
+        snapshots.settle()                     # after a failed async write: stop or warn
+    snapshots.latest_step(), snapshots.all_steps(), snapshots.find("latest")
+
+It decides when to save, writes synchronously or through an `AsyncWriter`, the raw layout
+or (with a `sharding`) every rank's shards through DCP, applies retention once a snapshot is
+published, and turns a failed write into `Policy.on_error`'s answer. Under torchrun every
+call that writes or settles is made on all ranks, and all of them learn of a failure on any
+one: they stop alike, with the same error, or all warn and train on. The ranks are reached
+through a small `Ranks` protocol (`functrain.dist.Context` has it), so this package never
+imports `functrain.dist`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Protocol
+
+import attrs
+
+from functrain.checkpoint import dcp, raw
+from functrain.checkpoint._files import list_snapshots, remove, snapshot_path, snapshot_step
+from functrain.checkpoint.async_writer import AsyncWriter
+from functrain.checkpoint.snapshot import check
+from functrain.errors import RunError, SnapshotError
+from functrain.state import TrainState
+
+__all__ = ["Policy", "Ranks", "Snapshots"]
+
+
+class Ranks(Protocol):
+    """The agreement between ranks the manager needs (`functrain.dist.Context`)."""
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def warn(self, message: str) -> None: ...
+
+    def all_ok(self, fn: Callable[[], Any]) -> Any: ...
+
+
+class _OneProcess:
+    """`Ranks` of a single process: nothing to agree with."""
+
+    is_main = True
+
+    def warn(self, message: str) -> None:
+        print(f"functrain: warning: {message}", file=sys.stderr, flush=True)
+
+    def all_ok(self, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+
+@attrs.frozen(kw_only=True)
+class Policy:
+    """When to save, what to keep, how to write, and what a failed write does."""
+
+    every: int | None = None  # a snapshot every N steps (None: only those asked for)
+    keep_last: int | None = None  # retention: the newest N (None: all) ...
+    keep_every: int | None = None  # ... plus every snapshot whose step is a multiple of K
+    async_save: bool = False  # write in the background; the step stalls only for a copy
+    on_error: Literal["stop", "continue"] = "stop"
+
+
+class Snapshots:
+    """The snapshots of one run directory: find and restore them, save and retain them."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        policy: Policy | None = None,
+        *,
+        context: Ranks | None = None,
+        sharding: dcp.Sharded | None = None,
+        meta: Mapping[str, Any] | None = None,
+        keep: Iterable[str | os.PathLike | None] = (),
+    ) -> None:
+        """`sharding`: every rank writes its shards through DCP (FSDP2); otherwise the main
+        rank alone writes the raw layout. `meta` goes into every manifest. Retention never
+        deletes the snapshots in `keep` (e.g. the one this process resumed from)."""
+        self.run_dir = Path(run_dir)
+        self.policy = policy or Policy()
+        self._ctx = context or _OneProcess()
+        self._sharding = sharding
+        self._meta = dict(meta or {})
+        self._keep = {Path(p).resolve() for p in keep if p is not None}
+        self._writer: AsyncWriter | None = None
+        if self.policy.async_save and (sharding is not None or self._ctx.is_main):
+            write = dcp.async_writer(sharding) if sharding is not None else None  # collective
+            self._writer = AsyncWriter(write=write)
+
+    # ---------------------------------------------------------------- finding
+
+    def all_steps(self) -> list[int]:
+        """The steps of the published snapshots, oldest first."""
+        return [step for step, _ in list_snapshots(self.run_dir)]
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def path(self, step: int) -> Path:
+        return snapshot_path(self.run_dir, step)
+
+    def find(
+        self,
+        spec: str,
+        read: Callable[[Path], Any] | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> tuple[Path, Any]:
+        """(`latest` (the newest valid), `state_<step>` in the run, or a path, what `read` made
+        of it).
+
+        `read(snapshot)` reads and checks it (default: checksums alone) and raises
+        SnapshotError when it is invalid; `latest` then warns and tries the next older one.
+        So a snapshot is read once, not verified first and read again.
+        """
+        read, warn = read or check, warn or self._ctx.warn
+        run = self.run_dir
+        if spec == "latest":
+            if not run.is_dir():
+                raise RunError(f"no run directory {run}: start the run with `functrain run` first")
+            for _, snap in reversed(list_snapshots(run)):
+                try:
+                    return snap, read(snap)
+                except SnapshotError as err:
+                    warn(f"skipping invalid snapshot {snap}: {err}")
+            raise RunError(f"run {run} has no valid snapshot to resume from")
+        path = run / spec if snapshot_step(spec) is not None and "/" not in spec else Path(spec)
+        if not path.is_dir():
+            have = ", ".join(p.name for _, p in list_snapshots(run))
+            raise RunError(
+                f"snapshot {path} not found. "
+                + (f"Snapshots of {run}: {have}." if have else f"{run} has no snapshots.")
+                + " Use --from latest, state_<step>, or a path to a snapshot directory."
+            )
+        return path, read(path)
+
+    @staticmethod
+    def restore(path: Path, tensors: Any, manifest: dict, like: TrainState) -> TrainState:
+        """`like` (the state a build made) with the snapshot's entries: from `tensors`, or,
+        when they are None, read by every rank into its shards (a collective)."""
+        try:
+            if tensors is not None:
+                return like.load(tensors)
+            like.check_fits(dcp.skeleton(manifest))  # every rank alike, before any reads
+            dcp.load_into(path, like.tensors(), like.static.sharding)
+            return like
+        except ValueError as err:
+            raise RunError(
+                f"{path}: {err}. Resume with the recipe the run was trained with."
+            ) from err
+
+    # ---------------------------------------------------------------- saving
+
+    def maybe_save(self, state: TrainState, *, last: bool = False) -> bool:
+        """Save `state` if the policy's `every` says so, or if it is the `last` snapshot of
+        this process (the final one, or a preemption's), whose failure always ends the run.
+        A collective under torchrun: call it on every rank. Returns whether it saved."""
+        step, every = int(state.step), self.policy.every
+        if not (last or (every and step % every == 0)):
+            return False
+        self.settle(wait=True)  # the previous write's failure is its own, not this one's
+        error = self._agreed(lambda: self._write(state, step))
+        if error is not None:
+            self._failed(error, last)
+        return error is None
+
+    @property
+    def failed(self) -> bool:
+        """Whether this rank's last async write failed (no wait, nothing raised): tell the
+        other ranks, then all call `settle`."""
+        return self._writer is not None and self._writer.failed
+
+    def settle(self, *, wait: bool = False, last: bool = False) -> None:
+        """Raise a failed async write (or, with `on_error: continue`, warn of it) on every
+        rank alike: a collective under torchrun. `wait`: first let the write in flight end;
+        `last`: its failure ends the run whatever the policy says."""
+        if not self.policy.async_save:
+            return
+        writer = self._writer
+        outcome = (writer.wait_until_finished if wait else writer.check) if writer else None
+        error = self._agreed(outcome or (lambda: None))
+        if error is not None:
+            self._failed(error, last)
+
+    def wait_until_finished(self) -> None:
+        """Block until the last write is published; its failure ends the run on every rank."""
+        self.settle(wait=True, last=True)
+
+    def retain(self, keep: Iterable[str | os.PathLike | None] = ()) -> list[Path]:
+        """Delete all but the newest `keep_last` snapshots, sparing those in `keep` (and the
+        manager's) and those whose step is a multiple of `keep_every`; return them. Call it
+        only once the newest is published."""
+        p = self.policy
+        if p.keep_last is None:
+            return []
+        spare = self._keep | {Path(k).resolve() for k in keep if k is not None}
+        old = [
+            path
+            for step, path in list_snapshots(self.run_dir)[: -p.keep_last]
+            if path.resolve() not in spare and not (p.keep_every and step % p.keep_every == 0)
+        ]
+        for path in old:
+            remove(path)
+        return old
+
+    def close(self) -> None:
+        """Wait for a write in flight and free the staging buffer; raise a pending error."""
+        if self._writer is not None:
+            self._writer.close()
+
+    def __enter__(self) -> Snapshots:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:  # always wait for the write; its error must not hide one already on its way out
+            self.close()
+        except Exception:
+            if exc is None:
+                raise
+
+    # ---------------------------------------------------------------- the parts
+
+    def _write(self, state: TrainState, step: int) -> None:
+        path, meta = self.path(step), {"step": step, **self._meta}
+        sharded, main = self._sharding is not None, self._ctx.is_main
+        if not (sharded or main):
+            return
+        if self._writer is not None:  # returns once copied: the next in-place step cannot race it
+            on_done = (lambda published: self.retain([published])) if main else None
+            self._writer.save(path, state.tensors(), meta, on_done=on_done)
+        elif sharded:
+            dcp.save(path, state.tensors(), meta, sharding=self._sharding)
+            if main:
+                self.retain([path])
+        else:
+            self.retain([raw.save(path, state.tensors(), meta)])
+
+    def _agreed(self, fn: Callable[[], Any]) -> SnapshotError | RunError | None:
+        """Run `fn` on every rank; the error any rank's `fn` raised, on every rank, or None."""
+        try:
+            self._ctx.all_ok(fn)
+        except (SnapshotError, RunError) as err:  # RunError: another rank's failure
+            return err
+        return None
+
+    def _failed(self, error: Exception, last: bool) -> None:
+        if self.policy.on_error == "stop" or last:
+            raise SnapshotError(stopped_by_error(error, last)) from error
+        self._ctx.warn(f"{error}; training goes on (checkpoint.on_error: continue)")
+
+
+def stopped_by_error(error: Exception, last: bool) -> str:
+    """The error a failed snapshot write ends the run with."""
+    why = (
+        "it was the run's last snapshot"
+        if last
+        else "checkpoint.on_error is 'stop' ('continue' trains on with a warning)"
+    )
+    return (
+        f"{error}. Training stopped because {why}. Every earlier snapshot is intact: fix the "
+        "cause, then continue with functrain resume <recipe> --from latest"
+    )

@@ -1,0 +1,39 @@
+"""Parallel training under torchrun: the machinery the pure core knows only as protocols.
+
+    context.py   Context (the core's Placement plus agreement between ranks), init, close
+    reduce.py    the gradient all-reduce transform of data-parallel (`ddp`) runs
+    fsdp.py      FSDP2: shard a model; its `Sharding` implements `functrain.parallel.Sharding`
+    trace.py     FUNCTRAIN_TRACE: which samples each rank trains on
+
+Under torchrun every rank draws its slice of each global batch from the one global cursor.
+With `parallel: ddp` every rank holds the whole state and gradients are averaged inside the
+step; with `parallel: fsdp` each rank holds a shard and FSDP2's backward reduce-scatters
+the gradients.
+"""
+
+from functrain.dist.context import (
+    DEFAULT_TIMEOUT_S,
+    TIMEOUT_ENV,
+    Context,
+    close,
+    env_rank,
+    init,
+    peer_failure,
+)
+from functrain.dist.reduce import all_reduce_grads, transforms
+from functrain.dist.trace import TRACE_ENV, sample_digests, traced
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "TIMEOUT_ENV",
+    "TRACE_ENV",
+    "Context",
+    "all_reduce_grads",
+    "close",
+    "env_rank",
+    "init",
+    "peer_failure",
+    "sample_digests",
+    "traced",
+    "transforms",
+]

@@ -1,0 +1,134 @@
+"""The process group and agreement between ranks: `Context`, `init`, `close`.
+
+Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op for one
+process. `Context` is the core's `Placement` (world size, rank) plus the few collectives
+the run machinery needs to keep every rank on the same path: agree on a value, fail alike,
+learn whether any rank raised a flag.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as td
+
+from functrain.errors import RunError
+from functrain.parallel import Placement
+
+#: Seconds a collective may wait for the other ranks before the job ends with an error.
+TIMEOUT_ENV = "FUNCTRAIN_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def env_rank() -> int:
+    """This process's global rank as torchrun announced it (0 without torchrun); no group needed."""
+    return int(os.environ.get("RANK", "0"))
+
+
+@attrs.frozen
+class Context(Placement):
+    """This process's place in the job, and the collectives that keep the ranks agreed."""
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            td.barrier()
+
+    def warn(self, message: str) -> None:
+        if self.is_main:
+            print(f"functrain: warning: {message}", file=sys.stderr, flush=True)
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of a tensor over ranks (a collective: every rank must call it)."""
+        if self.world_size == 1:
+            return t
+        t = t.detach().clone()
+        td.all_reduce(t, op=td.ReduceOp.SUM)
+        return t / self.world_size
+
+    def any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """For each flag: True on every rank if it is True on any (one tiny all_reduce for
+        all of them: every rank must call it with as many flags)."""
+        if self.world_size == 1:
+            return flags
+        device = "cuda" if td.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([int(f) for f in flags], device=device)
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
+
+    def agree(self, what: str, value: Any) -> None:
+        """Every rank must hold the same `value`, else all ranks raise the same error."""
+        if self.world_size == 1:
+            return
+        values: list[Any] = [None] * self.world_size
+        td.all_gather_object(values, value)
+        if any(v != values[0] for v in values):
+            listing = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+            raise RunError(
+                f"the ranks disagree on the {what} ({listing}); every rank must see the same "
+                "files and run the same software"
+            )
+
+    def all_ok(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on every rank; if it fails on any rank, raise that error on all of them.
+
+        The failing rank re-raises its own exception; the others raise a RunError naming the
+        first failing rank and its message, so every rank exits the same way.
+        """
+        error: BaseException | None = None
+        result = None
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, on every rank
+            error = err
+        if self.world_size > 1:
+            reports: list[Any] = [None] * self.world_size
+            td.all_gather_object(reports, None if error is None else str(error))
+            failed = [(r, m) for r, m in enumerate(reports) if m is not None]
+            if failed and error is None:
+                rank, message = failed[0]
+                raise RunError(f"on rank {rank}: {message}")
+        if error is not None:
+            raise error
+        return result
+
+
+def init() -> Context:
+    """Join the torchrun job if there is one: gloo on CPU, NCCL when CUDA is present."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Context()
+    if not td.is_initialized():
+        timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        td.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    return Context(world_size=td.get_world_size(), rank=td.get_rank())
+
+
+def peer_failure(err: BaseException) -> str | None:
+    """A one-line explanation if `err` is a collective that failed because a rank is gone.
+
+    gloo reports a dead peer as a plain RuntimeError ("Connection reset by peer", "Timed
+    out"), NCCL as a DistBackendError: both only while a process group is up.
+    """
+    if not (td.is_initialized() and td.get_world_size() > 1 and isinstance(err, RuntimeError)):
+        return None
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not isinstance(err, td.DistError) and not any(w in text for w in ("gloo", "NCCL")):
+        return None
+    return (
+        f"a collective failed: another rank died, hung or timed out ({text[:300]}). "
+        "The newest snapshot is intact: continue with `functrain resume RECIPE --from latest`"
+    )
+
+
+def close() -> None:
+    if td.is_initialized():
+        td.destroy_process_group()

@@ -1,0 +1,121 @@
+"""What the pure core knows of parallel training: where a process stands, and a protocol
+through which a sharded state plugs into the step.
+
+The core never imports `torch.distributed`. A state holds its `Placement` (world size and
+rank: data, no collectives) and a `Sharding`: how params are bound into the model, how
+gradients come out of backward, how a norm spans ranks, and how whole tensors (a
+snapshot's) map onto this process's pieces. `UNSHARDED` is the single-process default: the
+whole state on every rank, gradients from `torch.autograd.grad`. FSDP2 implements the same
+protocol in `functrain.dist.fsdp`, the way optax lets any gradient transformation be chained
+without the chain knowing what it does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+import attrs
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+__all__ = ["UNSHARDED", "Placement", "Sharding", "Unsharded", "module_buffers"]
+
+
+@attrs.frozen
+class Placement:
+    """This process's place in the job: `world_size` processes, this one is `rank`."""
+
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class Sharding(Protocol):
+    """How the state's params relate to the model and to the other ranks."""
+
+    def split(self, model: nn.Module, device: torch.device | str) -> tuple[TensorDict, TensorDict]:
+        """The state's params and buffers at step 0, taken from `model`, which becomes the
+        workspace the state is bound into for each forward pass."""
+        ...
+
+    def bind(
+        self, model: nn.Module, params: TensorDict
+    ) -> contextlib.AbstractContextManager[object]:
+        """Put `params` into `model` for the body of a `with` block."""
+        ...
+
+    def backward(
+        self, loss: torch.Tensor, params: list[torch.Tensor], acc: list[torch.Tensor] | None
+    ) -> list[torch.Tensor] | None:
+        """Backpropagate one micro-batch's `loss`, accumulating into `acc` (None at first)."""
+        ...
+
+    def gradients(self, params: TensorDict, acc: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """The accumulated gradients, one per leaf of `params`, in its leaf order."""
+        ...
+
+    def global_norm(self, local: torch.Tensor) -> torch.Tensor:
+        """The L2 norm over all ranks of a tensor whose local L2 norm is `local`."""
+        ...
+
+    def localize(self, tensors: TensorDict) -> TensorDict:
+        """Whole `tensors` (a snapshot's entries) cut to this process's pieces."""
+        ...
+
+    def global_meta(self, tensors: TensorDict) -> TensorDict:
+        """A state's entries as tensors of their whole shapes (values need not be kept)."""
+        ...
+
+
+class Unsharded:
+    """The whole state in this process: the `Sharding` of single-process and DDP runs."""
+
+    def split(self, model: nn.Module, device: torch.device | str) -> tuple[TensorDict, TensorDict]:
+        model.to(device)
+        named = model.named_parameters()
+        params = {k: p.detach().clone().requires_grad_(True) for k, p in named}
+        out = TensorDict(params, batch_size=[]).unflatten_keys("."), module_buffers(model)
+        model.to("meta")  # the skeleton holds no memory: the state's tensors are swapped in
+        return out
+
+    def bind(
+        self, model: nn.Module, params: TensorDict
+    ) -> contextlib.AbstractContextManager[object]:
+        return params.to_module(model)
+
+    def backward(
+        self, loss: torch.Tensor, params: list[torch.Tensor], acc: list[torch.Tensor] | None
+    ) -> list[torch.Tensor]:
+        grads = torch.autograd.grad(loss, params)
+        if acc is None:
+            return list(grads)
+        torch._foreach_add_(acc, grads)
+        return acc
+
+    def gradients(self, params: TensorDict, acc: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        if acc is None:
+            raise ValueError("no gradients: backward was never called (an empty batch?)")
+        return acc
+
+    def global_norm(self, local: torch.Tensor) -> torch.Tensor:
+        return local
+
+    def localize(self, tensors: TensorDict) -> TensorDict:
+        return tensors
+
+    def global_meta(self, tensors: TensorDict) -> TensorDict:
+        return tensors
+
+
+UNSHARDED = Unsharded()
+
+
+def module_buffers(model: nn.Module) -> TensorDict:
+    """A copy of the module's buffers, nested like the module tree."""
+    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+    return TensorDict(buffers, batch_size=[]).unflatten_keys(".")

@@ -1,0 +1,235 @@
+"""From a validated recipe to the objects a run needs: the state at step 0 and the data.
+
+Nothing here runs a step but `probe`'s trial step; the `Trainer` runs the rest. Building
+is deterministic: the model's initial weights come from a seed derived from the recipe's
+seed, not from the global RNG.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+from torch.utils._pytree import tree_map
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from functrain import data as data_lib
+from functrain import dist, rng
+from functrain.dist import fsdp
+from functrain.errors import BuildError, FunctrainError
+from functrain.recipe import Component, Recipe, instantiate
+from functrain.state import TrainState, create
+from functrain.step import step as run_step
+from functrain.transform import insert_after
+
+__all__ = [
+    "Built",
+    "build",
+    "build_and_probe",
+    "data_seed",
+    "probe",
+    "resolve_device",
+    "sharded",
+    "to_device",
+    "train_loader",
+    "val_loader",
+]
+
+#: Exceptions a component raises when the recipe's values do not suit it (a bad width, a
+#: model shorter than the data's blocks). Anything else is a bug and keeps its traceback.
+_USER_CAUSED = (ValueError, TypeError, IndexError, KeyError, ArithmeticError, OSError)
+
+
+@attrs.frozen(kw_only=True)
+class Built:
+    """What one process of a run works with."""
+
+    recipe: Recipe
+    context: dist.Context
+    state: TrainState
+    train: Any  # the training dataset
+    val: Any | None  # the validation dataset, when the data component gives one
+    fingerprint: dict
+    device: torch.device
+    local_batch: int  # per-rank batch size
+    sharding: fsdp.Sharding | None  # FSDP2: every rank holds (and writes) its shards
+
+
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """`auto` picks CUDA when present (one device per local rank), else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BuildError(
+                "device: 'cuda' was asked for but torch sees no CUDA device; use device=cpu"
+            )
+        if device.index is None:
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+    return device
+
+
+def _make(field: str, component: Component, **extra: Any) -> Any:
+    """Instantiate a component; a bad argument value becomes an error naming the field."""
+    try:
+        return instantiate(component, **extra)
+    except FunctrainError:
+        raise
+    except _USER_CAUSED as err:
+        raise BuildError(f"{field} ({component.target}): {type(err).__name__}: {err}") from err
+
+
+def data_seed(recipe: Recipe) -> int:
+    """The shuffling seed, derived from the run's seed."""
+    return rng.fold_in(recipe.seed, "data")
+
+
+def sharded(recipe: Recipe, world_size: int) -> bool:
+    """Whether a run of `recipe` on `world_size` processes shards its state with FSDP2."""
+    return recipe.parallel == "fsdp" and world_size > 1
+
+
+def build(recipe: Recipe, ctx: dist.Context | None = None) -> Built:
+    """Instantiate the recipe's components and the state at step 0 for this process.
+
+    Under torchrun the gradient all-reduce goes right after `forward_backward`.
+    """
+    ctx = ctx or dist.Context()
+    if recipe.data.batch_size % ctx.world_size:
+        raise BuildError(
+            f"data.batch_size ({recipe.data.batch_size}) is the global batch and must be "
+            f"divisible by the number of processes ({ctx.world_size})"
+        )
+    device = resolve_device(recipe.device, ctx.rank)
+    splits = _make("data.dataset", recipe.data.dataset)
+    if not isinstance(splits, dict) or "train" not in splits:
+        raise BuildError(
+            f"data.dataset ({recipe.data.dataset.target}) must return a dict with a 'train' "
+            f"dataset (and optionally 'val'), got {type(splits).__name__}"
+        )
+    with rng.seeded(rng.fold_in(recipe.seed, "init")):  # the global RNG is left as it was
+        model = _make("model", recipe.model)
+    sharding = None
+    if sharded(recipe, ctx.world_size):
+        fsdp.shard(model.to(device), world_size=ctx.world_size, device=device.type)
+        sharding = fsdp.Sharding.of(model)
+    state = create(
+        model,
+        loss=_make("loss", recipe.loss),
+        optimizer=_make("optim", recipe.optim),
+        schedule=_make("schedule", recipe.schedule),
+        transforms=_transforms(recipe, ctx, sharding is not None),
+        seed=recipe.seed,
+        device=device,
+        placement=ctx,
+        sharding=sharding,
+    )
+    fingerprint = data_lib.fingerprint(
+        splits["train"],
+        batch_size=recipe.data.batch_size,
+        shuffle=recipe.data.shuffle,
+        seed=data_seed(recipe),
+    )
+    return Built(
+        recipe=recipe,
+        context=ctx,
+        state=state,
+        train=splits["train"],
+        val=splits.get("val"),
+        fingerprint=fingerprint,
+        device=device,
+        local_batch=recipe.data.batch_size // ctx.world_size,
+        sharding=sharding,
+    )
+
+
+def _transforms(recipe: Recipe, ctx: dist.Context, is_sharded: bool) -> list:
+    transforms = [_make(f"step.{i}", c) for i, c in enumerate(recipe.step)]
+    extra = dist.transforms(ctx, sharded=is_sharded)
+    if not extra:
+        return transforms
+    try:
+        return insert_after(transforms, "forward_backward", extra)
+    except ValueError as err:
+        raise BuildError(
+            f"step: {err}. Under torchrun the gradient all-reduce goes right after it: "
+            "list functrain.step.forward_backward in the recipe's step"
+        ) from err
+
+
+def train_loader(built: Built, *, start: int) -> StatefulDataLoader:
+    """This rank's training loader, positioned at `start` global samples (the state's cursor)."""
+    r, ctx = built.recipe, built.context
+    return data_lib.make_loader(
+        built.train,
+        batch_size=built.local_batch,
+        seed=data_seed(r),
+        shuffle=r.data.shuffle,
+        start=start,
+        world_size=ctx.world_size,
+        rank=ctx.rank,
+        num_workers=r.data.num_workers,
+        pin_memory=built.device.type == "cuda",
+    )
+
+
+def val_loader(built: Built) -> StatefulDataLoader | None:
+    """This rank's validation loader, in order from the first sample; None without val data."""
+    if built.val is None:
+        return None
+    ctx = built.context
+    return data_lib.make_loader(
+        built.val,
+        batch_size=built.local_batch,
+        seed=0,
+        shuffle=False,
+        world_size=ctx.world_size,
+        rank=ctx.rank,
+    )
+
+
+def build_and_probe(recipe: Recipe, ctx: dist.Context) -> Built:
+    """`build`, then `probe`, on every rank; a failure on any rank (e.g. missing data) fails
+    all of them alike."""
+
+    def both() -> Built:
+        built = build(recipe, ctx)
+        probe(built)
+        return built
+
+    return ctx.all_ok(both)
+
+
+def probe(built: Built) -> None:
+    """One trial step on a copy of the state and the first batch, its result thrown away.
+
+    Parts that validate one by one but do not fit together (a model shorter than the data's
+    blocks, a batch that does not split into micro-batches) fail here, before any file is
+    written. The copy keeps the state, the cursor and the global RNG untouched.
+    """
+    loader = train_loader(built, start=0)
+    try:
+        batch = to_device(next(iter(loader)), built.device)
+        run_step(built.state, batch, donate=False)
+    except FunctrainError:
+        raise  # a user error says what to do itself; any other is a bug
+    except (*_USER_CAUSED, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and dist.peer_failure(err) is not None:
+            raise  # another rank died during the trial step
+        raise BuildError(
+            f"the recipe's parts do not fit together: a trial step on the first batch failed "
+            f"with {type(err).__name__}: {err}. Check that model, loss, data and step agree "
+            "(e.g. model.block_size >= data.dataset.block_size, model.vocab_size covers the "
+            "data, data.batch_size per process divides into the micro_batches of step)."
+        ) from err
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor of `batch` on `device` (asynchronously from pinned memory on CUDA)."""
+    non_blocking = device.type == "cuda"
+    return tree_map(
+        lambda t: t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t,
+        batch,
+    )

@@ -1,0 +1,146 @@
+"""`functrain run | resume | inspect`: parse, build, train, close.
+
+User errors (bad recipe, missing or corrupt snapshot, changed recipe or data: every
+`functrain.errors.UserError`) end with one paragraph on stderr and exit status 2, never a
+traceback, and leave run directories as they were: every check runs before anything is
+written. `FUNCTRAIN_DEBUG=1` prints the traceback of what caused one, too. Any other
+exception is a bug and keeps its traceback. A run stopped by SIGTERM, a first Ctrl-C or
+`checkpoint.signal` writes a snapshot and exits 143; a second Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+from functrain import checkpoint, dist
+from functrain.errors import UserError
+from functrain.recipe import Recipe, load_recipe, recipe_hash
+from functrain.run import preempt, resume, rundir
+from functrain.run.build import build_and_probe
+from functrain.run.report import inspect
+from functrain.run.trainer import Trainer
+
+__all__ = ["EXIT_PEER_LOST", "EXIT_USER_ERROR", "main"]
+
+EXIT_USER_ERROR = 2
+EXIT_PEER_LOST = 3  # under torchrun: another rank died or timed out
+#: Set to print, after a user error's paragraph, the traceback of what caused it.
+DEBUG_ENV = "FUNCTRAIN_DEBUG"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+    try:
+        return args.func(args)
+    except UserError as err:
+        if dist.env_rank() == 0:  # under torchrun every rank fails alike; one says why
+            print(f"functrain {args.command}: error: {err}", file=sys.stderr)
+            if os.environ.get(DEBUG_ENV):
+                traceback.print_exception(err, file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"functrain {args.command}: interrupted", file=sys.stderr)
+        return preempt.EXIT_ABORTED
+    except RuntimeError as err:
+        explained = dist.peer_failure(err)
+        if explained is None:
+            raise
+        print(
+            f"functrain {args.command}: error on rank {dist.env_rank()}: {explained}",
+            file=sys.stderr,
+        )
+        return EXIT_PEER_LOST
+    finally:
+        dist.close()
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """`functrain COMMAND ...`; options may come before or after the `key=value` overrides."""
+    commands = _commands()
+    top = argparse.ArgumentParser(prog="functrain", description=__doc__.splitlines()[0])
+    top.add_argument(
+        "command",
+        choices=commands,
+        help="; ".join(f"{k}: {v.description}" for k, v in commands.items()),
+    )
+    head = top.parse_args(argv[:1])
+    sub = commands[head.command]
+    args, extra = sub.parse_known_args(argv[1:])
+    stray = [
+        a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")
+    ]
+    if stray:
+        sub.error(f"unrecognized arguments: {' '.join(stray)}")
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra]
+    args.command = head.command
+    return args
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    def command(name: str, description: str, func) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=f"functrain {name}", description=description)
+        p.set_defaults(func=func)
+        return p
+
+    run = command("run", "start a run from a recipe", cmd_run)
+    run.add_argument("recipe", help="path to a recipe YAML file")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+
+    res = command("resume", "continue a run exactly from a snapshot", cmd_resume)
+    res.add_argument("recipe", help="path to the run's recipe YAML file")
+    res.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    res.add_argument("--from", dest="source", required=True, metavar="state_N|latest|PATH")
+    res.add_argument("--name", help="branch into a new run directory with this name")
+    res.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept a recipe change (a dotted key or prefix); repeatable",
+    )
+
+    ins = command(
+        "inspect", "show a snapshot's manifest and digests, or a run's snapshots", cmd_inspect
+    )
+    ins.add_argument("path", help="a snapshot directory or a run directory")
+    ins.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    return {"run": run, "resume": res, "inspect": ins}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    ctx = dist.init()
+    recipe = _load_agreed(ctx, args)
+    path = rundir.run_path(recipe)
+    built = build_and_probe(recipe, ctx)
+    ctx.all_ok(lambda: rundir.create_run(recipe, path) if ctx.is_main else None)
+    return Trainer(built, built.state, path).run()
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    ctx = dist.init()
+    recipe = _load_agreed(ctx, args)
+    r = resume.prepare(ctx, recipe, args.source, name=args.name, allow=args.allow_change)
+    return Trainer(r.built, r.state, r.run_dir, meta=r.meta, resumed_from=r.snapshot).run()
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    return inspect(Path(args.path), args.json)
+
+
+def _load_agreed(ctx: dist.Context, args: argparse.Namespace) -> Recipe:
+    """The recipe with its overrides, the same on every rank, as is the software."""
+    recipe = ctx.all_ok(lambda: load_recipe(args.recipe, args.overrides))
+    ctx.agree("recipe hash", recipe_hash(recipe))
+    ctx.agree("versions", checkpoint.versions())
+    return recipe
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""`functrain inspect`: a snapshot's manifest, validity and content digests, or a run's
+snapshots, as text or JSON."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import orjson
+
+from functrain import checkpoint
+from functrain.errors import RunError
+
+__all__ = ["inspect"]
+
+
+def inspect(path: Path, as_json: bool) -> int:
+    """Print the report of a snapshot or a run directory; 1 when a snapshot is damaged."""
+    # A `state_N` dir without its manifest is a damaged snapshot, not an empty run: say so.
+    if (path / checkpoint.MANIFEST).exists() or checkpoint.snapshot_step(path) is not None:
+        report = _snapshot_report(path)
+        if as_json:
+            sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+        else:
+            _print_snapshot(report)
+        return 0 if report["valid"] else 1
+    if path.is_dir():
+        rows = [_snapshot_row(p) for _, p in checkpoint.list_snapshots(path)]
+        if as_json:
+            sys.stdout.write(
+                orjson.dumps(
+                    {"run": str(path), "snapshots": rows}, option=orjson.OPT_INDENT_2
+                ).decode()
+                + "\n"
+            )
+        else:
+            _print_run(path, rows)
+        return 0
+    raise RunError(f"{path} is neither a snapshot (no {checkpoint.MANIFEST}) nor a run directory")
+
+
+def _snapshot_report(path: Path) -> dict:
+    manifest = checkpoint.read_manifest(path)
+    problems = checkpoint.verify(path)
+    sizes = {
+        entry: sum(leaf["nbytes"] for leaf in spec["leaves"])
+        for entry, spec in manifest["entries"].items()
+    }
+    return {
+        "path": str(path),
+        "step": manifest["step"],
+        "valid": not problems,
+        "problems": problems,
+        "digests": checkpoint.digests(path) if not problems else {},
+        "sizes": sizes,
+        "manifest": manifest,
+    }
+
+
+def _print_snapshot(r: dict) -> None:
+    m = r["manifest"]
+    print(f"snapshot  {r['path']}")
+    print(f"step      {r['step']}")
+    print(f"created   {m['created']}")
+    print(f"valid     {'yes' if r['valid'] else 'NO'}")
+    for p in r["problems"]:
+        print(f"  problem: {p}")
+    for key in ("recipe_hash", "device", "world_size", "layout", "parent"):
+        if m.get(key) is not None:
+            print(f"{key:<9} {m[key]}")
+    print("versions  " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    for change in m.get("allowed_changes", []):
+        print(f"allowed   {change}")
+    print(f"{'entry':<10}{'bytes':>14}  sha256")
+    for entry, size in r["sizes"].items():
+        print(f"{entry:<10}{size:>14}  {r['digests'].get(entry, '-')}")
+
+
+def _snapshot_row(path: Path) -> dict:
+    problems = checkpoint.verify(path)
+    try:
+        m = checkpoint.read_manifest(path)
+        created, size = m["created"], sum(f["bytes"] for f in m["files"].values())
+    except checkpoint.SnapshotError:
+        created, size = None, None
+    return {
+        "name": path.name,
+        "step": checkpoint.snapshot_step(path),
+        "created": created,
+        "bytes": size,
+        "valid": not problems,
+        "problem": problems[0] if problems else None,
+    }
+
+
+def _print_run(path: Path, rows: list[dict]) -> None:
+    print(f"run {path}: {len(rows)} snapshot(s)")
+    print(f"{'step':>10}  {'created':<27}{'bytes':>14}  status")
+    for r in rows:
+        status = "valid" if r["valid"] else f"INVALID: {r['problem']}"
+        print(f"{r['step']:>10}  {r['created'] or '?':<27}{r['bytes'] or 0:>14}  {status}")

@@ -1,0 +1,145 @@
+"""`functrain resume`: find the snapshot, check it against recipe, data and software, read it
+into a freshly built state, and prepare the run directory — all before a step runs.
+
+Every check runs on every rank before anything is written, so a refusal leaves the run
+directory as it was and stops all ranks alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from functrain import checkpoint
+from functrain.checkpoint import Snapshots, dcp
+from functrain.dist import Context
+from functrain.errors import RunError
+from functrain.hashing import canonical_hash
+from functrain.recipe import Recipe, to_dict
+from functrain.run import rundir
+from functrain.run.build import Built, build_and_probe, sharded
+from functrain.state import TrainState
+
+__all__ = ["Resumed", "prepare"]
+
+
+@attrs.frozen(kw_only=True)
+class Resumed:
+    """What a resume hands the trainer."""
+
+    built: Built
+    state: TrainState
+    run_dir: Path
+    snapshot: Path
+    meta: dict  # manifest entries of every later snapshot: parent, allowed changes
+
+
+def prepare(
+    ctx: Context, recipe: Recipe, source: str, *, name: str | None, allow: list[str]
+) -> Resumed:
+    """Resume the run of `recipe` from `source` (latest | state_<step> | a path): into the
+    same run directory, or branched into a new one called `name`."""
+    source_run = rundir.run_path(recipe)
+    if name:
+        recipe = attrs.evolve(recipe, name=name)
+    target = rundir.run_path(recipe)
+    is_sharded = sharded(recipe, ctx.world_size)
+    snap, (tensors, manifest) = ctx.all_ok(
+        lambda: Snapshots(source_run, context=ctx).find(source, lambda s: _read(s, is_sharded))
+    )
+    ctx.agree("snapshot (step, manifest digest)", (manifest["step"], canonical_hash(manifest)))
+    built = build_and_probe(recipe, ctx)
+    ctx.agree("data fingerprint", canonical_hash(built.fingerprint))
+    allowed = _check(built, manifest, snap, allow)
+    step = manifest["step"]
+    branching = target.resolve() != snap.parent.resolve()
+    newer = _newer_snapshots(target, snap, step, source) if not branching else []
+    state = Snapshots.restore(snap, tensors, manifest, built.state)
+    ctx.agree("loaded step", int(state.step))
+    ctx.all_ok(lambda: _prepare_target(ctx, recipe, target, snap, step, newer, branching))
+    meta = {
+        "parent": str(snap.resolve()) if branching else manifest.get("parent"),
+        "allowed_changes": list(manifest.get("allowed_changes", [])) + allowed,
+    }
+    return Resumed(built=built, state=state, run_dir=target, snapshot=snap, meta=meta)
+
+
+def _read(snap: Path, is_sharded: bool) -> tuple[Any, dict]:
+    """(tensors, manifest) of a snapshot, every checksum verified. A sharded run reading a
+    sharded snapshot gets tensors None: each rank reads its own rows later (`restore`)."""
+    manifest = checkpoint.read_manifest(snap)
+    if not (is_sharded and manifest.get("layout") == "dcp"):
+        return checkpoint.load(snap)
+    checkpoint.check(snap)  # on every rank, so that all pick the same snapshot
+    dcp.read_metadata(snap)  # DCP unpickles it on every rank: refuse a bad one here
+    return None, manifest
+
+
+def _check(built: Built, manifest: dict, snap: Path, allow: list[str]) -> list[str]:
+    """Refuse a changed recipe or data; warn of other software or world size. Returns the
+    recipe changes `--allow-change` accepted."""
+    ctx, recipe = built.context, built.recipe
+    wrote = manifest.get("world_size", 1)
+    if wrote != ctx.world_size:
+        ctx.warn(
+            f"{snap} was written by {wrote} process(es), this run has {ctx.world_size}: the "
+            "samples and LR of every step stay the same, but params will be close to, not "
+            "bitwise equal to, an unbroken run (gradients are reduced in another order and "
+            "dropout masks are drawn per rank)"
+        )
+    allowed, env_warnings = rundir.check_resume(
+        manifest,
+        recipe=to_dict(recipe),
+        fingerprint=built.fingerprint,
+        allow=allow,
+        environment=rundir.environment(built.device.type),
+    )
+    for w in env_warnings:
+        ctx.warn(w)
+    if manifest["step"] >= recipe.steps:
+        raise RunError(
+            f"snapshot {snap} is at step {manifest['step']} and the recipe trains "
+            f"{recipe.steps} steps: nothing to do. To train longer, pass steps=N with "
+            "--allow-change steps --allow-change schedule (the schedule's length follows steps)."
+        )
+    return allowed
+
+
+def _newer_snapshots(target: Path, snap: Path, step: int, source: str) -> list[Path]:
+    """Snapshots of `target` past `step`: those `--from latest` skipped as invalid, to be set
+    aside; resuming from an older valid snapshot by name would overwrite history."""
+    later = Snapshots(target)
+    newer = [later.path(s) for s in later.all_steps() if s > step]
+    if newer and source != "latest":
+        raise RunError(
+            f"{snap} is not the newest snapshot of {target} "
+            f"({later.path(later.latest_step()).name} is). Resuming in place would overwrite "
+            "the later history. Branch into a new run with --name NEW, or resume with "
+            "--from latest."
+        )
+    return newer
+
+
+def _prepare_target(
+    ctx: Context,
+    recipe: Recipe,
+    target: Path,
+    snap: Path,
+    step: int,
+    newer: list[Path],
+    branching: bool,
+) -> None:
+    """Rank 0 tidies the run directory it will write to (a failure stops every rank alike)."""
+    if not ctx.is_main:
+        return
+    for p in rundir.clean_partial(target):
+        ctx.warn(f"removed {p}, left over by an interrupted write")
+    for p in newer:
+        ctx.warn(f"set aside invalid snapshot {p} as {rundir.set_aside(p).name}")
+    if branching:
+        metrics = rundir.metrics_until(snap.parent / rundir.METRICS_FILE, step)
+        rundir.create_run(recipe, target, metrics=metrics)
+    else:
+        rundir.cut_metrics(target / rundir.METRICS_FILE, step)

@@ -1,0 +1,177 @@
+"""The run loop: the side effects (log, eval, snapshot, preemption) around the pure step.
+
+    batch = next(loader)            # the loader was positioned from the state's cursor
+    state = step(state, batch)
+    every N: log / eval / snapshot  # the only places the host syncs
+
+`Trainer(built, state, run_dir).run()` reads top to bottom: set up, loop, close. Side
+effects depend on the step number only, so an interrupted and resumed run does exactly what
+an unbroken one does. Snapshots go through the run's one `checkpoint.Snapshots` manager.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from functrain import dist
+from functrain.checkpoint import Policy, Snapshots
+from functrain.recipe import CheckpointConfig, recipe_hash, to_dict
+from functrain.run import preempt, rundir
+from functrain.run.build import Built, to_device, train_loader, val_loader
+from functrain.run.progress import Progress, append_metrics
+from functrain.state import TrainState
+from functrain.step import step as run_step
+
+__all__ = ["Trainer", "evaluate", "policy"]
+
+
+def policy(config: CheckpointConfig) -> Policy:
+    """The snapshot policy of a recipe's `checkpoint:` section."""
+    return Policy(
+        every=config.every,
+        keep_last=config.keep_last,
+        keep_every=config.keep_every,
+        async_save=config.async_save,
+        on_error=config.on_error,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    state: TrainState, batches: Iterator[Any], n: int, device: torch.device
+) -> torch.Tensor:
+    """Mean loss over `n` batches, model in eval mode, no RNG drawn, state unchanged."""
+    model = state.static.model
+    model.eval()
+    total = torch.zeros((), device=device)
+    try:
+        with state.bind() as model:
+            for _ in range(n):
+                total += state.static.loss(model, to_device(next(batches), device)).float()
+    finally:
+        model.train()
+    return total / n
+
+
+class Trainer:
+    """One process's part of a run: train `built` from `state` to the recipe's last step."""
+
+    def __init__(
+        self,
+        built: Built,
+        state: TrainState,
+        run_dir: Path,
+        *,
+        meta: dict | None = None,
+        resumed_from: Path | None = None,
+    ) -> None:
+        """`meta` goes into every manifest beside the recipe, data fingerprint and device;
+        retention spares `resumed_from`."""
+        self.built, self.recipe, self.ctx = built, built.recipe, built.context
+        self.state, self.run_dir = state, run_dir
+        manifest_meta = {
+            "recipe": to_dict(self.recipe),
+            "recipe_hash": recipe_hash(self.recipe),
+            "data": built.fingerprint,
+            "device": built.device.type,
+            "world_size": self.ctx.world_size,
+            **(meta or {}),
+        }
+        self.snapshots = Snapshots(
+            run_dir,
+            policy(self.recipe.checkpoint),
+            context=self.ctx,
+            sharding=built.sharding,
+            meta=manifest_meta,
+            keep=[resumed_from],
+        )
+        self.preemption = preempt.Preemption(self.recipe.checkpoint.signal)
+        self.progress = Progress(self.recipe.steps, int(state.step)) if self.ctx.is_main else None
+
+    def run(self) -> int:
+        """Train to the end, or until preempted; the process's exit status."""
+        try:
+            with self.snapshots, self.preemption:  # waits for the last write, raises its error
+                final = self.train()
+                self.snapshots.wait_until_finished()
+                step = int(final.step)
+                if step < self.recipe.steps and self.ctx.is_main:  # said while a second
+                    # SIGTERM (e.g. torchrun's) may be on its way
+                    requested = self.preemption.requested
+                    print(preempt.stopped_message(requested, self.run_dir, step), file=sys.stderr)
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+        if step < self.recipe.steps:
+            return preempt.EXIT_PREEMPTED
+        if self.progress is not None:
+            self.progress.message(f"done: {self.run_dir} (step {self.recipe.steps})")
+        return 0
+
+    def train(self) -> TrainState:
+        """The loop: step, log (and eval), agree on stopping, snapshot. Returns the last state."""
+        steps, device = self.recipe.steps, self.built.device
+        state, self.state = self.state, None  # donated at every step: the loop owns it
+        batches = self._batches(int(state.data["samples"]))
+        self._last_log = (time.perf_counter(), int(state.data["samples"]))
+        while (now := int(state.step)) < steps:
+            state = run_step(state, to_device(next(batches), device))
+            now += 1
+            self._log(state, now)
+            stop = now < steps and self._should_stop()
+            self.snapshots.maybe_save(state, last=stop or now == steps)
+            if stop:
+                break
+        return state
+
+    def _batches(self, start: int) -> Iterator[Any]:
+        loader = iter(train_loader(self.built, start=start))
+        return dist.traced(loader, self.ctx, start, self.recipe.data.batch_size)
+
+    def _log(self, state: TrainState, now: int) -> None:
+        """On log and eval steps: the metrics (one host sync), the eval loss, one record."""
+        r = self.recipe
+        eval_now = bool(r.eval.every and self.built.val is not None) and (
+            now % r.eval.every == 0 or now == r.steps
+        )
+        if not (now % r.log_every == 0 or now == r.steps or eval_now):
+            return
+        samples, t = int(state.data["samples"]), time.perf_counter()
+        t_last, samples_last = self._last_log
+        self._last_log = (t, samples)
+        record = {
+            "step": now,
+            "loss": state.metrics["loss"].item(),  # already the mean over ranks
+            "lr": state.metrics["lr"].item(),
+            "grad_norm": state.metrics["grad_norm"].item(),
+            "samples_per_s": (samples - samples_last) / max(t - t_last, 1e-9),
+        }
+        if eval_now:
+            value = self._eval_loss(state)
+            best = state.stats["best_eval"]
+            best.copy_(torch.minimum(best, value))
+            record["eval_loss"] = value.item()
+        if self.progress is not None:
+            append_metrics(self.run_dir / rundir.METRICS_FILE, record)
+            self.progress.update(record)
+
+    def _eval_loss(self, state: TrainState) -> torch.Tensor:
+        """The mean validation loss over the recipe's eval batches and all ranks."""
+        batches = iter(val_loader(self.built))
+        loss = evaluate(state, batches, self.recipe.eval.batches, self.built.device)
+        return self.ctx.mean(loss)
+
+    def _should_stop(self) -> bool:
+        """Asked on every rank after every step but the last; all get the same answer. A
+        failed async write, on any rank, is settled here too (stop or warn, per policy)."""
+        asked = self.preemption.requested is not None
+        stop, failed = self.ctx.any_rank(asked, self.snapshots.failed)
+        if failed:
+            self.snapshots.settle()
+        return stop
