@@ -9,6 +9,7 @@ learn whether any rank raised a flag.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -130,5 +131,7 @@ def peer_failure(err: BaseException) -> str | None:
 
 
 def close() -> None:
+    """Destroy the process groups, after collecting the garbage that may still hold them."""
     if td.is_initialized():
+        gc.collect()
         td.destroy_process_group()
