@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from functrain import rng
 
@@ -46,3 +47,15 @@ def test_key_rejects_bad_seeds():
         rng.key(-1)
     with pytest.raises(ValueError, match="got True"):
         rng.key(True)
+
+
+def test_seeded_draws_as_torch_manual_seed_would_and_restores_the_global_rng():
+    before = torch.random.get_rng_state()
+    with rng.seeded(1234):
+        inside = torch.rand(8)
+        mask = torch.nn.functional.dropout(torch.ones(64), 0.5)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        assert torch.equal(torch.rand(8), inside)
+        assert torch.equal(torch.nn.functional.dropout(torch.ones(64), 0.5), mask)
