@@ -16,9 +16,11 @@ err`), so the cause stays available to a debugger and to `FUNCTRAIN_DEBUG=1`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 __all__ = [
+    "warn",
     "BuildError",
     "ConsumedStateError",
     "DataError",
@@ -70,3 +72,8 @@ class DataError(UserError, ValueError):
 
 class ConsumedStateError(FunctrainError, RuntimeError):
     """A state donated to `step` was used again."""
+
+
+def warn(message: str) -> None:
+    """Say on stderr what the user should know but need not act on now."""
+    print(f"functrain: warning: {message}", file=sys.stderr, flush=True)

@@ -49,6 +49,11 @@ def as_transform(value: Transform | Callable[[TrainState, Any], TrainState]) -> 
             f"a transform is a functrain.Transform or a function f(state, batch) -> state, "
             f"got {type(value).__name__}"
         )
+    if hasattr(value, "init_state"):  # how EMA set up its state before transforms had init
+        raise TypeError(
+            f"transform {getattr(value, '__name__', value)!r} has an init_state attribute, "
+            "which nothing calls any more: use Transform(name=..., apply=f, init=init_state)"
+        )
     return Transform(name=getattr(value, "__name__", type(value).__name__), apply=value)
 
 

@@ -10,6 +10,7 @@ import os
 import sys
 
 from functrain import checkpoint
+from functrain.checkpoint import manager
 from functrain.run.cli import main
 
 fault = os.environ["FUNCTRAIN_FAULT"]
@@ -21,7 +22,7 @@ if os.environ.get("RANK") == "1":
         def _unreadable(path, *args, **kwargs):
             raise checkpoint.SnapshotError(f"{os.path.basename(path)} is unreadable here")
 
-        checkpoint.load = _unreadable
+        manager.load = _unreadable  # what Snapshots.read reads a snapshot with
     else:
         raise SystemExit(f"unknown FUNCTRAIN_FAULT {fault!r}")
 sys.exit(main())

@@ -14,10 +14,12 @@ from pathlib import Path
 import orjson
 import pytest
 import torch
+from conftest import assert_states_equal, make_state, toy_data
 from tensordict import TensorDict
 
+import functrain as ft
 from functrain import checkpoint as ck
-from functrain.checkpoint import SnapshotError, Snapshots
+from functrain.checkpoint import Policy, SnapshotError, Snapshots
 from functrain.checkpoint import raw as raw_layout
 
 
@@ -343,3 +345,21 @@ def test_latest_reads_each_snapshot_once_and_skips_invalid_ones(tmp_path):
     assert reads == ["state_3", "state_2"]  # the valid one read once: no verify-then-load
     assert len(warnings) == 1 and "state_3" in warnings[0] and "params.bin" in warnings[0]
     assert torch.equal(tensors["params", "0", "bias"], sample()["params", "0", "bias"])
+
+
+def test_the_manager_saves_on_its_steps_retains_and_restores(tmp_path):
+    x, y = toy_data(64)
+    state = make_state()
+    snapshots = Snapshots(tmp_path, Policy(every=2, keep_last=2), meta={"note": "m"})
+    saved = []
+    for i in range(7):
+        state = ft.step(state, (x[i * 8 : (i + 1) * 8], y[i * 8 : (i + 1) * 8]))
+        saved.append(snapshots.maybe_save(state, last=i == 6))
+    assert saved == [False, True, False, True, False, True, True]
+    assert snapshots.all_steps() == [6, 7] and snapshots.latest() == tmp_path / "state_7"
+    assert ck.read_manifest(tmp_path / "state_7")["note"] == "m"
+    restored, path = snapshots.restore("latest", like=make_state())
+    assert path == tmp_path / "state_7"
+    assert_states_equal(restored.tensors(), state.tensors())
+    with pytest.raises(ck.SnapshotError, match="state_7 already exists"):
+        snapshots.maybe_save(state, last=True)  # on_error stop: a failed write ends the run

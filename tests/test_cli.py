@@ -17,13 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
 
 
-def cli(*args, cwd=None, check=True):
+def cli(*args, cwd=None, check=True, env=None):
     out = subprocess.run(
         [sys.executable, "-m", "functrain", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
     )
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
@@ -135,6 +135,8 @@ BAD_INPUT = [
     ("recipe.yaml", None, ["model.block_size=16"], "do not fit together"),
     ("recipe.yaml", None, ["data.batch_size=5"], "does not split into 2 micro-batches"),
     ("recipe.yaml", None, ["model.n_head=0"], "model (functrain.models.GPT)"),
+    # torch refuses the value with a RuntimeError: still the recipe's fault, named as such
+    ("recipe.yaml", None, ["model.n_embd=-4"], "model (functrain.models.GPT): RuntimeError"),
 ]
 
 
@@ -145,6 +147,29 @@ def test_bad_recipe_input_exits_2_naming_the_key(tmp_path, name, text, overrides
     res = cli("run", recipe, f"out_dir={tmp_path / 'runs'}", *overrides, check=False)
     assert res.returncode == 2
     assert named in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_debug_env_shows_what_caused_a_user_error(tmp_path):
+    args = ("run", TINY, f"out_dir={tmp_path}", "model.n_embd=-4")
+    res = cli(*args, check=False, env={"FUNCTRAIN_DEBUG": "1"})
+    assert res.returncode == 2 and "error: model (functrain.models.GPT)" in res.stderr
+    assert "Traceback" in res.stderr and "negative dimension" in res.stderr
+
+
+def test_a_bug_in_a_component_is_no_user_error_and_keeps_its_traceback(tmp_path):
+    (tmp_path / "buggy.py").write_text(
+        "from functrain.models import GPT\n"
+        "def model(**kwargs):\n"
+        "    return GPT(**kwargs).no_such_attribute\n"
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(TINY.read_text())
+    args = ("run", recipe, f"out_dir={tmp_path / 'runs'}", "model._component_=buggy.model")
+    res = cli(*args, check=False, env={"PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" in res.stderr and "AttributeError" in res.stderr
+    assert "no_such_attribute" in res.stderr and "error: model" not in res.stderr
     assert not (tmp_path / "runs").exists()
 
 

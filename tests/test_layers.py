@@ -65,7 +65,10 @@ def imports_of(source: str, name: str, modules: set[str]) -> set[str]:
                 base = ".".join([*anchor, *([base] if base else [])])
             for alias in node.names:
                 full = f"{base}.{alias.name}"
-                found.add(full if full in modules else base)
+                if base == "functrain" or base.startswith("functrain."):
+                    found.add(full if full in modules else base)
+                else:  # `from torch import distributed` imports torch.distributed
+                    found.update((base, full))
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -172,7 +175,7 @@ def test_no_functrain_module_takes_part_in_an_import_cycle():
 CONTROL = {
     "functrain": "from functrain.state import TrainState\n",
     "functrain.state": (
-        "import torch.distributed as td\n"
+        "from torch import distributed as td\n"
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n    from functrain.run.cli import main\n"
         "def f():\n    from functrain.checkpoint import save\n"

@@ -11,6 +11,7 @@ from conftest import assert_states_equal, make_state, toy_data, toy_model
 
 import functrain as ft
 from functrain import schedule
+from functrain.transform import insert_after
 
 
 def batches(n_steps: int, size: int = 16):
@@ -149,3 +150,46 @@ def test_micro_batches_must_divide_the_batch():
     state = make_state(transforms=[ft.forward_backward(micro_batches=3), ft.apply_optimizer()])
     with pytest.raises(ValueError, match="batch of 16 samples does not split into 3 micro-batches"):
         ft.step(state, batches(1)[0])
+
+
+# ---------------------------------------------------------------- transforms as (init, apply)
+
+
+def test_compose_folds_inits_and_applies_in_order():
+    seen = []
+
+    def part(name):
+        return ft.Transform(
+            name=name,
+            apply=lambda s, b: (seen.append(("apply", name)), s)[1],
+            init=lambda s: (seen.append(("init", name)), s)[1],
+        )
+
+    state = make_state(transforms=[part("a"), lambda s, b: s, part("b")])
+    assert seen == [("init", "a"), ("init", "b")]
+    ft.step(state, (torch.randn(4, 16), torch.randint(0, 4, (4,))), donate=False)
+    assert seen[2:] == [("apply", "a"), ("apply", "b")]
+    assert state.static.transform.name == "compose"
+
+
+def test_insert_after_places_by_name_and_says_what_is_there():
+    fb, clip, opt = ft.forward_backward(), ft.clip_by_global_norm(1.0), ft.apply_optimizer()
+    extra = ft.Transform(name="extra", apply=lambda s, b: s)
+    names = [t.name for t in insert_after([fb, clip, opt], "forward_backward", [extra])]
+    assert names == ["forward_backward", "extra", "clip_by_global_norm", "apply_optimizer"]
+    with pytest.raises(
+        ValueError,
+        match=r"no transform named 'forward_backward'.*clip_by_global_norm, apply_optimizer",
+    ):
+        insert_after([clip, opt], "forward_backward", [extra])
+
+
+def test_a_plain_function_with_the_old_init_state_attribute_is_refused():
+    def custom(state, batch):
+        return state
+
+    custom.init_state = lambda state: state
+    with pytest.raises(
+        TypeError, match=r"init_state.*Transform\(name=\.\.\., apply=f, init=init_state\)"
+    ):
+        ft.compose(custom)

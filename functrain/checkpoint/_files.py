@@ -59,8 +59,13 @@ def list_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def tmp_prefix(name: str) -> str:
+    """How the temp dir of the snapshot called `name` begins."""
+    return f".tmp-{name}-"
+
+
 def tmp_name(final: Path) -> Path:
-    return final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    return final.parent / f"{tmp_prefix(final.name)}{os.getpid()}-{secrets.token_hex(4)}"
 
 
 # ---------------------------------------------------------------- publishing

@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from functrain.checkpoint._files import tmp_prefix
+
 #: Seconds to sleep before each file of a save, so a kill can land mid-save.
 SLOW_SAVE_ENV = "FUNCTRAIN_TEST_SLOW_SAVE"
 #: `ERRNO[:state_N]` (e.g. `ENOSPC:state_4`) fails that save at its second file.
@@ -26,6 +28,6 @@ def inject(path: Path, index: int) -> None:
     fault = os.environ.get(SAVE_ERROR_ENV)
     if fault and index == 1:
         code, _, snapshot = fault.partition(":")
-        if not snapshot or path.parent.name.startswith(f".tmp-{snapshot}-"):
+        if not snapshot or path.parent.name.startswith(tmp_prefix(snapshot)):
             number = getattr(errno, code)
             raise OSError(number, os.strerror(number), str(path))

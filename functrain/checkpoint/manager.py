@@ -6,6 +6,7 @@
         snapshots.maybe_save(state)            # on the policy's steps (last=True: always)
         snapshots.settle()                     # after a failed async write: stop or warn
     snapshots.latest_step(), snapshots.all_steps(), snapshots.find("latest")
+    state, path = snapshots.restore("latest", like=state_at_step_0)
 
 It decides when to save, writes synchronously or through an `AsyncWriter`, the raw layout
 or (with a `sharding`) every rank's shards through DCP, applies retention once a snapshot is
@@ -19,19 +20,20 @@ imports `functrain.dist`.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
 import attrs
+from tensordict import TensorDict
 
 from functrain.checkpoint import dcp, raw
 from functrain.checkpoint._files import list_snapshots, remove, snapshot_path, snapshot_step
 from functrain.checkpoint.async_writer import AsyncWriter
-from functrain.checkpoint.snapshot import check
-from functrain.errors import RunError, SnapshotError
+from functrain.checkpoint.manifest import read_manifest
+from functrain.checkpoint.snapshot import check, load
+from functrain.errors import RunError, SnapshotError, warn
 from functrain.state import TrainState
 
 __all__ = ["Policy", "Ranks", "Snapshots"]
@@ -52,9 +54,7 @@ class _OneProcess:
     """`Ranks` of a single process: nothing to agree with."""
 
     is_main = True
-
-    def warn(self, message: str) -> None:
-        print(f"functrain: warning: {message}", file=sys.stderr, flush=True)
+    warn = staticmethod(warn)
 
     def all_ok(self, fn: Callable[[], Any]) -> Any:
         return fn()
@@ -108,6 +108,11 @@ class Snapshots:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
+    def latest(self) -> Path | None:
+        """The newest published snapshot (checked by `find("latest")`, not here)."""
+        step = self.latest_step()
+        return None if step is None else self.path(step)
+
     def path(self, step: int) -> Path:
         return snapshot_path(self.run_dir, step)
 
@@ -145,10 +150,31 @@ class Snapshots:
             )
         return path, read(path)
 
+    def restore(self, spec: str = "latest", *, like: TrainState) -> tuple[TrainState, Path]:
+        """`like` (a state at step 0 of the same recipe) with the entries of the snapshot
+        `spec` (`latest`, `state_<step>` or a path, found as `find` does), and its path.
+        With the manager's `sharding` every rank reads only its own rows (a collective)."""
+        sharded = self._sharding is not None
+        path, (tensors, manifest) = self.find(spec, lambda p: self.read(p, sharded=sharded))
+        return self.load_into(path, tensors, manifest, like), path
+
     @staticmethod
-    def restore(path: Path, tensors: Any, manifest: dict, like: TrainState) -> TrainState:
-        """`like` (the state a build made) with the snapshot's entries: from `tensors`, or,
-        when they are None, read by every rank into its shards (a collective)."""
+    def read(path: Path, *, sharded: bool = False) -> tuple[TensorDict | None, dict]:
+        """(tensors, manifest) of a snapshot, every checksum verified. For a `sharded` state
+        a sharded snapshot gives tensors None: `load_into` reads each rank's rows."""
+        manifest = read_manifest(path)
+        if not (sharded and manifest.get("layout") == "dcp"):
+            return load(path)
+        check(path)  # on every rank, so that all pick the same snapshot
+        dcp.read_metadata(path)  # DCP unpickles it on every rank: refuse a bad one here
+        return None, manifest
+
+    @staticmethod
+    def load_into(
+        path: Path, tensors: TensorDict | None, manifest: dict, like: TrainState
+    ) -> TrainState:
+        """`like` with what `read` gave: its `tensors`, or, when they are None, the rows each
+        rank reads for itself (a collective). A snapshot that does not fit is a RunError."""
         try:
             if tensors is not None:
                 return like.load(tensors)

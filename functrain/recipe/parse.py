@@ -37,11 +37,11 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(
             [f"{TOP}: cannot read the recipe file: {getattr(err, 'strerror', None) or err}"], source
-        ) from None
+        ) from err
     try:
         data = yaml.load(text, Loader=Loader)  # safe: Loader is a SafeLoader
     except yaml.YAMLError as err:
-        raise RecipeError([yaml_problem(err)], source) from None
+        raise RecipeError([yaml_problem(err)], source) from err
     return parse_recipe({} if data is None else data, source=source, overrides=overrides)
 
 

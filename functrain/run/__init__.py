@@ -1,4 +1,4 @@
-"""Running a recipe: the machinery around the pure step, at the bottom of the layers.
+"""Running a recipe: the machinery around the pure step, the top layer of the package.
 
     cli.py        functrain run | resume | inspect
     build.py      recipe -> state at step 0, datasets, loaders; the trial step

@@ -17,7 +17,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from functrain import data as data_lib
 from functrain import dist, rng
 from functrain.dist import fsdp
-from functrain.errors import BuildError, FunctrainError
+from functrain.errors import BuildError, FunctrainError, UserError
 from functrain.recipe import Component, Recipe, instantiate
 from functrain.state import TrainState, create
 from functrain.step import step as run_step
@@ -37,8 +37,8 @@ __all__ = [
 ]
 
 #: Exceptions a component raises when the recipe's values do not suit it (a bad width, a
-#: model shorter than the data's blocks). Anything else is a bug and keeps its traceback.
-_USER_CAUSED = (ValueError, TypeError, IndexError, KeyError, ArithmeticError, OSError)
+#: model shorter than the data's blocks, a shape torch refuses). Anything else is a bug.
+_USER_CAUSED = (ValueError, TypeError, IndexError, KeyError, ArithmeticError, OSError, RuntimeError)
 
 
 @attrs.frozen(kw_only=True)
@@ -75,10 +75,20 @@ def _make(field: str, component: Component, **extra: Any) -> Any:
     """Instantiate a component; a bad argument value becomes an error naming the field."""
     try:
         return instantiate(component, **extra)
-    except FunctrainError:
-        raise
-    except _USER_CAUSED as err:
+    except Exception as err:
+        if not _caused_by_values(err):
+            raise
         raise BuildError(f"{field} ({component.target}): {type(err).__name__}: {err}") from err
+
+
+def _caused_by_values(err: Exception) -> bool:
+    """Whether `err` says the recipe's values do not fit (then a BuildError names the field,
+    the cause chained); otherwise it is a bug, or a lost peer, and keeps its traceback."""
+    if isinstance(err, FunctrainError):
+        return isinstance(err, UserError)
+    if isinstance(err, RuntimeError) and dist.peer_failure(err) is not None:
+        return False
+    return isinstance(err, _USER_CAUSED)
 
 
 def data_seed(recipe: Recipe) -> int:
@@ -213,11 +223,9 @@ def probe(built: Built) -> None:
     try:
         batch = to_device(next(iter(loader)), built.device)
         run_step(built.state, batch, donate=False)
-    except FunctrainError:
-        raise  # a user error says what to do itself; any other is a bug
-    except (*_USER_CAUSED, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and dist.peer_failure(err) is not None:
-            raise  # another rank died during the trial step
+    except Exception as err:
+        if not _caused_by_values(err):
+            raise
         raise BuildError(
             f"the recipe's parts do not fit together: a trial step on the first batch failed "
             f"with {type(err).__name__}: {err}. Check that model, loss, data and step agree "

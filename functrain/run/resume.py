@@ -8,12 +8,10 @@ directory as it was and stops all ranks alike.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import attrs
 
-from functrain import checkpoint
-from functrain.checkpoint import Snapshots, dcp
+from functrain.checkpoint import Snapshots
 from functrain.dist import Context
 from functrain.errors import RunError
 from functrain.hashing import canonical_hash
@@ -47,7 +45,9 @@ def prepare(
     target = rundir.run_path(recipe)
     is_sharded = sharded(recipe, ctx.world_size)
     snap, (tensors, manifest) = ctx.all_ok(
-        lambda: Snapshots(source_run, context=ctx).find(source, lambda s: _read(s, is_sharded))
+        lambda: Snapshots(source_run, context=ctx).find(
+            source, lambda s: Snapshots.read(s, sharded=is_sharded)
+        )
     )
     ctx.agree("snapshot (step, manifest digest)", (manifest["step"], canonical_hash(manifest)))
     built = build_and_probe(recipe, ctx)
@@ -56,7 +56,7 @@ def prepare(
     step = manifest["step"]
     branching = target.resolve() != snap.parent.resolve()
     newer = _newer_snapshots(target, snap, step, source) if not branching else []
-    state = Snapshots.restore(snap, tensors, manifest, built.state)
+    state = Snapshots.load_into(snap, tensors, manifest, built.state)
     ctx.agree("loaded step", int(state.step))
     ctx.all_ok(lambda: _prepare_target(ctx, recipe, target, snap, step, newer, branching))
     meta = {
@@ -64,17 +64,6 @@ def prepare(
         "allowed_changes": list(manifest.get("allowed_changes", [])) + allowed,
     }
     return Resumed(built=built, state=state, run_dir=target, snapshot=snap, meta=meta)
-
-
-def _read(snap: Path, is_sharded: bool) -> tuple[Any, dict]:
-    """(tensors, manifest) of a snapshot, every checksum verified. A sharded run reading a
-    sharded snapshot gets tensors None: each rank reads its own rows later (`restore`)."""
-    manifest = checkpoint.read_manifest(snap)
-    if not (is_sharded and manifest.get("layout") == "dcp"):
-        return checkpoint.load(snap)
-    checkpoint.check(snap)  # on every rank, so that all pick the same snapshot
-    dcp.read_metadata(snap)  # DCP unpickles it on every rank: refuse a bad one here
-    return None, manifest
 
 
 def _check(built: Built, manifest: dict, snap: Path, allow: list[str]) -> list[str]:

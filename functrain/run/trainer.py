@@ -93,6 +93,7 @@ class Trainer:
         )
         self.preemption = preempt.Preemption(self.recipe.checkpoint.signal)
         self.progress = Progress(self.recipe.steps, int(state.step)) if self.ctx.is_main else None
+        self._last_log = (time.perf_counter(), int(state.data["samples"]))  # throughput's base
 
     def run(self) -> int:
         """Train to the end, or until preempted; the process's exit status."""
@@ -119,7 +120,7 @@ class Trainer:
         steps, device = self.recipe.steps, self.built.device
         state, self.state = self.state, None  # donated at every step: the loop owns it
         batches = self._batches(int(state.data["samples"]))
-        self._last_log = (time.perf_counter(), int(state.data["samples"]))
+        self._last_log = (time.perf_counter(), int(state.data["samples"]))  # the loader is up
         while (now := int(state.step)) < steps:
             state = run_step(state, to_device(next(batches), device))
             now += 1
@@ -171,7 +172,7 @@ class Trainer:
         """Asked on every rank after every step but the last; all get the same answer. A
         failed async write, on any rank, is settled here too (stop or warn, per policy)."""
         asked = self.preemption.requested is not None
-        stop, failed = self.ctx.any_rank(asked, self.snapshots.failed)
+        stop, failed = self.ctx.any_ranks(asked, self.snapshots.failed)
         if failed:
             self.snapshots.settle()
         return stop
