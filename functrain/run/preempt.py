@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any
 
 from functrain.checkpoint import snapshot_path
 
 __all__ = ["EXIT_ABORTED", "EXIT_PREEMPTED", "Preemption", "stopped_message"]
+
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 #: Exit status after a signal asked the run to stop and its snapshot was written (128 + SIGTERM).
 EXIT_PREEMPTED = 143
@@ -39,7 +43,7 @@ class Preemption:
         self._signals = [signal.SIGTERM, signal.SIGINT]
         if extra is not None:
             self._signals.append(signal.Signals[extra])
-        self._old: dict[int, object] = {}
+        self._old: dict[int, _Handler] = {}  # what signal.signal returned, to put back
 
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
@@ -54,7 +58,7 @@ class Preemption:
         tb: TracebackType | None,
     ) -> None:
         for sig, old in self._old.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]  # what signal.signal returned
+            signal.signal(sig, old)
         self._old.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
