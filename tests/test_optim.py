@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_state, toy_data, toy_model
+from tensordict import TensorDict
 
 import functrain as ft
+from functrain.optim import leaves
 
 CASES = {
     "adamw": (
@@ -80,3 +82,17 @@ def test_bad_hyperparameters_are_named(build, message):
     with pytest.raises(ValueError) as err:
         build()
     assert message in str(err.value)
+
+
+def test_leaves_follow_the_nested_key_order():
+    td = TensorDict(
+        {
+            "b": torch.zeros(1),
+            "a": {"z": torch.ones(2), "y": {}, "x": {"w": torch.full((3,), 2.0)}},
+        },
+        batch_size=[],
+    )
+    want = list(td.values(include_nested=True, leaves_only=True))
+    got = leaves(td)
+    assert len(got) == len(want) == 3 and all(g is w for g, w in zip(got, want, strict=True))
+    assert [tuple(t.shape) for t in got] == [(1,), (2,), (3,)]
