@@ -30,20 +30,46 @@ import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
 from functrain.checkpoint import raw
 
-__all__ = ["AsyncWriter"]
+__all__ = ["AsyncWriter", "ClosedOnExit"]
 
 OnDone = Callable[[Path], None]
 _LIVE: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()  # writers that may have a write in flight
 
 
-class AsyncWriter:
+_Closing = TypeVar("_Closing", bound="ClosedOnExit")
+
+
+class ClosedOnExit:
+    """`with obj:` calls `obj.close()` on the way out, which waits for a write in flight; the
+    error close raises must not hide one already on its way out."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Closing) -> _Closing:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.close()
+        except Exception:
+            if exc is None:
+                raise
+
+
+class AsyncWriter(ClosedOnExit):
     """Writes snapshots on a background thread from a reused host staging buffer.
 
     The staging buffer (one host copy of the state) is allocated at the first `save` and
@@ -116,22 +142,6 @@ class AsyncWriter:
         self._closed = True
         self._staged = self._signature = None
         self.wait_until_finished()
-
-    def __enter__(self) -> AsyncWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # Always wait for the write; its error must not hide one already on its way out.
-        try:
-            self.close()
-        except Exception:
-            if exc is None:
-                raise
 
     # ---------------------------------------------------------------- the two halves
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal, Protocol
 
 import attrs
@@ -30,7 +29,7 @@ from tensordict import TensorDict
 
 from functrain.checkpoint import dcp, raw
 from functrain.checkpoint._files import list_snapshots, remove, snapshot_path, snapshot_step
-from functrain.checkpoint.async_writer import AsyncWriter
+from functrain.checkpoint.async_writer import AsyncWriter, ClosedOnExit
 from functrain.checkpoint.manifest import read_manifest
 from functrain.checkpoint.snapshot import check, load
 from functrain.errors import RunError, SnapshotError, warn
@@ -71,7 +70,7 @@ class Policy:
     on_error: Literal["stop", "continue"] = "stop"
 
 
-class Snapshots:
+class Snapshots(ClosedOnExit):
     """The snapshots of one run directory: find and restore them, save and retain them."""
 
     def __init__(
@@ -244,21 +243,6 @@ class Snapshots:
         """Wait for a write in flight and free the staging buffer; raise a pending error."""
         if self._writer is not None:
             self._writer.close()
-
-    def __enter__(self) -> Snapshots:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:  # always wait for the write; its error must not hide one already on its way out
-            self.close()
-        except Exception:
-            if exc is None:
-                raise
 
     # ---------------------------------------------------------------- the parts
 
