@@ -5,7 +5,8 @@
 Time: both loops run in this process, alternating round by round, on the same model and
 batches (AdamW foreach, clip_grad_norm_, dropout); prints the median ratio functrain/torch.
 Memory: each loop also runs alone in a child process, and the ratio of their peak RSS
-(CPU) or peak CUDA allocation is printed, for the donating step and for donate=False.
+(CPU) or peak CUDA allocation is printed, for the donating step, for donate=False, and
+with activation checkpointing (`functrain.recompute.checkpoint_blocks`).
 Goals: time ratio <= 1.03, peak-memory ratio <= 1.05 with donation.
 """
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 import functrain as ft
 from functrain.losses import next_token_cross_entropy
 from functrain.models import GPT
+from functrain.recompute import checkpoint_blocks
 
 SIZES = {
     "small": dict(n_layer=2, n_embd=128, n_head=4, block_size=64, batch=16),
@@ -48,9 +50,10 @@ def setup(size: str, device: str):
     return model, data
 
 
-def functrain_loop(model, data, steps, donate=True):
+def functrain_loop(model, data, steps, donate=True, recompute=False):
+    model = copy.deepcopy(model)
     state = ft.create(
-        copy.deepcopy(model),
+        checkpoint_blocks(model) if recompute else model,
         loss=next_token_cross_entropy(),
         optimizer=ft.adamw(lr=1e-3, weight_decay=0.1),
         transforms=[ft.forward_backward(), ft.clip_by_global_norm(1.0), ft.apply_optimizer()],
@@ -119,6 +122,7 @@ def child(kind: str, size: str, steps: int, device: str) -> None:
         "torch": lambda: torch_loop(model, data, steps),
         "functrain": lambda: functrain_loop(model, data, steps),
         "functrain-pure": lambda: functrain_loop(model, data, steps, donate=False),
+        "functrain-ac": lambda: functrain_loop(model, data, steps, recompute=True),
     }
     before = _rss_mib()
     loops[kind]()()
@@ -165,12 +169,19 @@ def main() -> None:
         print(f"round {r}: functrain {t_ours:.3f}s  torch {t_theirs:.3f}s  ratio {ratios[-1]:.3f}")
     print(f"time ratio (median of {a.rounds}): {statistics.median(ratios):.3f}  (goal <= 1.03)")
     base_before, base = peak_memory("torch", a.size, a.steps, a.device)
-    for kind in ("functrain", "functrain-pure"):
+    growth = {}
+    for kind in ("functrain", "functrain-pure", "functrain-ac"):
         before, peak = peak_memory(kind, a.size, a.steps, a.device)
+        growth[kind] = peak - before
         print(
             f"peak memory {kind}: {peak:.0f} MiB vs torch {base:.0f} MiB, ratio {peak / base:.3f}; "
             f"growth during the loop {peak - before:.0f} vs {base - base_before:.0f} MiB"
         )
+    print(
+        "activation checkpointing: the loop's growth "
+        f"{growth['functrain-ac']:.0f} vs {growth['functrain']:.0f} MiB without it, ratio "
+        f"{growth['functrain-ac'] / growth['functrain']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ CORE = {
     "functrain.schedule",
     "functrain.rng",
     "functrain.losses",
+    "functrain.recompute",
 }
 CORE_PACKAGES = ("functrain.models", "functrain.data")
 #: The machinery's layers, bottom up; each may import the core and itself only, and `run`

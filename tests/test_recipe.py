@@ -209,7 +209,9 @@ def test_unknown_keys_list_allowed_and_suggest_close_match():
         in found
     )
     assert any(
-        p.startswith("optimizer: unknown key; did you mean 'optim'? allowed: checkpoint, data,")
+        p.startswith(
+            "optimizer: unknown key; did you mean 'optim'? allowed: activation_checkpointing, checkpoint,"
+        )
         for p in found
     )
 
@@ -426,7 +428,10 @@ def test_override_can_replace_a_whole_component_and_its_target():
             "optim.lrr=0.1",
             f"optim.lrr: unknown parameter of {T}optimizer; did you mean 'lr'? accepted: betas, lr, weight_decay",
         ),
-        ("stpes=3", "stpes: unknown key; did you mean 'steps'? allowed: checkpoint, data, device,"),
+        (
+            "stpes=3",
+            "stpes: unknown key; did you mean 'steps'? allowed: activation_checkpointing, checkpoint, data,",
+        ),
         (
             "checkpoint.evry=3",
             "checkpoint.evry: unknown key; did you mean 'every'? allowed: async, every, keep_every, keep_last, on_error, signal",

@@ -28,6 +28,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from functrain.parallel import module_buffers
+from functrain.recompute import blocks
 
 # torch.distributed.fsdp, .tensor and .device_mesh are imported where first used: together
 # they add ~0.25 s to every CLI start, and only `parallel: fsdp` runs need them.
@@ -194,14 +195,7 @@ def shard(model: nn.Module, *, world_size: int | None = None, device: str = "cpu
 
     world_size = world_size or td.get_world_size()
     mesh = init_device_mesh(torch.device(device).type, (world_size,))
-    blocks = [
-        child
-        for m in model.modules()
-        if isinstance(m, nn.ModuleList)
-        for child in m
-        if any(True for _ in child.parameters())
-    ]
-    for block in reversed(blocks):  # bottom-up: nested blocks before the blocks holding them
+    for block in reversed(blocks(model)):  # bottom-up: nested blocks before the blocks holding them
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model

@@ -114,6 +114,11 @@ class Recipe:
         expect="'ddp' (under torchrun every rank holds the whole state) or 'fsdp' (params, "
         "gradients and optimizer state sharded over the ranks with FSDP2)",
     )
+    activation_checkpointing: bool = _field(
+        default=False,
+        expect="true or false (true: each block of the model's nn.ModuleLists recomputes its "
+        "activations in backward: less memory for about one more forward, the same bits)",
+    )
     model: Component
     loss: Component
     data: DataConfig

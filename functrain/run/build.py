@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_map
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from functrain import data as data_lib
-from functrain import dist, rng
+from functrain import dist, recompute, rng
 from functrain.dist import fsdp
 from functrain.errors import BuildError, FunctrainError, UserError
 from functrain.recipe import Component, Recipe, instantiate
@@ -121,6 +121,8 @@ def build(recipe: Recipe, ctx: dist.Context | None = None) -> Built:
         )
     with rng.seeded(rng.fold_in(recipe.seed, "init")):  # the global RNG is left as it was
         model = _make("model", recipe.model)
+    if recipe.activation_checkpointing:
+        _checkpoint_activations(model, sharded(recipe, ctx.world_size))
     sharding = None
     if sharded(recipe, ctx.world_size):
         fsdp.shard(model.to(device), world_size=ctx.world_size, device=device.type)
@@ -153,6 +155,18 @@ def build(recipe: Recipe, ctx: dist.Context | None = None) -> Built:
         local_batch=recipe.data.batch_size // ctx.world_size,
         sharding=sharding,
     )
+
+
+def _checkpoint_activations(model: Any, is_sharded: bool) -> None:
+    if is_sharded:
+        raise BuildError(
+            "activation_checkpointing: true is not supported with parallel: fsdp under "
+            "torchrun yet; use parallel: ddp, or activation_checkpointing: false"
+        )
+    try:
+        recompute.checkpoint_blocks(model)
+    except ValueError as err:
+        raise BuildError(f"activation_checkpointing: {err}") from err
 
 
 def _transforms(recipe: Recipe, ctx: dist.Context, is_sharded: bool) -> list:
