@@ -37,7 +37,7 @@ def functrain_round(model, data, steps: int) -> float:
     state = ft.create(
         copy.deepcopy(model),
         loss=cross_entropy(),
-        optimizer=ft.adamw(lr=1e-3, weight_decay=0.1),
+        optimizer=ft.adamw(lr=1e-3, weight_decay=0.1, decay="all"),  # as the torch loop
         transforms=[ft.forward_backward(), ft.clip_by_global_norm(1.0), ft.apply_optimizer()],
     )
     for i in range(20):  # warm up allocator and dispatch caches

@@ -55,7 +55,7 @@ def functrain_loop(model, data, steps, donate=True, recompute=False):
     state = ft.create(
         checkpoint_blocks(model) if recompute else model,
         loss=next_token_cross_entropy(),
-        optimizer=ft.adamw(lr=1e-3, weight_decay=0.1),
+        optimizer=ft.adamw(lr=1e-3, weight_decay=0.1, decay="all"),  # as the torch loop
         transforms=[ft.forward_backward(), ft.clip_by_global_norm(1.0), ft.apply_optimizer()],
         device=next(model.parameters()).device,
     )

@@ -8,10 +8,17 @@ them; the caller decides whether those are donated buffers or fresh copies. The 
 updates done is `state.step`, passed in as `step`, so no optimizer keeps a counter of its
 own. The op order copies `torch.optim.SGD` / `torch.optim.AdamW(foreach=True)` exactly, so
 the same grads give bitwise the same params and moments (tested).
+
+Weight decay applies to the params `decay` selects: by default those with `ndim >= 2`
+(weight matrices and embeddings; biases and norm weights are left alone, as nanoGPT and
+optax's `mask` do), `"all"`, or a list of glob patterns over the param names
+(`named_parameters()` style, e.g. `["blocks.*.weight"]`). That is torch's two param groups,
+one with the weight decay and one without, and gives the same bits (tested).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 
 import attrs
@@ -53,6 +60,29 @@ class Optimizer:
     update: Callable[..., tuple[TensorDict, TensorDict]]
 
 
+Decay = str | list[str]
+
+
+def _decay_mask(decay: Decay) -> Callable[[TensorDict], list[bool]]:
+    """Which leaves of the params (in `leaves` order) weight decay applies to."""
+    if decay == "matrices":
+        return lambda params: [p.ndim >= 2 for p in leaves(params)]
+    if decay == "all":
+        return lambda params: [True] * len(leaves(params))
+    if isinstance(decay, str) or not all(isinstance(x, str) for x in decay):
+        raise ValueError(
+            f"decay must be 'matrices' (params with ndim >= 2), 'all', or a list of glob "
+            f"patterns over param names, got {decay!r}"
+        )
+    patterns = list(decay)
+
+    def mask(params: TensorDict) -> list[bool]:
+        names = [".".join(k) for k in params.keys(include_nested=True, leaves_only=True)]
+        return [any(fnmatch.fnmatchcase(n, pat) for pat in patterns) for n in names]
+
+    return mask
+
+
 def _check_hparams(**values: float) -> None:
     for name, value in values.items():
         if value < 0:
@@ -65,14 +95,17 @@ def sgd(
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,
+    decay: Decay = "matrices",
 ) -> Optimizer:
-    """Stochastic gradient descent with momentum, Nesterov and L2 weight decay.
+    """Stochastic gradient descent with momentum, Nesterov and L2 weight decay (on the
+    params `decay` selects, module docstring).
 
     >>> opt = sgd(lr=0.1, momentum=0.9)
     """
     _check_hparams(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
+    decayed = _decay_mask(decay)
 
     def init(params: TensorDict) -> TensorDict:
         return TensorDict({"momentum": zeros_like(params)} if momentum else {}, batch_size=[])
@@ -81,7 +114,7 @@ def sgd(
     def update(grads, opt, params, *, lr: float, step: int):
         p, g = leaves(params), leaves(grads)
         if weight_decay:
-            g = torch._foreach_add(g, p, alpha=weight_decay)
+            g = _add_decay(g, p, decayed(params), weight_decay)
         if momentum:
             bufs = leaves(opt["momentum"])
             if step == 0:  # torch starts the buffer as a copy of the first gradient
@@ -99,13 +132,27 @@ def sgd(
     return Optimizer(lr=lr, init=init, update=update)
 
 
+def _add_decay(
+    g: list[torch.Tensor], p: list[torch.Tensor], mask: list[bool], weight_decay: float
+) -> list[torch.Tensor]:
+    """`g + weight_decay * p` where `mask` says so, `g` elsewhere (new tensors, as torch's)."""
+    which = [i for i, m in enumerate(mask) if m]
+    out = list(g)
+    added = torch._foreach_add([g[i] for i in which], [p[i] for i in which], alpha=weight_decay)
+    for i, t in zip(which, added, strict=True):
+        out[i] = t
+    return out
+
+
 def adamw(
     lr: float = 1e-3,
     betas: tuple[float, float] | list[float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.01,
+    decay: Decay = "matrices",
 ) -> Optimizer:
-    """Adam with decoupled weight decay; state `mu` (first moment) and `nu` (second).
+    """Adam with decoupled weight decay (on the params `decay` selects, module docstring);
+    state `mu` (first moment) and `nu` (second).
 
     >>> opt = adamw(lr=3e-4, weight_decay=0.1)
     """
@@ -113,6 +160,7 @@ def adamw(
     _check_hparams(lr=lr, eps=eps, weight_decay=weight_decay)
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)!r}")
+    decayed = _decay_mask(decay)
 
     def init(params: TensorDict) -> TensorDict:
         return TensorDict({"mu": zeros_like(params), "nu": zeros_like(params)}, batch_size=[])
@@ -123,7 +171,9 @@ def adamw(
         mu, nu = leaves(opt["mu"]), leaves(opt["nu"])
         count = step + 1
         if weight_decay:
-            torch._foreach_mul_(p, 1 - lr * weight_decay)
+            which = [t for t, m in zip(p, decayed(params), strict=True) if m]
+            if which:
+                torch._foreach_mul_(which, 1 - lr * weight_decay)
         torch._foreach_lerp_(mu, g, 1 - beta1)
         torch._foreach_mul_(nu, beta2)
         torch._foreach_addcmul_(nu, g, g, 1 - beta2)
