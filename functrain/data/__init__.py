@@ -14,11 +14,13 @@ world size that divides the global batch.
     cursor.py        `CursorSampler`, `make_loader`
     fingerprints.py  `fingerprint`, `fingerprint_changes`
     text.py          `ByteBlocks`, `read_text`, `text_corpus` (the default corpus)
+    tokens.py        `token_file`, `TokenWindows`: token files read through a memory map
 """
 
 from functrain.data.cursor import CursorSampler, make_loader
 from functrain.data.fingerprints import fingerprint, fingerprint_changes
 from functrain.data.text import ByteBlocks, read_text, text_corpus
+from functrain.data.tokens import TokenWindows, token_file
 from functrain.errors import DataError
 
 __all__ = [
@@ -30,4 +32,6 @@ __all__ = [
     "make_loader",
     "read_text",
     "text_corpus",
+    "token_file",
+    "TokenWindows",
 ]

@@ -1,0 +1,115 @@
+"""Token files: windows of a memory-mapped token stream, shards, splits, fingerprints."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from functrain.data import DataError, TokenWindows, make_loader, token_file
+
+
+def write_tokens(path: Path, tokens: torch.Tensor, dtype=torch.uint16) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(tokens.to(dtype).contiguous().view(torch.uint8).numpy()))
+    return path
+
+
+def test_windows_are_consecutive_tokens_shifted_by_one(tmp_path):
+    f = write_tokens(tmp_path / "t.bin", torch.arange(1000))
+    ds = TokenWindows([f], block_size=16)
+    assert len(ds) == (1000 - 1) // 16
+    x, y = ds[2]
+    assert x.dtype == torch.int64 and torch.equal(x, torch.arange(32, 48))
+    assert torch.equal(y, torch.arange(33, 49))
+    assert torch.equal(ds[-1][0], ds[len(ds) - 1][0])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_uint32_tokens_beyond_uint16(tmp_path):
+    tokens = torch.arange(100_000, 100_100)
+    f = write_tokens(tmp_path / "t.bin", tokens, torch.uint32)
+    x, _ = token_file(str(f), block_size=8, dtype="uint32", val_fraction=0)["train"][0]
+    assert torch.equal(x, tokens[:8])
+
+
+def test_shards_in_name_order_and_no_window_crosses_them(tmp_path):
+    write_tokens(tmp_path / "s" / "b.bin", torch.arange(100, 150))  # 50 tokens: 6 windows of 8
+    write_tokens(tmp_path / "s" / "a.bin", torch.arange(0, 20))  # 20 tokens: 2 windows
+    write_tokens(tmp_path / "s" / ".hidden.bin", torch.arange(5))
+    ds = token_file(str(tmp_path / "s"), block_size=8, val_fraction=0)["train"]
+    assert [s.name for s in ds.shards] == ["a.bin", "b.bin"] and len(ds) == 2 + 6
+    firsts = [int(ds[i][0][0]) for i in range(len(ds))]
+    assert firsts == [0, 8, 100, 108, 116, 124, 132, 140]
+    assert all(int(y[-1]) - int(x[0]) == 8 for x, y in (ds[i] for i in range(len(ds))))
+
+
+def test_held_out_tail_and_nanogpt_folders(tmp_path):
+    f = write_tokens(tmp_path / "t.bin", torch.arange(1601))  # 100 windows of 16
+    splits = token_file(str(f), block_size=16, val_fraction=0.1)
+    train, val = splits["train"], splits["val"]
+    assert (len(train), len(val)) == (89, 10)  # one window apart: no shared token
+    assert int(train[len(train) - 1][1][-1]) < int(val[0][0][0])
+    assert torch.equal(val[len(val) - 1][1], torch.arange(1585, 1601))
+    write_tokens(tmp_path / "nano" / "train.bin", torch.arange(200))
+    write_tokens(tmp_path / "nano" / "val.bin", torch.arange(500, 600))
+    nano = token_file(str(tmp_path / "nano"), block_size=16)
+    assert len(nano["train"]) == 12 and int(nano["val"][0][0][0]) == 500
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: str(d / "nothing"), "does not exist"),
+        (lambda d: (d / "empty").mkdir() or str(d / "empty"), "holds no token files"),
+        (lambda d: write_tokens(d / "odd.bin", torch.arange(3), torch.uint8), "not a whole number"),
+        (lambda d: write_tokens(d / "short.bin", torch.arange(8)), "too few for windows"),
+    ],
+)
+def test_unusable_token_files_are_named(tmp_path, make, message):
+    with pytest.raises(DataError, match=message):
+        token_file(make(tmp_path), block_size=8, val_fraction=0)
+
+
+def test_files_are_mapped_not_read(tmp_path):
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(256 << 20)  # sparse: 256 MiB of zeros the disk does not hold
+    rss = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20  # noqa: E731
+    before = rss()
+    ds = token_file(str(big), block_size=1024, val_fraction=0)["train"]
+    for i in range(0, len(ds), len(ds) // 50):
+        ds[i]
+    assert rss() - before < 32  # MiB: far less than the file
+    clone = pickle.loads(pickle.dumps(ds))  # what a worker gets: paths, no mapped memory
+    assert clone._maps is None and torch.equal(clone[7][0], ds[7][0])
+
+
+def test_fingerprint_sees_size_and_sampled_bytes(tmp_path):
+    tokens = torch.arange(50_000) % 1000
+    f = write_tokens(tmp_path / "t.bin", tokens)
+    fp = token_file(str(f), block_size=64, val_fraction=0)["train"].fingerprint()
+    assert fp == token_file(str(f), block_size=64, val_fraction=0)["train"].fingerprint()
+    assert fp != token_file(str(f), block_size=32, val_fraction=0)["train"].fingerprint()
+    changed = tokens.clone()
+    changed[0] += 1  # the first chunk is always hashed
+    write_tokens(f, changed)
+    assert fp != token_file(str(f), block_size=64, val_fraction=0)["train"].fingerprint()
+    write_tokens(f, torch.cat([tokens, tokens[:1]]))  # one token more
+    assert fp != token_file(str(f), block_size=64, val_fraction=0)["train"].fingerprint()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_resumes_token_windows_at_the_cursor(tmp_path, workers):
+    f = write_tokens(tmp_path / "t.bin", torch.randint(0, 50_000, (20_000,)))
+    ds = token_file(str(f), block_size=32, val_fraction=0)["train"]
+    kw = dict(batch_size=8, seed=3, num_workers=workers)
+    straight = make_loader(ds, **kw)
+    want = [b for b, _ in zip(straight, range(90), strict=False)]  # 624 windows: epoch 2
+    resumed = make_loader(ds, start=8 * 60, **kw)
+    got = [b for b, _ in zip(resumed, range(30), strict=False)]
+    pairs = zip(got, want[60:], strict=True)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
