@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from functrain.data import DataError, TokenWindows, make_loader, token_file
+from functrain import checkpoint
+from functrain.data import DataError, TokenWindows, make_loader, prepare, token_file
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_tokens(path: Path, tokens: torch.Tensor, dtype=torch.uint16) -> Path:
@@ -113,3 +119,69 @@ def test_the_loader_resumes_token_windows_at_the_cursor(tmp_path, workers):
     got = [b for b, _ in zip(resumed, range(30), strict=False)]
     pairs = zip(got, want[60:], strict=True)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def test_prepare_streams_text_into_train_and_val_token_files(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "b.txt").write_bytes(b"second file\n" * 50)
+    (src / "sub" / "a.txt").write_bytes("première\n".encode() * 40)  # non-ASCII: bytes
+    (src / ".hidden.txt").write_bytes(b"never")
+    (src / "image.bin").write_bytes(b"\0\1\2" * 100)  # binary: skipped
+    text = (src / "b.txt").read_bytes() + (src / "sub" / "a.txt").read_bytes()
+    seen = []
+    meta = prepare(
+        [src], tmp_path / "out", val_fraction=0.1, progress=lambda d, t: seen.append((d, t))
+    )
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert meta["tokens"] == {
+        "train": len(text) - round(len(text) * 0.1),
+        "val": round(len(text) * 0.1),
+    }
+    tokens = torch.cat(
+        [
+            torch.frombuffer(bytearray((out / f).read_bytes()), dtype=torch.uint16)
+            for f in ("train.bin", "val.bin")
+        ]
+    )
+    assert torch.equal(tokens.to(torch.int64), torch.tensor(list(text)))
+    assert seen[-1] == (len(text), len(text))
+    splits = token_file(str(out), block_size=16)
+    assert len(splits["train"]) == (meta["tokens"]["train"] - 1) // 16
+    assert len(splits["val"]) == (meta["tokens"]["val"] - 1) // 16
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    with pytest.raises(DataError, match="already exists"):
+        prepare([src], out)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
+
+
+def functrain(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "functrain", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def test_prepare_then_train_the_recipe_and_resume_it_bitwise(tmp_path):
+    data = tmp_path / "stdlib"
+    res = functrain("prepare", "--out", data, "--max-bytes", 150_000)
+    assert res.returncode == 0 and "wrote" in res.stderr, res.stderr
+    recipe = ROOT / "recipes" / "gpt_tokens.yaml"
+    small = ("model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data.batch_size=8")
+    args = (f"out_dir={tmp_path}", f"data.dataset.path={data}", "steps=8", *small)
+    args += ("schedule.warmup_steps=2",)
+    args += ("checkpoint.every=4", "log_every=2", "eval.every=4", "eval.batches=1")
+    res = functrain("run", recipe, *args)
+    assert res.returncode == 0, res.stderr
+    res = functrain("resume", recipe, *args, "--from", "state_4", "--name", "again")
+    assert res.returncode == 0, res.stderr
+    full, again = tmp_path / "gpt_tokens" / "state_8", tmp_path / "again" / "state_8"
+    assert checkpoint.digests(again) == checkpoint.digests(full)
+    assert (tmp_path / "again" / "metrics.jsonl").read_text().count('"step"') == 4

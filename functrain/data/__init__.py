@@ -15,10 +15,12 @@ world size that divides the global batch.
     fingerprints.py  `fingerprint`, `fingerprint_changes`
     text.py          `ByteBlocks`, `read_text`, `text_corpus` (the default corpus)
     tokens.py        `token_file`, `TokenWindows`: token files read through a memory map
+    prepare.py       `prepare`: text files -> token files (`functrain prepare`)
 """
 
 from functrain.data.cursor import CursorSampler, make_loader
 from functrain.data.fingerprints import fingerprint, fingerprint_changes
+from functrain.data.prepare import prepare
 from functrain.data.text import ByteBlocks, read_text, text_corpus
 from functrain.data.tokens import TokenWindows, token_file
 from functrain.errors import DataError
@@ -30,6 +32,7 @@ __all__ = [
     "fingerprint",
     "fingerprint_changes",
     "make_loader",
+    "prepare",
     "read_text",
     "text_corpus",
     "token_file",

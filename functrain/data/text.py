@@ -89,34 +89,36 @@ def _concat(files: list[Path], max_bytes: int | None) -> bytes:
     return data if max_bytes is None else data[:max_bytes]
 
 
-def read_text(path: str | os.PathLike | None = None, *, max_bytes: int | None = None) -> bytes:
-    """The bytes of a text file, of a folder's text files, or of the default corpus.
+def text_files(path: str | os.PathLike | None = None) -> tuple[list[Path], str]:
+    """The files `read_text(path)` reads, in order, and words naming where they are.
 
     `None` is the default corpus, needing no download: the source of this Python's standard
     library (`*.py`, sorted by relative path, without site-packages and the test, tests,
-    idlelib and turtledemo trees). A folder gives its files concatenated in relative-path
-    order, skipping hidden files and folders and binary files (a NUL byte in the first
-    8 KiB). The result is cut to `max_bytes`.
+    idlelib and turtledemo trees). A folder gives its files in relative-path order, skipping
+    hidden files and folders and binary files (a NUL byte in the first 8 KiB).
     """
-    max_bytes = None if max_bytes is None else as_int("max_bytes", max_bytes, 1)
     if path is None:
         root = Path(sysconfig.get_paths()["stdlib"])
         files = _walk(root, lambda d: d not in _SKIP_STDLIB_DIRS, lambda f: f.endswith(".py"))
-        data = _concat(files, max_bytes)
-        where = f"the default corpus (Python standard library at {root})"
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise DataError(
-                f"data path {str(p)!r} does not exist; give an existing text file or folder, "
-                "or null for the default corpus (the Python standard library's source)"
-            )
-        files = [p]
-        if p.is_dir():
-            visible = _walk(p, lambda d: not d.startswith("."), lambda f: not f.startswith("."))
-            files = [f for f in visible if f.is_file() and not _is_binary(f)]
-        data = _concat(files, max_bytes)
-        where = f"data path {str(p)!r}"
+        return files, f"the default corpus (Python standard library at {root})"
+    p = Path(path)
+    if not p.exists():
+        raise DataError(
+            f"data path {str(p)!r} does not exist; give an existing text file or folder, "
+            "or null for the default corpus (the Python standard library's source)"
+        )
+    if not p.is_dir():
+        return [p], f"data path {str(p)!r}"
+    visible = _walk(p, lambda d: not d.startswith("."), lambda f: not f.startswith("."))
+    return [f for f in visible if f.is_file() and not _is_binary(f)], f"data path {str(p)!r}"
+
+
+def read_text(path: str | os.PathLike | None = None, *, max_bytes: int | None = None) -> bytes:
+    """The bytes of a text file, of a folder's text files, or of the default corpus
+    (`text_files`), concatenated and cut to `max_bytes`."""
+    max_bytes = None if max_bytes is None else as_int("max_bytes", max_bytes, 1)
+    files, where = text_files(path)
+    data = _concat(files, max_bytes)
     if not data:
         raise DataError(
             f"{where} holds no text (empty, or only hidden or binary files); "

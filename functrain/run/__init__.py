@@ -1,6 +1,6 @@
 """Running a recipe: the machinery around the pure step, the top layer of the package.
 
-    cli.py        functrain run | resume | inspect
+    cli.py        functrain run | resume | inspect | prepare
     build.py      recipe -> state at step 0, datasets, loaders; the trial step
     trainer.py    Trainer: the loop and its side effects (log, eval, snapshot, preemption)
     resume.py     find, check and read a snapshot, prepare the run directory

@@ -1,4 +1,4 @@
-"""`functrain run | resume | inspect`: parse, build, train, close.
+"""`functrain run | resume | inspect | prepare`: parse, build, train, close.
 
 User errors (bad recipe, missing or corrupt snapshot, changed recipe or data: every
 `functrain.errors.UserError`) end with one paragraph on stderr and exit status 2, never a
@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from functrain import checkpoint, dist
+from functrain.data import prepare
 from functrain.errors import UserError
 from functrain.recipe import Recipe, load_recipe, recipe_hash
 from functrain.run import preempt, resume, rundir
@@ -111,7 +112,15 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     )
     ins.add_argument("path", help="a snapshot directory or a run directory")
     ins.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    return {"run": run, "resume": res, "inspect": ins}
+
+    pre = command("prepare", "tokenize text files into token files for token_file", cmd_prepare)
+    pre.add_argument(
+        "inputs", nargs="*", metavar="TEXT", help="files or folders (none: the default corpus)"
+    )
+    pre.add_argument("--out", required=True, type=Path, help="the new directory to write")
+    pre.add_argument("--val-fraction", type=float, default=0.05, help="held-out tail (0.05)")
+    pre.add_argument("--max-bytes", type=int, default=None, help="stop after this much text")
+    return {"run": run, "resume": res, "inspect": ins, "prepare": pre}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -132,6 +141,43 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     return inspect(Path(args.path), args.json)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    meta = prepare(
+        args.inputs,
+        args.out,
+        val_fraction=args.val_fraction,
+        max_bytes=args.max_bytes,
+        progress=_ByteProgress(),
+    )
+    tokens = meta["tokens"]
+    print(
+        f"wrote {args.out}: {tokens['train']:,} train and {tokens['val']:,} val tokens "
+        f"({meta['tokenizer']}, vocab {meta['vocab_size']}); train on it with "
+        f"data.dataset={{_component_: functrain.data.token_file, path: {args.out}}}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+class _ByteProgress:
+    """`prepare`'s progress: one updating line on a terminal, a line per quarter otherwise."""
+
+    def __init__(self) -> None:
+        self.tty, self.shown = sys.stderr.isatty(), -1
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = 100 * done // total
+        if self.tty:
+            end = "\n" if done == total else ""
+            print(f"\rprepare: {done / 2**20:.1f} / {total / 2**20:.1f} MiB ({pct}%)", end=end,
+                  file=sys.stderr, flush=True)  # fmt: skip
+        elif pct // 25 > self.shown:
+            self.shown = pct // 25
+            print(
+                f"prepare: {done / 2**20:.1f} / {total / 2**20:.1f} MiB ({pct}%)", file=sys.stderr
+            )
 
 
 def _load_agreed(ctx: dist.Context, args: argparse.Namespace) -> Recipe:
