@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,3 +56,17 @@ def assert_states_equal(a: TensorDict, b: TensorDict) -> None:
 @pytest.fixture
 def data():
     return toy_data()
+
+
+def cli(*args, cwd=None, check=True, env=None) -> subprocess.CompletedProcess:
+    """`python -m functrain ARGS` in a subprocess; with `check`, a non-zero exit fails."""
+    out = subprocess.run(
+        [sys.executable, "-m", "functrain", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
+    return out

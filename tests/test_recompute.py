@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_states_equal, toy_model
+from conftest import assert_states_equal, cli, toy_model
 
 import functrain as ft
 from functrain import checkpoint
@@ -87,23 +84,16 @@ TINY = ROOT / "recipes" / "tiny.yaml"
 SHORT = ("steps=12", "checkpoint.every=6", "log_every=3", "eval.every=6")
 
 
-def functrain(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "functrain", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-
-
 def test_a_checkpointed_run_ends_in_the_bits_of_a_plain_one_and_resume_checks_the_key(tmp_path):
     for name, flag in (("plain", "false"), ("ac", "true")):
         args = (f"out_dir={tmp_path}", f"name={name}", f"activation_checkpointing={flag}")
-        res = functrain("run", TINY, *args, *SHORT)
+        res = cli("run", TINY, *args, *SHORT, check=False)
         assert res.returncode == 0, res.stderr
     plain, ac = tmp_path / "plain", tmp_path / "ac"
     assert checkpoint.digests(ac / "state_12") == checkpoint.digests(plain / "state_12")
     assert (ac / "metrics.jsonl").read_text().count('"step"') == 4
-    res = functrain("resume", TINY, f"out_dir={tmp_path}", "name=ac", *SHORT, "--from", "state_6")
+    res = cli(
+        "resume", TINY, f"out_dir={tmp_path}", "name=ac", *SHORT, "--from", "state_6", check=False
+    )
     assert res.returncode == 2
     assert "activation_checkpointing: true -> false" in res.stderr, res.stderr

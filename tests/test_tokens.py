@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli
 
 from functrain import checkpoint
 from functrain.data import DataError, TokenWindows, make_loader, prepare, token_file
@@ -160,27 +158,18 @@ def test_prepare_streams_text_into_train_and_val_token_files(tmp_path):
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
 
 
-def functrain(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "functrain", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-
-
 def test_prepare_then_train_the_recipe_and_resume_it_bitwise(tmp_path):
     data = tmp_path / "stdlib"
-    res = functrain("prepare", "--out", data, "--max-bytes", 150_000)
+    res = cli("prepare", "--out", data, "--max-bytes", 150_000, check=False)
     assert res.returncode == 0 and "wrote" in res.stderr, res.stderr
     recipe = ROOT / "recipes" / "gpt_tokens.yaml"
     small = ("model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data.batch_size=8")
     args = (f"out_dir={tmp_path}", f"data.dataset.path={data}", "steps=8", *small)
     args += ("schedule.warmup_steps=2",)
     args += ("checkpoint.every=4", "log_every=2", "eval.every=4", "eval.batches=1")
-    res = functrain("run", recipe, *args)
+    res = cli("run", recipe, *args, check=False)
     assert res.returncode == 0, res.stderr
-    res = functrain("resume", recipe, *args, "--from", "state_4", "--name", "again")
+    res = cli("resume", recipe, *args, "--from", "state_4", "--name", "again", check=False)
     assert res.returncode == 0, res.stderr
     full, again = tmp_path / "gpt_tokens" / "state_8", tmp_path / "again" / "state_8"
     assert checkpoint.digests(again) == checkpoint.digests(full)
