@@ -93,7 +93,7 @@ class Trainer:
         )
         self.preemption = preempt.Preemption(self.recipe.checkpoint.signal)
         self.progress = Progress(self.recipe.steps, int(state.step)) if self.ctx.is_main else None
-        self._last_log = (time.perf_counter(), int(state.data["samples"]))  # throughput's base
+        self._last_log: tuple[float, int]  # (time, samples) of the last record: set by train()
 
     def run(self) -> int:
         """Train to the end, or until preempted; the process's exit status."""
