@@ -20,6 +20,7 @@ from functrain import rng
 from functrain.errors import ConsumedStateError
 from functrain.optim import Optimizer
 from functrain.parallel import UNSHARDED, Placement, Sharding
+from functrain.precision import Precision
 from functrain.schedule import Schedule, constant
 from functrain.transform import Transform, compose
 
@@ -44,6 +45,8 @@ class Static:
     placement: Placement = Placement()
     #: How the params relate to the model and the other ranks (FSDP2: this rank's shards).
     sharding: Sharding = UNSHARDED
+    #: The dtype the forward pass computes in, and fp16's loss scaling.
+    precision: Precision = Precision()
 
 
 class TrainState:
@@ -209,6 +212,7 @@ def create(
     device: torch.device | str = "cpu",
     placement: Placement | None = None,
     sharding: Sharding | None = None,
+    precision: Precision | str = "fp32",
 ) -> TrainState:
     """The state at step 0: params and buffers taken from `model`, optimizer state, key.
 
@@ -216,7 +220,11 @@ def create(
     and the state's tensors are swapped in for each forward pass. With a `sharding` (e.g.
     FSDP2's, `functrain.dist.fsdp.Sharding.of(model)`) the model keeps its shards instead,
     and the state holds copies. `placement` is this process's rank in the job.
+    `precision` is `"fp32"`, `"bf16"`, `"fp16"` or a `functrain.precision.Precision`
+    (fp16's loss scale then lives in `state.stats`).
     """
+    if isinstance(precision, str):
+        precision = Precision(precision)
     if sharding is None and any(hasattr(p, "device_mesh") for p in model.parameters()):
         raise ValueError(
             "the model's params are sharded DTensors: pass "
@@ -234,6 +242,7 @@ def create(
         transform=transform,
         placement=placement or Placement(),
         sharding=sharding,
+        precision=precision,
     )
     metric = torch.full((), float("nan"), device=device)
     entries = {
@@ -244,7 +253,11 @@ def create(
         "rng": rng.key(seed),
         "data": TensorDict({"samples": torch.zeros((), dtype=torch.int64)}, batch_size=[]),
         "stats": TensorDict(
-            {"loss_ema": metric.clone(), "best_eval": torch.full((), float("inf"), device=device)},
+            {
+                "loss_ema": metric.clone(),
+                "best_eval": torch.full((), float("inf"), device=device),
+                **precision.init_stats(device),
+            },
             batch_size=[],
         ),
         "ema": TensorDict({}, batch_size=[]),

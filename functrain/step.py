@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from functrain import rng
 from functrain.optim import leaves
+from functrain.precision import keep_unless
 from functrain.state import TrainState
 from functrain.transform import Transform, compose
 
@@ -71,7 +72,9 @@ def forward_backward(micro_batches: int = 1) -> Transform:
     Randomness (dropout) is drawn from a seed derived from (key, step, rank), so step k's
     masks depend on the key and k only; the global RNG is left as it was. The state's
     `Sharding` computes the gradients: with FSDP2 they come back reduce-scattered (this
-    rank's shards, averaged over ranks).
+    rank's shards, averaged over ranks). The state's `Precision` sets the dtype the loss is
+    computed in (autocast) and, for fp16, scales the loss for backward; the gradients this
+    returns are unscaled.
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
@@ -85,15 +88,19 @@ def forward_backward(micro_batches: int = 1) -> Transform:
             )
         params = leaves(state.params)
         acc: list[torch.Tensor] | None = None
-        total = torch.zeros((), device=params[0].device)
+        device = params[0].device
+        total = torch.zeros((), device=device)
+        precision = static.precision
         seed = rng.step_seed(state.rng, int(state.step), static.placement.rank)
-        with rng.seeded(seed, params[0].device), state.bind() as model:
+        with rng.seeded(seed, device), state.bind() as model:
             for i in range(micro_batches):
                 micro = tree_map(lambda t, i=i: t.chunk(micro_batches)[i], batch)
-                loss = static.loss(model, micro) / micro_batches
-                acc = static.sharding.backward(loss, params, acc)
+                with precision.autocast(device):
+                    loss = static.loss(model, micro).float() / micro_batches
+                acc = static.sharding.backward(precision.scale(loss, state.stats), params, acc)
                 total = total + loss.detach()
         grads = static.sharding.gradients(state.params, acc)
+        precision.unscale_(grads, state.stats)
         return state.replace(
             grads=_like_params(state.params, grads),
             metrics=state.metrics.replace(loss=total),
@@ -128,19 +135,43 @@ def clip_by_global_norm(max_norm: float) -> Transform:
 
 
 def apply_optimizer() -> Transform:
-    """Update params and optimizer state with the gradients at LR `optim.lr * schedule(step)`."""
+    """Update params and optimizer state with the gradients at LR `optim.lr * schedule(step)`.
+
+    With fp16's loss scaling, an update whose gradients (on any rank) are not all finite is
+    masked out: params and optimizer state stay as they were, the loss scale backs off and
+    `state.stats["skipped_steps"]` counts it (`functrain.precision`).
+    """
 
     def apply(state: TrainState, batch: Any) -> TrainState:
         static = state.static
         step_now = int(state.step)
         lr = static.optimizer.lr * static.schedule(step_now)
-        params, opt = static.optimizer.update(
-            state.grads, state.opt, state.params, lr=lr, step=step_now
-        )
+        if static.precision.scaling:
+            params, opt = _update_unless_nonfinite(state, lr, step_now)
+        else:
+            params, opt = static.optimizer.update(
+                state.grads, state.opt, state.params, lr=lr, step=step_now
+            )
         metrics = state.metrics.replace(lr=torch.full_like(state.metrics["lr"], lr))
         return state.replace(params=params, opt=opt, grads=None, metrics=metrics)
 
     return Transform(name="apply_optimizer", apply=apply)
+
+
+def _update_unless_nonfinite(state: TrainState, lr: float, step_now: int):
+    static = state.static
+    grads = leaves(state.grads)
+    # The norm over ranks of 0/1 flags is nonzero where any rank found a non-finite gradient.
+    found = static.sharding.global_norm(static.precision.nonfinite(grads)).sign()
+    kept = leaves(state.params) + leaves(state.opt)
+    before = [t.detach().clone() for t in kept]
+    params, opt = static.optimizer.update(
+        state.grads, state.opt, state.params, lr=lr, step=step_now
+    )
+    with torch.no_grad():
+        keep_unless(found.bool(), leaves(params) + leaves(opt), before)
+    static.precision.update_(state.stats, found)
+    return params, opt
 
 
 def ema(decay: float = 0.999) -> Transform:

@@ -182,3 +182,17 @@ def test_dcp_metadata_that_would_run_code_is_refused(cross, tmp_path):
     assert checkpoint.verify(bad) == []
     with pytest.raises(checkpoint.SnapshotError, match=r"refers to (posix|os)\.system"):
         checkpoint.load(bad)
+
+
+def test_fp16_under_fsdp_resumes_two_to_two_bitwise_through_skipped_steps(tmp_path):
+    """FSDP2 gathers the params in float16 for compute and reduce-scatters float32
+    gradients; a step is skipped when any rank's shard of the gradients is not finite."""
+    fp16 = (*BASE, "precision=fp16", "loss_scale.init=16777216", "loss_scale.growth_interval=2")
+    launch(2, "run", TINY, f"out_dir={tmp_path}", "name=A", *fp16)
+    launch(2, "resume", TINY, f"out_dir={tmp_path}", "name=A", *fp16,
+           "--from", "state_6", "--name", "B")  # fmt: skip
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert digests(b / "state_12") == digests(a / "state_12")
+    assert timeless_metrics(b) == timeless_metrics(a)
+    skipped = [r["skipped_steps"] for r in timeless_metrics(a)]
+    assert 0 < skipped[5] < skipped[-1] < 12  # skips before and after the resume point

@@ -27,6 +27,8 @@ CORE = {
     "functrain.rng",
     "functrain.losses",
     "functrain.recompute",
+    "functrain.precision",
+    "functrain.determinism",
 }
 CORE_PACKAGES = ("functrain.models", "functrain.data")
 #: The machinery's layers, bottom up; each may import the core and itself only, and `run`

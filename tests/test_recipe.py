@@ -430,7 +430,7 @@ def test_override_can_replace_a_whole_component_and_its_target():
         ),
         (
             "stpes=3",
-            "stpes: unknown key; did you mean 'steps'? allowed: activation_checkpointing, checkpoint, data,",
+            "stpes: unknown key; did you mean 'steps'? allowed: activation_checkpointing, checkpoint, compile, data,",
         ),
         (
             "checkpoint.evry=3",

@@ -185,19 +185,30 @@ class Sharding:
         return out
 
 
-def shard(model: nn.Module, *, world_size: int | None = None, device: str = "cpu") -> nn.Module:
+def shard(
+    model: nn.Module,
+    *,
+    world_size: int | None = None,
+    device: str = "cpu",
+    compute_dtype: torch.dtype | None = None,
+) -> nn.Module:
     """Apply FSDP2 to `model` in place: each block of its ModuleLists, then the root.
 
-    Needs an initialized process group; the mesh spans all `world_size` ranks.
+    Needs an initialized process group; the mesh spans all `world_size` ranks. With a
+    `compute_dtype` (bf16, fp16) FSDP gathers the params in it for the forward pass and
+    reduce-scatters the gradients in float32; the shards stay float32.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     world_size = world_size or td.get_world_size()
     mesh = init_device_mesh(torch.device(device).type, (world_size,))
+    policy = MixedPrecisionPolicy()  # float32 throughout
+    if compute_dtype is not None:
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in reversed(blocks(model)):  # bottom-up: nested blocks before the blocks holding them
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 

@@ -204,6 +204,8 @@ def _field_value(
             return None
         return [component(item, f"{path}.{i}", problems) for i, item in enumerate(raw)]
     if attrs.has(f.type):
+        if isinstance(raw, bool) and "enabled" in config_fields(f.type):
+            raw = {"enabled": raw}  # `compile: true` is short for `compile: {enabled: true}`
         return _section(f.type, raw, path, problems)
     problem = scalar_problem(raw, f, path)
     if problem:

@@ -94,6 +94,39 @@ class EvalConfig:
 
 
 @attrs.frozen(kw_only=True)
+class LossScaleConfig:
+    """The `loss_scale:` section: fp16's dynamic loss scaling (torch.amp.GradScaler's defaults)."""
+
+    init: float = _field(default=2.0**16, expect="a number > 0", check=lambda v: v > 0)
+    growth_factor: float = _field(default=2.0, expect="a number > 1", check=lambda v: v > 1)
+    backoff_factor: float = _field(
+        default=0.5, expect="a number between 0 and 1", check=lambda v: 0 < v < 1
+    )
+    growth_interval: int = _field(
+        default=2000,
+        expect="an integer > 0 (finite steps in a row before the scale grows)",
+        check=_positive,
+    )
+
+
+#: `compile.mode`s: those of torch.compile that pick no kernels by timing.
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
+@attrs.frozen(kw_only=True)
+class CompileConfig:
+    """The `compile:` section; `compile: true` / `false` is short for `{enabled: ...}`."""
+
+    enabled: bool = _field(default=True, expect="true or false")
+    mode: str = _field(
+        default="default",
+        expect=f"one of {', '.join(COMPILE_MODES)} (the max-autotune modes pick kernels by "
+        "timing, which can differ between processes and so break bitwise resume)",
+        check=lambda v: v in COMPILE_MODES,
+    )
+
+
+@attrs.frozen(kw_only=True)
 class Recipe:
     """A validated run recipe. Component fields are checked but not instantiated."""
 
@@ -119,6 +152,13 @@ class Recipe:
         expect="true or false (true: each block of the model's nn.ModuleLists recomputes its "
         "activations in backward: less memory for about one more forward, the same bits)",
     )
+    precision: Literal["fp32", "bf16", "fp16"] = _field(
+        default="fp32",
+        expect="'fp32', 'bf16' (autocast to bfloat16, float32 params and optimizer state) or "
+        "'fp16' (autocast to float16 with dynamic loss scaling, see loss_scale)",
+    )
+    loss_scale: LossScaleConfig = attrs.field(factory=LossScaleConfig)
+    compile: CompileConfig = attrs.field(factory=lambda: CompileConfig(enabled=False))
     model: Component
     loss: Component
     data: DataConfig

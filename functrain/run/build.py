@@ -15,9 +15,10 @@ from torch.utils._pytree import tree_map
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from functrain import data as data_lib
-from functrain import dist, recompute, rng
+from functrain import determinism, dist, recompute, rng
 from functrain.dist import fsdp
 from functrain.errors import BuildError, FunctrainError, UserError
+from functrain.precision import Precision
 from functrain.recipe import Component, Recipe, instantiate
 from functrain.state import TrainState, create
 from functrain.step import step as run_step
@@ -54,6 +55,7 @@ class Built:
     device: torch.device
     local_batch: int  # per-rank batch size
     sharding: fsdp.Sharding | None  # FSDP2: every rank holds (and writes) its shards
+    determinism: dict  # the settings `functrain.determinism.configure` made, for manifests
 
 
 def resolve_device(name: str, rank: int = 0) -> torch.device:
@@ -113,6 +115,7 @@ def build(recipe: Recipe, ctx: dist.Context | None = None) -> Built:
             f"divisible by the number of processes ({ctx.world_size})"
         )
     device = resolve_device(recipe.device, ctx.rank)
+    exactness = determinism.configure(device, compiled=recipe.compile.enabled)
     splits = _make("data.dataset", recipe.data.dataset)
     if not isinstance(splits, dict) or "train" not in splits:
         raise BuildError(
@@ -123,10 +126,25 @@ def build(recipe: Recipe, ctx: dist.Context | None = None) -> Built:
         model = _make("model", recipe.model)
     if recipe.activation_checkpointing:
         _checkpoint_activations(model, sharded(recipe, ctx.world_size))
+    precision = _precision(recipe)
     sharding = None
     if sharded(recipe, ctx.world_size):
-        fsdp.shard(model.to(device), world_size=ctx.world_size, device=device.type)
+        if recipe.compile.enabled:
+            raise BuildError(
+                "compile: true is not supported with parallel: fsdp under torchrun yet; use "
+                "parallel: ddp, or compile: false"
+            )
+        fsdp.shard(
+            model.to(device),
+            world_size=ctx.world_size,
+            device=device.type,
+            compute_dtype=precision.compute_dtype,
+        )
         sharding = fsdp.Sharding.of(model)
+    if recipe.compile.enabled:
+        # Static shapes: a graph per shape, never one made dynamic by the shapes seen before
+        # (eval's batch is not training's micro-batch), so what runs depends on no history.
+        model.compile(mode=recipe.compile.mode, dynamic=False)
     state = create(
         model,
         loss=_make("loss", recipe.loss),
@@ -137,6 +155,7 @@ def build(recipe: Recipe, ctx: dist.Context | None = None) -> Built:
         device=device,
         placement=ctx,
         sharding=sharding,
+        precision=precision,
     )
     fingerprint = data_lib.fingerprint(
         splits["train"],
@@ -154,6 +173,18 @@ def build(recipe: Recipe, ctx: dist.Context | None = None) -> Built:
         device=device,
         local_batch=recipe.data.batch_size // ctx.world_size,
         sharding=sharding,
+        determinism=exactness,
+    )
+
+
+def _precision(recipe: Recipe) -> Precision:
+    scale = recipe.loss_scale
+    return Precision(
+        recipe.precision,
+        init_scale=scale.init,
+        growth_factor=scale.growth_factor,
+        backoff_factor=scale.backoff_factor,
+        growth_interval=scale.growth_interval,
     )
 
 

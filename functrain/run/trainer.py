@@ -42,16 +42,21 @@ def policy(config: CheckpointConfig) -> Policy:
     )
 
 
+#: `state.stats` entries of fp16's loss scaler that each metrics record carries.
+_SCALER_STATS = ("loss_scale", "skipped_steps")
+
+
 @torch.no_grad()
 def evaluate(
     state: TrainState, batches: Iterator[Any], n: int, device: torch.device
 ) -> torch.Tensor:
-    """Mean loss over `n` batches, model in eval mode, no RNG drawn, state unchanged."""
+    """Mean loss over `n` batches, model in eval mode, no RNG drawn, state unchanged; in
+    the state's precision (autocast), as training computes it."""
     model = state.static.model
     model.eval()
     total = torch.zeros((), device=device)
     try:
-        with state.bind() as model:
+        with state.bind() as model, state.static.precision.autocast(device):
             for _ in range(n):
                 total += state.static.loss(model, to_device(next(batches), device)).float()
     finally:
@@ -80,6 +85,7 @@ class Trainer:
             "recipe_hash": recipe_hash(self.recipe),
             "data": built.fingerprint,
             "device": built.device.type,
+            "determinism": built.determinism,
             "world_size": self.ctx.world_size,
             **(meta or {}),
         }
@@ -153,6 +159,9 @@ class Trainer:
             "grad_norm": state.metrics["grad_norm"].item(),
             "samples_per_s": (samples - samples_last) / max(t - t_last, 1e-9),
         }
+        for name in _SCALER_STATS:  # fp16's loss scaler, when the state has one
+            if name in state.stats:
+                record[name] = state.stats[name].item()
         if eval_now:
             value = self._eval_loss(state)
             best = state.stats["best_eval"]

@@ -1,0 +1,54 @@
+"""`compile: true`: the model's forward through torch.compile (inductor on CPU here), one
+graph for the whole run, and a compiled run resumed in a new process bitwise equal to the
+unbroken compiled run."""
+
+from __future__ import annotations
+
+import torch
+from conftest import cli
+from test_precision import SHORT, TINY, _metrics, batches, gpt, state_of
+from torch._dynamo.utils import counters
+
+import functrain as ft
+from functrain import checkpoint
+
+
+def test_a_compiled_model_compiles_once_and_steps_without_recompiling():
+    torch._dynamo.reset()
+    counters.clear()
+    model = gpt()
+    model.compile()
+    state = state_of("bf16", model)
+    ft.step(state, batches(1)[0], donate=False)  # a trial step on a copy, as the CLI's probe
+    graphs = dict(counters["stats"])
+    for batch in batches(5):
+        state = ft.step(state, batch)
+    assert counters["frames"]["ok"] == 1 and graphs["unique_graphs"] == 1
+    assert dict(counters["stats"]) == graphs  # no new graph, no recompilation
+    assert not counters["graph_break"] and not counters["recompiles"]
+    assert torch.isfinite(state.metrics["loss"])
+
+
+def test_a_compiled_run_resumed_in_a_new_process_is_bitwise(tmp_path):
+    flags = ("compile=true", "precision=bf16")
+    cli("run", TINY, f"out_dir={tmp_path}", "name=A", *SHORT, *flags)
+    cli("resume", TINY, f"out_dir={tmp_path}", "name=A", *SHORT, *flags,
+        "--from", "state_6", "--name", "B")  # fmt: skip
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert checkpoint.digests(b / "state_12") == checkpoint.digests(a / "state_12")
+    assert _metrics(b) == _metrics(a)
+    settings = checkpoint.read_manifest(a / "state_12")["determinism"]
+    assert settings == {"deterministic_algorithms": True, "inductor_deterministic": True}
+    eager = tmp_path / "eager"
+    cli("run", TINY, f"out_dir={tmp_path}", "name=eager", *SHORT, "precision=bf16")
+    assert checkpoint.digests(eager / "state_12") != checkpoint.digests(a / "state_12")
+    eager_settings = checkpoint.read_manifest(eager / "state_12")["determinism"]
+    assert eager_settings == {"deterministic_algorithms": False}  # eager CPU needs none
+
+
+def test_an_autotuning_compile_mode_is_refused(tmp_path):
+    res = cli("run", TINY, f"out_dir={tmp_path}", "compile.mode=max-autotune", check=False)
+    assert res.returncode == 2
+    assert "compile.mode: got 'max-autotune'" in res.stderr, res.stderr
+    assert "pick kernels by timing" in res.stderr
+    assert not (tmp_path / "tiny").exists()

@@ -1,0 +1,62 @@
+"""On a CUDA GPU: bf16 + compile resumed bitwise, the determinism settings recorded, and a
+CUDA snapshot read on a machine without one. Skipped where torch sees no GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import cli
+from test_precision import SHORT, TINY, _metrics
+
+from functrain import checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU = ("device=cuda", "precision=bf16", "compile=true")
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cuda")
+    cli("run", TINY, f"out_dir={out}", "name=A", *SHORT, *GPU)
+    return out
+
+
+def test_bf16_compiled_on_cuda_resumes_bitwise(gpu_run):
+    cli("resume", TINY, f"out_dir={gpu_run}", "name=A", *SHORT, *GPU,
+        "--from", "state_6", "--name", "B")  # fmt: skip
+    a, b = gpu_run / "A", gpu_run / "B"
+    assert checkpoint.digests(b / "state_12") == checkpoint.digests(a / "state_12")
+    assert _metrics(b) == _metrics(a)
+
+
+def test_the_determinism_settings_are_recorded(gpu_run):
+    manifest = checkpoint.read_manifest(gpu_run / "A" / "state_12")
+    settings = manifest["determinism"]
+    assert settings["deterministic_algorithms"] is True
+    assert settings["cublas_workspace_config"] == ":4096:8"
+    assert settings["cudnn_deterministic"] is True and settings["cudnn_benchmark"] is False
+    assert settings["inductor_deterministic"] is True
+
+
+def test_a_cuda_snapshot_loads_where_there_is_no_gpu(gpu_run):
+    code = (
+        "import sys, torch; from functrain import checkpoint; "
+        "assert not torch.cuda.is_available(); "
+        "t, m = checkpoint.load(sys.argv[1]); "
+        "assert all(x.device.type == 'cpu' for x in t.values(True, True)); print(m['step'])"
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(gpu_run / "A" / "state_12")],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == "12", out.stderr
+    res = cli("resume", TINY, f"out_dir={gpu_run}", "name=A", *SHORT, "device=cpu",
+              "precision=bf16", "compile=true", "--from", "state_6", "--name", "C", "--allow-change", "device",
+              env={"CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    assert "step 12/12" in res.stdout
