@@ -21,6 +21,7 @@ from functrain.data import (
     read_text,
     text_corpus,
 )
+from functrain.data.order import Shuffle
 from functrain.rng import fold_in
 
 
@@ -35,13 +36,13 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def expected_global(size: int, G: int, seed: int, steps: range) -> list[torch.Tensor]:
-    """Global batches straight from the spec: epoch e's randperm seeded fold_in(seed, e)."""
+    """Global batches straight from the spec: epoch e's order is the bijection
+    Shuffle(size, fold_in(seed, e)) of positions."""
     per_epoch = size // G
     out = []
     for s in steps:
         e, b = divmod(s, per_epoch)
-        g = torch.Generator().manual_seed(fold_in(seed, e))
-        out.append(torch.randperm(size, generator=g)[b * G : (b + 1) * G])
+        out.append(Shuffle(size, fold_in(seed, e)).range(b * G, (b + 1) * G))
     return out
 
 

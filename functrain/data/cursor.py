@@ -14,8 +14,12 @@ from torch.utils.data import Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from functrain.data._args import as_int
+from functrain.data.order import Shuffle
 from functrain.errors import DataError
 from functrain.rng import fold_in
+
+#: Positions of an epoch's order computed at a time (32 KiB of int64), then handed out.
+_CHUNK = 4096
 
 
 class _CursorIter(Iterator[int]):
@@ -25,7 +29,8 @@ class _CursorIter(Iterator[int]):
         self._s = sampler
         self.start = start
         self.yielded = 0  # indices of this rank handed out
-        self._epoch, self._order = -1, torch.empty(0, dtype=torch.int64)
+        self._chunk_id: tuple[int, int] = (-1, -1)  # (epoch, chunk) of `_chunk`
+        self._chunk: list[int] = []
         self._batch: list[int] = []
 
     def position(self) -> int:
@@ -36,20 +41,32 @@ class _CursorIter(Iterator[int]):
         s, j = self._s, self.yielded % self._s.batch_size
         if j == 0:  # a new batch: this rank's slice of the global batch at position()
             epoch, offset = divmod(self.position(), s.epoch_len)
-            if epoch != self._epoch:  # one permutation per epoch, computed once
-                self._epoch, self._order = epoch, s.permutation(epoch)
             lo = offset + s.rank * s.batch_size
-            self._batch = self._order[lo : lo + s.batch_size].tolist()
+            self._batch = self._indices(epoch, lo, lo + s.batch_size)
         self.yielded += 1  # before returning, so position() counts a batch once it is taken
         return self._batch[j]
+
+    def _indices(self, epoch: int, lo: int, hi: int) -> list[int]:
+        """The sample indices at positions `lo .. hi - 1` of `epoch`, chunk by chunk."""
+        out: list[int] = []
+        while lo < hi:
+            c = lo // _CHUNK
+            if self._chunk_id != (epoch, c):
+                end = min((c + 1) * _CHUNK, self._s.size)
+                self._chunk_id, self._chunk = (epoch, c), self._s.order(epoch, c * _CHUNK, end)
+            take = min(hi, (c + 1) * _CHUNK) - lo
+            out += self._chunk[lo - c * _CHUNK : lo - c * _CHUNK + take]
+            lo += take
+        return out
 
 
 class CursorSampler(Sampler[int]):
     """Infinite stream of this rank's sample indices, positioned by global samples consumed.
 
     `batch_size` is the per-rank batch B; G = B * world_size. An epoch is the first
-    `(size // G) * G` positions of a permutation of `range(size)` drawn from
-    `fold_in(seed, epoch)` (identity when `shuffle=False`); global batch s is positions
+    `(size // G) * G` positions of a permutation of `range(size)` keyed by
+    `fold_in(seed, epoch)` (`functrain.data.order.Shuffle`, computed per position: O(1)
+    memory for any size; identity when `shuffle=False`); global batch s is positions
     `[s*G, (s+1)*G)` and rank r takes `[s*G + r*B, s*G + (r+1)*B)`. `start` (a multiple of
     G) is where the stream begins; nothing before it is computed.
     """
@@ -83,6 +100,7 @@ class CursorSampler(Sampler[int]):
         self.epoch_len = (self.size // self.global_batch) * self.global_batch
         self.start = self._check_start(start)
         self._live: _CursorIter | None = None
+        self._shuffle: tuple[int, Shuffle] | None = None  # the epoch's order, keyed
 
     def _check_start(self, start: Any) -> int:
         start = as_int("start", start, 0)
@@ -94,11 +112,17 @@ class CursorSampler(Sampler[int]):
         return start
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        """The order of `range(size)` in `epoch` (identity when not shuffling), int64."""
+        """The whole order of `range(size)` in `epoch` (identity when not shuffling), int64:
+        for inspection and tests; the sampler itself computes only the positions it hands out."""
+        return torch.tensor(self.order(epoch, 0, self.size), dtype=torch.int64)
+
+    def order(self, epoch: int, lo: int, hi: int) -> list[int]:
+        """The sample indices at positions `lo .. hi - 1` of `epoch`'s order."""
         if not self.shuffle:
-            return torch.arange(self.size)
-        g = torch.Generator().manual_seed(fold_in(self.seed, epoch))
-        return torch.randperm(self.size, generator=g)
+            return list(range(lo, hi))
+        if self._shuffle is None or self._shuffle[0] != epoch:
+            self._shuffle = (epoch, Shuffle(self.size, fold_in(self.seed, epoch)))
+        return self._shuffle[1].range(lo, hi).tolist()
 
     def __iter__(self) -> Iterator[int]:
         self._live = _CursorIter(self, self.start)

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from functrain.data.order import ORDER_VERSION
+
 _FINGERPRINT_SAMPLES = 256  # samples hashed for datasets with neither fingerprint() nor tensors
 
 
@@ -49,7 +51,8 @@ def _content_hash(dataset) -> str:
 
 
 def fingerprint(dataset, *, batch_size: int, shuffle: bool, seed: int) -> dict:
-    """What a run's sample order depends on: size, content hash, global batch, shuffle, seed.
+    """What a run's sample order depends on: size, content hash, global batch, shuffle, seed,
+    and the version of the order itself (`functrain.data.order.ORDER_VERSION`).
 
     The content hash is sha256 of: the dataset's own `fingerprint()` string if it has one;
     else, for a TensorDataset, all its tensors' bytes; else up to 256 evenly spaced samples
@@ -62,6 +65,7 @@ def fingerprint(dataset, *, batch_size: int, shuffle: bool, seed: int) -> dict:
         "batch_size": batch_size,
         "shuffle": bool(shuffle),
         "seed": seed,
+        "order": ORDER_VERSION,
     }
 
 
@@ -72,7 +76,13 @@ _CHANGED = {  # one sentence per fingerprint field, in this order
     "batch_size": "global batch size {a} -> {b}",
     "shuffle": "shuffle {a} -> {b}",
     "seed": "data shuffling seed {a} -> {b}",
+    "order": "sample order version {a} -> {b}: this functrain computes each epoch's order "
+    "with a keyed bijection (functrain.data.order); the snapshot was made with another "
+    "order (version 1: torch.randperm, functrain < 0.3), so its next samples cannot be "
+    "found. Finish that run with the functrain version that wrote it, or start a new run",
 }
+#: A fingerprint without an "order" field was made with the first order, torch.randperm.
+_DEFAULTS = {"order": 1}
 
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:
@@ -80,8 +90,9 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
     extra = sorted((set(old) | set(new)) - set(_CHANGED), key=str)
     return [
         _CHANGED.get(key, f"data {key} {{a!r}} -> {{b!r}}").format(
-            a=old.get(key, "(none)"), b=new.get(key, "(none)")
+            a=old.get(key, _DEFAULTS.get(key, "(none)")),
+            b=new.get(key, _DEFAULTS.get(key, "(none)")),
         )
         for key in (*_CHANGED, *extra)
-        if old.get(key) != new.get(key)
+        if old.get(key, _DEFAULTS.get(key)) != new.get(key, _DEFAULTS.get(key))
     ]
