@@ -16,11 +16,14 @@ world size that divides the global batch.
     text.py          `ByteBlocks`, `read_text`, `text_corpus` (the default corpus)
     tokens.py        `token_file`, `TokenWindows`: token files read through a memory map
     prepare.py       `prepare`: text files -> token files (`functrain prepare`)
+    order.py         `Shuffle`: each epoch's order, a keyed bijection computed per position
+    stream.py        `Source`, `Stream`: sharded streaming data; plain iterables
 """
 
 from functrain.data.cursor import CursorSampler, make_loader
 from functrain.data.fingerprints import fingerprint, fingerprint_changes
 from functrain.data.prepare import prepare
+from functrain.data.stream import Source, Stream, check_start
 from functrain.data.text import ByteBlocks, read_text, text_corpus
 from functrain.data.tokens import TokenWindows, token_file
 from functrain.errors import DataError
@@ -28,12 +31,15 @@ from functrain.errors import DataError
 __all__ = [
     "ByteBlocks",
     "CursorSampler",
+    "check_start",
     "DataError",
     "fingerprint",
     "fingerprint_changes",
     "make_loader",
     "prepare",
     "read_text",
+    "Source",
+    "Stream",
     "text_corpus",
     "token_file",
     "TokenWindows",

@@ -15,7 +15,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from functrain.data._args import as_int
 from functrain.data.order import Shuffle
-from functrain.errors import DataError
+from functrain.data.stream import IterableSlices, Stream, check_start, is_plain_iterable
+from functrain.errors import DataError, warn
 from functrain.rng import fold_in
 
 #: Positions of an epoch's order computed at a time (32 KiB of int64), then handed out.
@@ -53,7 +54,10 @@ class _CursorIter(Iterator[int]):
             c = lo // _CHUNK
             if self._chunk_id != (epoch, c):
                 end = min((c + 1) * _CHUNK, self._s.size)
-                self._chunk_id, self._chunk = (epoch, c), self._s.order(epoch, c * _CHUNK, end)
+                chunk = self._s.order(epoch, c * _CHUNK, end)
+                if self._s.epochs:
+                    chunk = [epoch * self._s.size + i for i in chunk]
+                self._chunk_id, self._chunk = (epoch, c), chunk
             take = min(hi, (c + 1) * _CHUNK) - lo
             out += self._chunk[lo - c * _CHUNK : lo - c * _CHUNK + take]
             lo += take
@@ -68,7 +72,8 @@ class CursorSampler(Sampler[int]):
     `fold_in(seed, epoch)` (`functrain.data.order.Shuffle`, computed per position: O(1)
     memory for any size; identity when `shuffle=False`); global batch s is positions
     `[s*G, (s+1)*G)` and rank r takes `[s*G + r*B, s*G + (r+1)*B)`. `start` (a multiple of
-    G) is where the stream begins; nothing before it is computed.
+    G) is where the stream begins; nothing before it is computed. With `epochs=True` it
+    yields `epoch * size + index`, for datasets whose order depends on the epoch (`Stream`).
     """
 
     def __init__(
@@ -81,8 +86,10 @@ class CursorSampler(Sampler[int]):
         seed: int = 0,
         shuffle: bool = True,
         start: int = 0,
+        epochs: bool = False,
     ) -> None:
         self.size = as_int("size", size, 0)
+        self.epochs = bool(epochs)  # yield epoch * size + index (for `Stream`s)
         self.batch_size = as_int("batch_size", batch_size, 1)
         self.world_size = as_int("world_size", world_size, 1)
         self.rank = as_int("rank", rank, 0)
@@ -166,31 +173,54 @@ def make_loader(
     num_workers: int = 0,
     collate_fn=None,
     pin_memory: bool = False,
+    replay: bool = False,
 ) -> StatefulDataLoader:
     """A StatefulDataLoader yielding this rank's batches forever, from `start` global samples.
 
     `batch_size` is per rank. The global torch RNG is never drawn from: the loader's own
-    generator (which seeds the workers) is derived from (seed, rank).
+    generator (which seeds the workers) is derived from (seed, rank). A `Stream` is read in
+    its own order of (seed, epoch); a plain `IterableDataset` in its own order, from 0 (or,
+    with `replay`, by skipping `start` records; `functrain.data.stream`).
     """
+    num_workers = as_int("num_workers", num_workers, 0)
+    kwargs = dict(collate_fn=collate_fn, pin_memory=pin_memory)
+    if is_plain_iterable(dataset):
+        check_start(dataset, start, replay=replay, num_workers=num_workers)
+        if start:
+            warn(
+                f"data.replay: reading and skipping the first {start} records of "
+                f"{type(dataset).__name__} to resume (time linear in the position)"
+            )
+        per_rank = IterableSlices(
+            dataset, batch_size=batch_size, world_size=world_size, rank=rank, start=start
+        )
+        return _loader(per_rank, batch_size=batch_size, **kwargs)
+    epochs = isinstance(dataset, Stream)
+    if epochs:
+        dataset = dataset.keyed(seed, shuffle)  # the stream shuffles itself, per epoch
     sampler = CursorSampler(
         len(dataset),
         batch_size=batch_size,
         world_size=world_size,
         rank=rank,
         seed=seed,
-        shuffle=shuffle,
+        shuffle=shuffle and not epochs,
         start=start,
+        epochs=epochs,
     )
     generator = torch.Generator().manual_seed(fold_in(seed, "loader", rank))
+    return _loader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=generator,
+        **kwargs,
+    )
+
+
+def _loader(dataset, **kwargs) -> StatefulDataLoader:
     with warnings.catch_warnings():
         # torchdata 0.11 calls torch.set_vital, deprecated in newer torch, on every construction.
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
-        return StatefulDataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=as_int("num_workers", num_workers, 0),
-            collate_fn=collate_fn,
-            pin_memory=pin_memory,
-            generator=generator,
-        )
+        return StatefulDataLoader(dataset, **kwargs)

@@ -6,7 +6,7 @@ import hashlib
 from typing import Any
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import IterableDataset, TensorDataset
 
 from functrain.data.order import ORDER_VERSION
 
@@ -37,6 +37,8 @@ def _content_hash(dataset) -> str:
     own = getattr(dataset, "fingerprint", None)
     if callable(own):
         h.update(b"fingerprint:" + str(own()).encode())
+    elif isinstance(dataset, IterableDataset):  # never read here: it may be endless
+        h.update(f"iterable:{type(dataset).__module__}.{type(dataset).__qualname__}".encode())
     elif isinstance(dataset, TensorDataset):
         _hash_value(h, list(dataset.tensors))
     else:
@@ -57,10 +59,11 @@ def fingerprint(dataset, *, batch_size: int, shuffle: bool, seed: int) -> dict:
     The content hash is sha256 of: the dataset's own `fingerprint()` string if it has one;
     else, for a TensorDataset, all its tensors' bytes; else up to 256 evenly spaced samples
     (tensors by dtype, shape and bytes, other values by `repr`) — so a change elsewhere in
-    such a dataset, or a random `__getitem__`, is not caught or gives a varying hash.
+    such a dataset, or a random `__getitem__`, is not caught or gives a varying hash. A
+    plain `IterableDataset` is never read: its own `fingerprint()`, or its class name.
     """
     return {
-        "size": len(dataset),
+        "size": None if isinstance(dataset, IterableDataset) else len(dataset),
         "content": _content_hash(dataset),
         "batch_size": batch_size,
         "shuffle": bool(shuffle),

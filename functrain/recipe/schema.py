@@ -50,6 +50,11 @@ class DataConfig:
     batch_size: int = _field(expect="an integer > 0 (the global batch size)", check=_positive)
     shuffle: bool = _field(default=True, expect="true or false")
     num_workers: int = _field(default=0, expect="an integer >= 0", check=lambda v: v >= 0)
+    replay: bool = _field(
+        default=False,
+        expect="true or false (true: resume a plain IterableDataset by reading and skipping "
+        "the samples before the cursor, time linear in the position)",
+    )
 
 
 @attrs.frozen(kw_only=True)

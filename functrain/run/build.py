@@ -227,6 +227,7 @@ def train_loader(built: Built, *, start: int) -> StatefulDataLoader:
         rank=ctx.rank,
         num_workers=r.data.num_workers,
         pin_memory=built.device.type == "cuda",
+        replay=r.data.replay,
     )
 
 

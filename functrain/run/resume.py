@@ -11,6 +11,7 @@ from pathlib import Path
 
 import attrs
 
+from functrain import data as data_lib
 from functrain.checkpoint import Snapshots
 from functrain.dist import Context
 from functrain.errors import RunError
@@ -58,6 +59,12 @@ def prepare(
     newer = _newer_snapshots(target, snap, step, source) if not branching else []
     state = Snapshots.load_into(snap, tensors, manifest, built.state)
     ctx.agree("loaded step", int(state.step))
+    r = recipe.data
+    ctx.all_ok(  # a plain iterable cannot restart at the cursor: refuse before any file changes
+        lambda: data_lib.check_start(
+            built.train, int(state.data["samples"]), replay=r.replay, num_workers=r.num_workers
+        )
+    )
     ctx.all_ok(lambda: _prepare_target(ctx, recipe, target, snap, step, newer, branching))
     meta = {
         "parent": str(snap.resolve()) if branching else manifest.get("parent"),
