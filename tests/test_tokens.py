@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pickle
+import sys
 from pathlib import Path
 
+import orjson
 import pytest
 import torch
 from conftest import cli
@@ -195,3 +197,52 @@ def test_token_files_resumed_from_two_ranks_on_one_keep_the_global_sample_order(
     assert trace(tmp_path / "trace_one") == trace(tmp_path / "trace_two")[4:]
     lrs = [r["lr"] for r in metrics(tmp_path / "two")]
     assert [r["lr"] for r in metrics(tmp_path / "one")] == lrs  # the branch keeps the history
+
+
+def _tiny_tokenizer(tmp_path: Path, text: str) -> Path:
+    """A byte-level BPE tokenizer trained here, on `text` (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator([text], trainer=trainer)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_prepare_with_a_tokenizer_writes_its_ids_and_token_file_reads_them(tmp_path):
+    from tokenizers import Tokenizer
+
+    text = "".join(
+        f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}\n" for i in range(3000)
+    )
+    (tmp_path / "corpus.txt").write_text(text)
+    path = _tiny_tokenizer(tmp_path, text)
+    res = cli("prepare", tmp_path / "corpus.txt", "--out", tmp_path / "tok", "--tokenizer", path,
+              "--val-fraction", "0.1")  # fmt: skip
+    assert "tokenizers:tokenizer.json, vocab 300" in res.stderr, res.stderr
+    meta = orjson.loads((tmp_path / "tok" / "meta.json").read_bytes())
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 300
+    assert len(meta["tokenizer_sha256"]) == 64
+    ids = torch.cat([torch.from_file(str(tmp_path / "tok" / f), size=n, dtype=torch.uint16)
+                     for f, n in (("train.bin", meta["tokens"]["train"]),
+                                  ("val.bin", meta["tokens"]["val"]))])  # fmt: skip
+    assert Tokenizer.from_file(str(path)).decode(ids.tolist()) == text  # lossless
+    assert ids.numel() < len(text) / 2  # and compressed: merges took effect
+    splits = token_file(str(tmp_path / "tok"), block_size=16)
+    assert int(splits["train"][0][0].max()) < 300
+    with pytest.raises(DataError, match="says the tokens are uint16"):
+        token_file(str(tmp_path / "tok"), block_size=16, dtype="uint32")
+
+
+def test_prepare_names_the_extra_when_tokenizers_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed
+    (tmp_path / "a.txt").write_text("some text\n")
+    with pytest.raises(DataError, match=r"pip install 'functrain\[tokenizers\]'"):
+        prepare([tmp_path / "a.txt"], tmp_path / "out", tokenizer=tmp_path / "t.json")
+    assert not (tmp_path / "out").exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def token_file(
     path: str,
     *,
     block_size: int = 128,
-    dtype: str = "uint16",
+    dtype: str | None = None,
     val_path: str | None = None,
     val_fraction: float = 0.05,
 ) -> dict[str, TokenWindows]:
@@ -119,8 +120,11 @@ def token_file(
     nanoGPT data folder holding `train.bin` (and `val.bin`, taken as the validation file).
     Validation comes from `val_path` (a file or folder) when given, else from the last
     `val_fraction` of the windows (at least one; one window is left out between the two so
-    that no token is shared); `val_fraction=0` gives no "val" entry.
+    that no token is shared); `val_fraction=0` gives no "val" entry. `dtype` (`uint16` or
+    `uint32`) defaults to what the folder's `meta.json` (written by `prepare`) says, else
+    `uint16`.
     """
+    dtype = _dtype(Path(path), dtype)
     train, nanogpt_val = _shards(path, "path")
     val_path = val_path if val_path is not None else nanogpt_val
     if val_path is not None:
@@ -141,6 +145,23 @@ def token_file(
         "train": TokenWindows(train, block_size=block_size, dtype=dtype, hi=cut),
         "val": TokenWindows(train, block_size=block_size, dtype=dtype, lo=cut + 1),
     }
+
+
+def _dtype(path: Path, dtype: str | None) -> str:
+    """`dtype`, checked against (or, when None, taken from) `prepare`'s meta.json in `path`."""
+    meta_file = path / "meta.json"
+    wrote = None
+    if path.is_dir() and meta_file.is_file():
+        try:
+            wrote = json.loads(meta_file.read_text()).get("dtype")
+        except (OSError, ValueError, AttributeError) as err:
+            raise DataError(f"{meta_file} is not a readable meta.json: {err}") from err
+    if dtype is not None and wrote is not None and dtype != wrote:
+        raise DataError(
+            f"dtype: {dtype} was given, but {meta_file} says the tokens are {wrote}; "
+            "drop dtype (it follows meta.json) or give the one the files were written with"
+        )
+    return dtype or wrote or "uint16"
 
 
 def _shards(path: str | os.PathLike, field: str) -> tuple[list[Path], str | None]:

@@ -120,6 +120,12 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     pre.add_argument("--out", required=True, type=Path, help="the new directory to write")
     pre.add_argument("--val-fraction", type=float, default=0.05, help="held-out tail (0.05)")
     pre.add_argument("--max-bytes", type=int, default=None, help="stop after this much text")
+    pre.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a Hugging Face tokenizer.json (needs functrain[tokenizers]); default: bytes",
+    )
     return {"run": run, "resume": res, "inspect": ins, "prepare": pre}
 
 
@@ -150,6 +156,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         max_bytes=args.max_bytes,
         progress=_ByteProgress(),
+        tokenizer=args.tokenizer,
     )
     tokens = meta["tokens"]
     print(
