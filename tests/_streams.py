@@ -49,6 +49,31 @@ class Windows(IterableDataset):
             yield _window(i, self.block_size)
 
 
+class StatefulWindows(Windows):
+    """An iterable that saves its position (torchdata's Stateful protocol)."""
+
+    def __init__(self, n: int, block_size: int) -> None:
+        super().__init__(n, block_size)
+        self.position = 0
+
+    def __iter__(self) -> Iterator:
+        while self.position < self.n:
+            i = self.position
+            self.position += 1
+            yield _window(i, self.block_size)
+        self.position = 0  # the pass is over: the next one starts afresh
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def stateful_tokens(block_size: int, n: int = 400) -> dict:
+    return {"train": StatefulWindows(n, block_size)}
+
+
 def sharded_tokens(block_size: int, sizes: list[int], window: int = 16) -> dict:
     return {"train": Stream(Records(sizes, block_size), window=window)}
 

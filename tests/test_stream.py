@@ -108,6 +108,7 @@ def test_a_plain_iterable_is_read_in_order_and_refused_past_zero_unless_replayed
 
 STREAM = "data.dataset={_component_: _streams.sharded_tokens, block_size: 32, sizes: [90, 70, 41]}"
 ITERABLE = "data.dataset={_component_: _streams.iterable_tokens, block_size: 32}"
+STATEFUL = "data.dataset={_component_: _streams.stateful_tokens, block_size: 32, n: 60}"
 SHORT = ("steps=12", "checkpoint.every=6", "log_every=3", "eval.every=null")
 ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
@@ -155,3 +156,28 @@ def test_a_run_on_a_plain_iterable_is_refused_on_resume_unless_replayed(tmp_path
     assert "skipping the first 48 records" in res.stderr
     a, c = tmp_path / "A", tmp_path / "C"
     assert checkpoint.digests(c / "state_12") == checkpoint.digests(a / "state_12")
+
+
+def test_a_stateful_iterable_is_resumed_from_the_state_its_snapshot_recorded(tmp_path):
+    """60 windows, 8 a step: the resume at step 6 (48 read) crosses into the second pass."""
+    args = (f"out_dir={tmp_path}", STATEFUL, *SHORT)
+    cli("run", TINY, "name=A", *args, env=ENV)
+    manifest = checkpoint.read_manifest(tmp_path / "A" / "state_6")
+    assert manifest["data_state"] == {"position": 48}
+    res = cli("resume", TINY, "name=A", *args, "--from", "state_6", "--name", "B", env=ENV)
+    assert "skipping" not in res.stderr
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert checkpoint.digests(b / "state_12") == checkpoint.digests(a / "state_12")
+    assert _metrics(b) == _metrics(a)
+
+
+def test_a_stateful_iterable_without_a_recorded_state_is_refused():
+    from _streams import StatefulWindows
+
+    from functrain.data import restore
+
+    data = StatefulWindows(10, 4)
+    with pytest.raises(DataError, match="recorded none"):
+        restore(data, None, 8, replay=False)
+    restore(data, {"position": 3}, 8, replay=False)
+    assert data.position == 3

@@ -82,15 +82,19 @@ class Snapshots(ClosedOnExit):
         sharding: dcp.Sharded | None = None,
         meta: Mapping[str, Any] | None = None,
         keep: Iterable[str | os.PathLike | None] = (),
+        meta_now: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         """`sharding`: every rank writes its shards through DCP (FSDP2); otherwise the main
-        rank alone writes the raw layout. `meta` goes into every manifest. Retention never
-        deletes the snapshots in `keep` (e.g. the one this process resumed from)."""
+        rank alone writes the raw layout. `meta` goes into every manifest, and what
+        `meta_now()` returns at each save (entries that change, e.g. a stateful dataset's
+        position). Retention never deletes the snapshots in `keep` (e.g. the one this
+        process resumed from)."""
         self.run_dir = Path(run_dir)
         self.policy = policy or Policy()
         self._ctx = context or _OneProcess()
         self._sharding = sharding
         self._meta = dict(meta or {})
+        self._meta_now = meta_now or dict
         self._keep = {Path(p).resolve() for p in keep if p is not None}
         self._writer: AsyncWriter | None = None
         if self.policy.async_save and (sharding is not None or self._ctx.is_main):
@@ -247,7 +251,7 @@ class Snapshots(ClosedOnExit):
     # ---------------------------------------------------------------- the parts
 
     def _write(self, state: TrainState, step: int) -> None:
-        path, meta = self.path(step), {"step": step, **self._meta}
+        path, meta = self.path(step), {"step": step, **self._meta, **self._meta_now()}
         sharded, main = self._sharding is not None, self._ctx.is_main
         if not (sharded or main):
             return

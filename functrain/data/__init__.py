@@ -23,7 +23,7 @@ world size that divides the global batch.
 from functrain.data.cursor import CursorSampler, make_loader
 from functrain.data.fingerprints import fingerprint, fingerprint_changes
 from functrain.data.prepare import prepare
-from functrain.data.stream import Source, Stream, check_start
+from functrain.data.stream import Source, Stream, check_start, is_stateful, restore
 from functrain.data.text import ByteBlocks, read_text, text_corpus
 from functrain.data.tokens import TokenWindows, token_file
 from functrain.errors import DataError
@@ -38,6 +38,8 @@ __all__ = [
     "make_loader",
     "prepare",
     "read_text",
+    "restore",
+    "is_stateful",
     "Source",
     "Stream",
     "text_corpus",

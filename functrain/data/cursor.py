@@ -15,7 +15,13 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from functrain.data._args import as_int
 from functrain.data.order import Shuffle
-from functrain.data.stream import IterableSlices, Stream, check_start, is_plain_iterable
+from functrain.data.stream import (
+    IterableSlices,
+    Stream,
+    check_start,
+    is_plain_iterable,
+    is_stateful,
+)
 from functrain.errors import DataError, warn
 from functrain.rng import fold_in
 
@@ -186,7 +192,7 @@ def make_loader(
     kwargs = dict(collate_fn=collate_fn, pin_memory=pin_memory)
     if is_plain_iterable(dataset):
         check_start(dataset, start, replay=replay, num_workers=num_workers)
-        if start:
+        if start and not is_stateful(dataset):
             warn(
                 f"data.replay: reading and skipping the first {start} records of "
                 f"{type(dataset).__name__} to resume (time linear in the position)"

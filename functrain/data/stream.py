@@ -25,6 +25,13 @@ its slice of each global batch, so the sample order does not depend on the world
 and refuses to start anywhere but at 0 — a resumed run would otherwise train on other
 samples silently — unless `replay=True` (`data.replay: true`), which skips the first
 `start` records one by one: time linear in the position, with a warning.
+
+**Stateful iterables.** An IterableDataset with `state_dict()` and `load_state_dict(state)`
+(torchdata's `Stateful` protocol; the state plain JSON data) is read the same way, and its
+`state_dict()` at each snapshot is recorded in the manifest (`data_state`): resume loads
+it back before the first batch, and `__iter__` must continue from the loaded state. How
+exact that is depends on the dataset; with no recorded state, resume refuses as for a
+plain iterable.
 """
 
 from __future__ import annotations
@@ -42,7 +49,15 @@ from functrain.data.order import Shuffle
 from functrain.errors import DataError
 from functrain.rng import fold_in
 
-__all__ = ["IterableSlices", "Source", "Stream", "check_start", "is_plain_iterable"]
+__all__ = [
+    "IterableSlices",
+    "Source",
+    "Stream",
+    "check_start",
+    "is_plain_iterable",
+    "is_stateful",
+    "restore",
+]
 
 
 @runtime_checkable
@@ -146,6 +161,36 @@ def is_plain_iterable(dataset: Any) -> bool:
     return isinstance(dataset, IterableDataset)
 
 
+def is_stateful(dataset: Any) -> bool:
+    """Whether `dataset` is an IterableDataset that saves and loads its own position."""
+    return is_plain_iterable(dataset) and all(
+        callable(getattr(dataset, m, None)) for m in ("state_dict", "load_state_dict")
+    )
+
+
+def restore(dataset: Any, state: Any, start: int, *, replay: bool) -> None:
+    """Before resuming at `start`: load a stateful iterable's recorded `state` (or refuse,
+    as `check_start` does, when there is none)."""
+    if not is_stateful(dataset) or not start:
+        return
+    if state is None:
+        if replay:
+            return
+        raise DataError(
+            f"data.dataset ({type(dataset).__name__}) saves its state, but the snapshot "
+            "recorded none (it was made before the dataset had state_dict), so it cannot be "
+            "resumed at its position; set data.replay: true to read and skip the first "
+            "samples again"
+        )
+    try:
+        dataset.load_state_dict(state)
+    except Exception as err:
+        raise DataError(
+            f"data.dataset ({type(dataset).__name__}).load_state_dict refused the snapshot's "
+            f"data_state: {type(err).__name__}: {err}"
+        ) from err
+
+
 def check_start(dataset: Any, start: int, *, replay: bool, num_workers: int = 0) -> None:
     """Refuse what a plain iterable cannot do exactly: start past 0 without `replay`, or
     be read by workers (each would read, and yield, the whole stream)."""
@@ -158,7 +203,7 @@ def check_start(dataset: Any, start: int, *, replay: bool, num_workers: int = 0)
             "process, so set data.num_workers: 0 (or make it a functrain.data.Source, which "
             "workers can read)"
         )
-    if start and not replay:
+    if start and not replay and not is_stateful(dataset):  # stateful: `restore` placed it
         raise DataError(
             f"data.dataset ({name}) is a plain IterableDataset, which cannot be resumed at "
             f"sample {start}: it has no position to go back to, and starting it afresh would "
@@ -181,7 +226,7 @@ class IterableSlices(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         g, b = self.batch_size * self.world_size, self.batch_size
         records = _forever(self.dataset)
-        for _ in range(self.start):  # replay: linear in the position
+        for _ in range(0 if is_stateful(self.dataset) else self.start):  # replay: linear
             next(records)
         while True:
             batch = list(itertools.islice(records, g))

@@ -7,6 +7,7 @@ seed, not from the global RNG.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import attrs
@@ -266,6 +267,8 @@ def probe(built: Built) -> None:
     written. The copy keeps the state, the cursor and the global RNG untouched.
     """
     loader = train_loader(built, start=0)
+    stateful = data_lib.is_stateful(built.train)
+    saved = copy.deepcopy(built.train.state_dict()) if stateful else None  # the trial moves it
     try:
         batch = to_device(next(iter(loader)), built.device)
         run_step(built.state, batch, donate=False)
@@ -278,6 +281,9 @@ def probe(built: Built) -> None:
             "(e.g. model.block_size >= data.dataset.block_size, model.vocab_size covers the "
             "data, data.batch_size per process divides into the micro_batches of step)."
         ) from err
+    finally:
+        if stateful:
+            built.train.load_state_dict(saved)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

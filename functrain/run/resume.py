@@ -60,11 +60,13 @@ def prepare(
     state = Snapshots.load_into(snap, tensors, manifest, built.state)
     ctx.agree("loaded step", int(state.step))
     r = recipe.data
-    ctx.all_ok(  # a plain iterable cannot restart at the cursor: refuse before any file changes
-        lambda: data_lib.check_start(
-            built.train, int(state.data["samples"]), replay=r.replay, num_workers=r.num_workers
-        )
-    )
+    samples = int(state.data["samples"])
+
+    def place_data() -> None:  # a plain iterable cannot restart at the cursor: refuse early
+        data_lib.check_start(built.train, samples, replay=r.replay, num_workers=r.num_workers)
+        data_lib.restore(built.train, manifest.get("data_state"), samples, replay=r.replay)
+
+    ctx.all_ok(place_data)
     ctx.all_ok(lambda: _prepare_target(ctx, recipe, target, snap, step, newer, branching))
     meta = {
         "parent": str(snap.resolve()) if branching else manifest.get("parent"),

@@ -17,10 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import torch
 
+from functrain import data as data_lib
 from functrain import dist
 from functrain.checkpoint import Policy, Snapshots
+from functrain.errors import DataError
 from functrain.recipe import CheckpointConfig, recipe_hash, to_dict
 from functrain.run import preempt, rundir
 from functrain.run.build import Built, to_device, train_loader, val_loader
@@ -40,6 +43,25 @@ def policy(config: CheckpointConfig) -> Policy:
         async_save=config.async_save,
         on_error=config.on_error,
     )
+
+
+def _data_state(dataset: Any):
+    """For a stateful iterable: its position at each snapshot, for the manifest."""
+    if not data_lib.is_stateful(dataset):
+        return None
+
+    def now() -> dict:
+        state = dataset.state_dict()
+        try:
+            orjson.dumps(state)
+        except TypeError as err:
+            raise DataError(
+                f"data.dataset ({type(dataset).__name__}).state_dict() must return plain "
+                f"JSON data (it goes into the snapshot's manifest): {err}"
+            ) from err
+        return {"data_state": state}
+
+    return now
 
 
 #: `state.stats` entries of fp16's loss scaler that each metrics record carries.
@@ -96,6 +118,7 @@ class Trainer:
             sharding=built.sharding,
             meta=manifest_meta,
             keep=[resumed_from],
+            meta_now=_data_state(built.train),
         )
         self.preemption = preempt.Preemption(self.recipe.checkpoint.signal)
         self.progress = Progress(self.recipe.steps, int(state.step)) if self.ctx.is_main else None
