@@ -205,7 +205,7 @@ def test_unknown_keys_list_allowed_and_suggest_close_match():
     data = with_("optimizer", {}, with_("data.batchsize", 3))
     found = problems_of(data)
     assert (
-        "data.batchsize: unknown key; did you mean 'batch_size'? allowed: batch_size, dataset, num_workers, shuffle"
+        "data.batchsize: unknown key; did you mean 'batch_size'? allowed: batch_size, dataset, num_workers, replay, shuffle"
         in found
     )
     assert any(
