@@ -15,7 +15,7 @@ from functrain.optim import Optimizer, adamw, sgd
 from functrain.parallel import Placement
 from functrain.precision import Precision
 from functrain.rng import fold_in
-from functrain.state import Static, TrainState, create
+from functrain.state import Static, TrainState, create, load_into
 from functrain.step import apply_optimizer, clip_by_global_norm, ema, forward_backward, step
 from functrain.transform import Transform, compose
 
@@ -35,6 +35,7 @@ __all__ = [
     "ema",
     "fold_in",
     "forward_backward",
+    "load_into",
     "sgd",
     "step",
 ]

@@ -81,6 +81,7 @@ class Unsharded:
         params = {k: p.detach().clone().requires_grad_(True) for k, p in named}
         out = TensorDict(params, batch_size=[]).unflatten_keys("."), module_buffers(model)
         model.to("meta")  # the skeleton holds no memory: the state's tensors are swapped in
+        _refuse_use_outside_bind(model)
         return out
 
     def bind(
@@ -113,6 +114,35 @@ class Unsharded:
 
 
 UNSHARDED = Unsharded()
+
+TAKEN_OVER = (
+    "this module was taken over by functrain.create: its params and buffers now live in "
+    "the TrainState (the module holds meta tensors). Use `with state.bind() as model:` for "
+    "a forward pass, `state.state_dict()` for its weights, or "
+    "`functrain.load_into(fresh_module, state)` for a module of your own"
+)
+
+
+def _refuse_use_outside_bind(model: nn.Module) -> None:
+    """Make a forward pass or `state_dict()` of the skeleton, outside `bind`, fail loudly
+    instead of computing on (or returning) meta tensors."""
+
+    def on_meta() -> bool:
+        first = next(iter(model.parameters()), None)
+        return first is not None and first.is_meta
+
+    def forward(module: nn.Module, args: object) -> None:
+        if torch.compiler.is_compiling():  # traced code runs inside bind; keep graphs whole
+            return
+        if on_meta():
+            raise RuntimeError(TAKEN_OVER)
+
+    def state_dict(module: nn.Module, sd: object, prefix: str, meta: object) -> None:
+        if on_meta():
+            raise RuntimeError(TAKEN_OVER)
+
+    model.register_forward_pre_hook(forward)
+    model.register_state_dict_post_hook(state_dict)
 
 
 def module_buffers(model: nn.Module) -> TensorDict:

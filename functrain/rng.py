@@ -28,6 +28,16 @@ def fold_in(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") & _MASK63
 
 
+def init_seed(seed: int) -> int:
+    """The seed the CLI builds a recipe's model under (`with seeded(init_seed(seed)):`)."""
+    return fold_in(seed, "init")
+
+
+def data_seed(seed: int) -> int:
+    """The seed the CLI shuffles a recipe's data with (`make_loader(..., seed=data_seed(seed))`)."""
+    return fold_in(seed, "data")
+
+
 def key(seed: int) -> torch.Tensor:
     """The state's RNG key for a recipe seed: a 0-d int64 CPU tensor."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

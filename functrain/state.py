@@ -30,7 +30,16 @@ ENTRIES = ("step", "params", "buffers", "opt", "rng", "data", "stats", "ema", "m
 TRANSIENT = ("grads",)
 
 _SHOWN = 3  # mismatches of each kind a misfit snapshot's error lists before "and N more"
-__all__ = ["ENTRIES", "TRANSIENT", "ConsumedStateError", "Static", "TrainState", "create"]
+__all__ = [
+    "ENTRIES",
+    "TRANSIENT",
+    "ConsumedStateError",
+    "Static",
+    "TrainState",
+    "create",
+    "load_into",
+    "weights",
+]
 
 
 @attrs.frozen(kw_only=True)
@@ -138,6 +147,23 @@ class TrainState:
         with self._static.sharding.bind(model, self.params), self.buffers.to_module(model):
             yield model
 
+    def state_dict(self, *, ema: bool = False) -> dict[str, torch.Tensor]:
+        """The params (with `ema`, their moving average) and buffers keyed as the model's
+        `state_dict()` is, for the plain `nn.Module`: `module.load_state_dict(...)`.
+
+        The tensors are detached views of the state's (clone them to keep them past the
+        next donating step). A sharded (FSDP2) state holds only this rank's rows: read a
+        snapshot of it whole with `functrain.checkpoint.load` and use `load_into` instead.
+        """
+        self._check_live()
+        if self._static.sharding is not UNSHARDED:
+            raise ValueError(
+                "state_dict() of a sharded state would hold this rank's rows only: load a "
+                "snapshot of it whole (functrain.checkpoint.load) and call load_into"
+            )
+        out = weights(self.tensors(), ema=ema)
+        return {k: out[k] for k in state_dict_keys(self._static.model) if k in out}
+
     def clone(self) -> TrainState:
         """A deep copy of every entry (params keep `requires_grad`)."""
         self._check_live()
@@ -154,6 +180,47 @@ class TrainState:
                 "buffers now belong to the state step() returned. Use that state, or call "
                 "step(state, batch, donate=False) to keep the input intact."
             )
+
+
+def weights(tensors: TensorDict, *, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Params (or EMA) and buffers of a state's `tensors()` (or a snapshot's), keyed as
+    `model.state_dict()` is."""
+    source = tensors["ema"] if ema else tensors["params"]
+    if ema and not list(source.keys()):
+        raise ValueError("the state has no EMA: its step has no functrain.step.ema transform")
+    out = {}
+    for td in (source, tensors["buffers"]):
+        for key, t in td.items(include_nested=True, leaves_only=True):
+            out[key if isinstance(key, str) else ".".join(key)] = t.detach()
+    return out
+
+
+def state_dict_keys(model: nn.Module) -> list[str]:
+    """The keys of `model.state_dict()`, in its order, without calling it: each module's
+    params, then its persistent buffers, modules in `named_modules` order."""
+    keys = []
+    for prefix, m in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        keys += [dot + k for k, v in m._parameters.items() if v is not None]
+        skip = m._non_persistent_buffers_set
+        keys += [dot + k for k, v in m._buffers.items() if v is not None and k not in skip]
+    return keys
+
+
+def load_into(
+    module: nn.Module, source: TrainState | TensorDict, *, ema: bool = False
+) -> nn.Module:
+    """Copy a state's (or a snapshot's, `functrain.checkpoint.load(path)[0]`) params (or
+    EMA) and buffers into the plain `module`, strictly by name (non-persistent buffers,
+    which `module.state_dict()` leaves out, are left as they are); return the module."""
+    tensors = source.tensors() if isinstance(source, TrainState) else source
+    if isinstance(source, TrainState) and source.static.sharding is not UNSHARDED:
+        raise ValueError("load_into needs the whole state: load a snapshot of it instead")
+    found = weights(tensors, ema=ema)
+    wanted = set(state_dict_keys(module))
+    non_persistent = {k for k, _ in module.named_buffers()} - wanted
+    module.load_state_dict({k: v for k, v in found.items() if k not in non_persistent})
+    return module
 
 
 def _clone(value: Any) -> Any:
@@ -217,7 +284,10 @@ def create(
     """The state at step 0: params and buffers taken from `model`, optimizer state, key.
 
     The model becomes the skeleton: its own tensors move to the meta device (no memory),
-    and the state's tensors are swapped in for each forward pass. With a `sharding` (e.g.
+    and the state's tensors are swapped in for each forward pass. So `create` takes the
+    module over: a forward pass or `state_dict()` on it outside `state.bind()` raises,
+    saying so; get the weights with `state.state_dict()` or `functrain.load_into(fresh,
+    state)`. With a `sharding` (e.g.
     FSDP2's, `functrain.dist.fsdp.Sharding.of(model)`) the model keeps its shards instead,
     and the state holds copies. `placement` is this process's rank in the job.
     `precision` is `"fp32"`, `"bf16"`, `"fp16"` or a `functrain.precision.Precision`
@@ -262,7 +332,13 @@ def create(
         ),
         "ema": TensorDict({}, batch_size=[]),
         "metrics": TensorDict(
-            {"loss": metric.clone(), "grad_norm": metric.clone(), "lr": metric.clone()}, []
+            {
+                "loss": metric.clone(),
+                "grad_norm": metric.clone(),
+                # float64: the LR as the optimizer used it (a Python float), to the last bit
+                "lr": metric.to(torch.float64),
+            },
+            [],
         ),
     }
     return transform.init(TrainState(entries, static))  # e.g. EMA starts from the params

@@ -1,6 +1,7 @@
 """Snapshots: the state written to a directory, read back, checked, and managed for a run.
 
     save / load / verify / check / digests    one snapshot, whatever its layout
+    load_into                                 a snapshot's weights into a plain nn.Module
     Snapshots                                 a run's snapshots: when to save, retention,
                                               async writes, errors, agreement between ranks
     AsyncWriter                               stage a copy, write it in the background
@@ -29,7 +30,7 @@ from functrain.checkpoint._files import (
 from functrain.checkpoint.async_writer import AsyncWriter
 from functrain.checkpoint.manager import Policy, Snapshots
 from functrain.checkpoint.manifest import FORMAT_VERSION, MANIFEST, read_manifest, versions
-from functrain.checkpoint.snapshot import check, digests, load, save, verify
+from functrain.checkpoint.snapshot import check, digests, load, load_into, save, verify
 from functrain.errors import SnapshotError
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "digests",
     "list_snapshots",
     "load",
+    "load_into",
     "process_alive",
     "raw",
     "read_manifest",

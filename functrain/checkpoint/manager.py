@@ -30,8 +30,9 @@ from tensordict import TensorDict
 from functrain.checkpoint import dcp, raw
 from functrain.checkpoint._files import list_snapshots, remove, snapshot_path, snapshot_step
 from functrain.checkpoint.async_writer import AsyncWriter, ClosedOnExit
-from functrain.checkpoint.manifest import read_manifest
+from functrain.checkpoint.manifest import read_manifest, versions
 from functrain.checkpoint.snapshot import check, load
+from functrain.data import fingerprint_changes
 from functrain.errors import RunError, SnapshotError, warn
 from functrain.state import TrainState
 
@@ -47,6 +48,26 @@ class Ranks(Protocol):
     def warn(self, message: str) -> None: ...
 
     def all_ok(self, fn: Callable[[], Any]) -> Any: ...
+
+
+def _check_expected(path: Path, manifest: dict, expect: Mapping[str, Any]) -> None:
+    problems = []
+    for key, want in expect.items():
+        got = manifest.get(key)
+        if key == "data" and isinstance(want, Mapping) and isinstance(got, Mapping):
+            problems += fingerprint_changes(got, dict(want))
+        elif got != want:
+            problems.append(f"{key}: the snapshot has {got!r}, this run {want!r}")
+    if problems:
+        raise RunError(
+            f"{path} does not match this run: " + "; ".join(problems) + ". Resume with the "
+            "data and settings the snapshot was made with, or start a new run."
+        )
+    theirs, ours = manifest.get("versions", {}), versions()
+    changed = [f"{k} {theirs.get(k)} -> {v}" for k, v in ours.items() if theirs.get(k) != v]
+    if changed:
+        warn(f"{path} was written with other versions ({', '.join(changed)}): the result may "
+             "differ from an unbroken run in the last bits")  # fmt: skip
 
 
 class _OneProcess:
@@ -153,12 +174,22 @@ class Snapshots(ClosedOnExit):
             )
         return path, read(path)
 
-    def restore(self, spec: str = "latest", *, like: TrainState) -> tuple[TrainState, Path]:
+    def restore(
+        self, spec: str = "latest", *, like: TrainState, expect: Mapping[str, Any] | None = None
+    ) -> tuple[TrainState, Path]:
         """`like` (a state at step 0 of the same recipe) with the entries of the snapshot
         `spec` (`latest`, `state_<step>` or a path, found as `find` does), and its path.
-        With the manager's `sharding` every rank reads only its own rows (a collective)."""
+        With the manager's `sharding` every rank reads only its own rows (a collective).
+
+        The resume checks the CLI makes, for loops of your own: the structure always (keys,
+        shapes, dtypes); each entry of `expect` must equal the manifest's (what the manager's
+        `meta` wrote), and `expect["data"]`, a `functrain.data.fingerprint`, is compared
+        field by field with the reasons named; other versions of torch, functrain or Python
+        warn. A mismatch is a RunError naming the snapshot, before anything is loaded.
+        """
         sharded = self._sharding is not None
         path, (tensors, manifest) = self.find(spec, lambda p: self.read(p, sharded=sharded))
+        _check_expected(path, manifest, expect or {})
         return self.load_into(path, tensors, manifest, like), path
 
     @staticmethod

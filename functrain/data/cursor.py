@@ -137,6 +137,14 @@ class CursorSampler(Sampler[int]):
             self._shuffle = (epoch, Shuffle(self.size, fold_in(self.seed, epoch)))
         return self._shuffle[1].range(lo, hi).tolist()
 
+    def batch_indices(self, position: int) -> list[int]:
+        """This rank's sample indices in the global batch at `position` (global samples
+        consumed before it), as the sampler hands them out."""
+        epoch, offset = divmod(position, self.epoch_len)
+        lo = offset + self.rank * self.batch_size
+        indices = self.order(epoch, lo, lo + self.batch_size)
+        return [epoch * self.size + i for i in indices] if self.epochs else indices
+
     def __iter__(self) -> Iterator[int]:
         self._live = _CursorIter(self, self.start)
         return self._live

@@ -2,16 +2,18 @@
 
 With `FUNCTRAIN_TRACE=DIR` each rank appends to `DIR/rank<r>.jsonl` a header line
 `{"pid", "rank", "world_size"}` and then, for every batch it trains on, the global cursor
-before the batch and a short digest of each sample: `{"samples": 96, "rows": [...]}`.
-Concatenating the rows of ranks 0..W-1 at one cursor gives the global batch, so runs at
-different world sizes can be compared sample by sample.
+before the batch, the dataset index of each of its samples (for map-style data and
+streams; a stream's index is `epoch * len + index`) and a short digest of each sample:
+`{"samples": 96, "indices": [...], "rows": [...]}`. Concatenating the rows (or indices) of
+ranks 0..W-1 at one cursor gives the global batch, so runs at different world sizes can be
+compared sample by sample.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +29,39 @@ __all__ = ["TRACE_ENV", "sample_digests", "traced"]
 TRACE_ENV = "FUNCTRAIN_TRACE"
 
 
-def traced(batches: Iterator[Any], ctx: Placement, start: int, global_batch: int) -> Iterator[Any]:
-    """`batches` unchanged; with FUNCTRAIN_TRACE set, record each one (module docstring)."""
+def traced(
+    batches: Iterator[Any],
+    ctx: Placement,
+    start: int,
+    global_batch: int,
+    indices: Callable[[int], list[int]] | None = None,
+) -> Iterator[Any]:
+    """`batches` unchanged; with FUNCTRAIN_TRACE set, record each one (module docstring).
+    `indices(cursor)`: this rank's dataset indices of the batch at a cursor, when known."""
     directory = os.environ.get(TRACE_ENV)
     if not directory:
         return batches
-    return _trace(batches, ctx, start, global_batch, Path(directory))
+    return _trace(batches, ctx, start, global_batch, Path(directory), indices)
 
 
 def _trace(
-    batches: Iterator[Any], ctx: Placement, start: int, global_batch: int, directory: Path
+    batches: Iterator[Any],
+    ctx: Placement,
+    start: int,
+    global_batch: int,
+    directory: Path,
+    indices: Callable[[int], list[int]] | None,
 ) -> Iterator[Any]:
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / f"rank{ctx.rank}.jsonl", "ab", buffering=0) as f:
         head = {"pid": os.getpid(), "rank": ctx.rank, "world_size": ctx.world_size}
         f.write(orjson.dumps(head) + b"\n")
         for i, batch in enumerate(batches):
-            record = {"samples": start + i * global_batch, "rows": sample_digests(batch)}
+            cursor = start + i * global_batch
+            record: dict[str, Any] = {"samples": cursor}
+            if indices is not None:
+                record["indices"] = indices(cursor)
+            record["rows"] = sample_digests(batch)
             f.write(orjson.dumps(record) + b"\n")
             yield batch
 

@@ -95,8 +95,8 @@ def _caused_by_values(err: Exception) -> bool:
 
 
 def data_seed(recipe: Recipe) -> int:
-    """The shuffling seed, derived from the run's seed."""
-    return rng.fold_in(recipe.seed, "data")
+    """The shuffling seed, derived from the run's seed (`functrain.rng.data_seed`)."""
+    return rng.data_seed(recipe.seed)
 
 
 def sharded(recipe: Recipe, world_size: int) -> bool:
@@ -123,7 +123,7 @@ def build(recipe: Recipe, ctx: dist.Context | None = None) -> Built:
             f"data.dataset ({recipe.data.dataset.target}) must return a dict with a 'train' "
             f"dataset (and optionally 'val'), got {type(splits).__name__}"
         )
-    with rng.seeded(rng.fold_in(recipe.seed, "init")):  # the global RNG is left as it was
+    with rng.seeded(rng.init_seed(recipe.seed)):  # the global RNG is left as it was
         model = _make("model", recipe.model)
     if recipe.activation_checkpointing:
         _checkpoint_activations(model, sharded(recipe, ctx.world_size))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from functrain import checkpoint, dist
 from functrain.data import prepare
-from functrain.errors import UserError
+from functrain.errors import RunError, UserError
 from functrain.recipe import Recipe, load_recipe, recipe_hash
 from functrain.run import preempt, resume, rundir
 from functrain.run.build import build_and_probe
@@ -64,7 +64,16 @@ def main(argv: list[str] | None = None) -> int:
 def _parse(argv: list[str]) -> argparse.Namespace:
     """`functrain COMMAND ...`; options may come before or after the `key=value` overrides."""
     commands = _commands()
-    top = argparse.ArgumentParser(prog="functrain", description=__doc__.splitlines()[0])
+    top = argparse.ArgumentParser(
+        prog="functrain",
+        description="Train a PyTorch model from a recipe, and resume it exactly: a run "
+        "resumed from any snapshot ends bitwise where the unbroken run would.",
+        epilog="Run `functrain COMMAND --help` for a command's options. Start with: "
+        "functrain run recipes/tiny.yaml",
+    )
+    top.add_argument(
+        "--version", action="version", version=f"functrain {checkpoint.versions()['functrain']}"
+    )
     top.add_argument(
         "command",
         choices=commands,
@@ -93,6 +102,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     run = command("run", "start a run from a recipe", cmd_run)
     run.add_argument("recipe", help="path to a recipe YAML file")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    _until(run)
 
     res = command("resume", "continue a run exactly from a snapshot", cmd_resume)
     res.add_argument("recipe", help="path to the run's recipe YAML file")
@@ -106,6 +116,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
         metavar="KEY",
         help="accept a recipe change (a dotted key or prefix); repeatable",
     )
+    _until(res)
 
     ins = command(
         "inspect", "show a snapshot's manifest and digests, or a run's snapshots", cmd_inspect
@@ -129,20 +140,52 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     return {"run": run, "resume": res, "inspect": ins, "prepare": pre}
 
 
+def _until(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--until",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="stop after this step (a snapshot of it is written; exit 0); the schedule "
+        "still spans the recipe's steps",
+    )
+
+
+def _check_until(until: int | None, recipe: Recipe) -> None:
+    if until is not None and not 0 < until <= recipe.steps:
+        raise RunError(
+            f"--until {until}: give a step > 0 and at most the recipe's steps "
+            f"({recipe.steps}); to train longer, change steps"
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     ctx = dist.init()
     recipe = _load_agreed(ctx, args)
+    _check_until(args.until, recipe)
     path = rundir.run_path(recipe)
     built = build_and_probe(recipe, ctx)
     ctx.all_ok(lambda: rundir.create_run(recipe, path) if ctx.is_main else None)
-    return Trainer(built, built.state, path).run()
+    return Trainer(built, built.state, path, until=args.until, recipe_path=args.recipe).run()
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     ctx = dist.init()
     recipe = _load_agreed(ctx, args)
-    r = resume.prepare(ctx, recipe, args.source, name=args.name, allow=args.allow_change)
-    return Trainer(r.built, r.state, r.run_dir, meta=r.meta, resumed_from=r.snapshot).run()
+    _check_until(args.until, recipe)
+    r = resume.prepare(
+        ctx, recipe, args.source, name=args.name, allow=args.allow_change, until=args.until
+    )
+    trainer = Trainer(
+        r.built,
+        r.state,
+        r.run_dir,
+        meta=r.meta,
+        resumed_from=r.snapshot,
+        until=args.until,
+        recipe_path=args.recipe,
+    )
+    return trainer.run()
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -36,10 +36,17 @@ class Resumed:
 
 
 def prepare(
-    ctx: Context, recipe: Recipe, source: str, *, name: str | None, allow: list[str]
+    ctx: Context,
+    recipe: Recipe,
+    source: str,
+    *,
+    name: str | None,
+    allow: list[str],
+    until: int | None = None,
 ) -> Resumed:
     """Resume the run of `recipe` from `source` (latest | state_<step> | a path): into the
-    same run directory, or branched into a new one called `name`."""
+    same run directory, or branched into a new one called `name`. `until` (a step to stop
+    after) must lie past the snapshot's step."""
     source_run = rundir.run_path(recipe)
     if name:
         recipe = attrs.evolve(recipe, name=name)
@@ -55,6 +62,11 @@ def prepare(
     ctx.agree("data fingerprint", canonical_hash(built.fingerprint))
     allowed = _check(built, manifest, snap, allow)
     step = manifest["step"]
+    if until is not None and not step < until <= recipe.steps:
+        raise RunError(
+            f"--until {until}: give a step after the snapshot's ({step}) and at most the "
+            f"recipe's steps ({recipe.steps}); to train longer, change steps"
+        )
     branching = target.resolve() != snap.parent.resolve()
     newer = _newer_snapshots(target, snap, step, source) if not branching else []
     state = Snapshots.load_into(snap, tensors, manifest, built.state)

@@ -97,11 +97,15 @@ class Trainer:
         *,
         meta: dict | None = None,
         resumed_from: Path | None = None,
+        until: int | None = None,
+        recipe_path: str = "<recipe>",
     ) -> None:
         """`meta` goes into every manifest beside the recipe, data fingerprint and device;
-        retention spares `resumed_from`."""
+        retention spares `resumed_from`. With `until`, training stops after that step (a
+        snapshot of it is written) and `run` returns 0; `recipe_path` is what messages name."""
         self.built, self.recipe, self.ctx = built, built.recipe, built.context
         self.state, self.run_dir = state, run_dir
+        self.until, self.recipe_path = until or built.recipe.steps, recipe_path
         manifest_meta = {
             "recipe": to_dict(self.recipe),
             "recipe_hash": recipe_hash(self.recipe),
@@ -131,22 +135,31 @@ class Trainer:
                 final = self.train()
                 self.snapshots.wait_until_finished()
                 step = int(final.step)
-                if step < self.recipe.steps and self.ctx.is_main:  # said while a second
+                if step < self.until and self.ctx.is_main:  # said while a second
                     # SIGTERM (e.g. torchrun's) may be on its way
                     requested = self.preemption.requested
-                    print(preempt.stopped_message(requested, self.run_dir, step), file=sys.stderr)
+                    message = preempt.stopped_message(requested, self.run_dir, step)
+                    print(message.replace("<recipe>", self.recipe_path), file=sys.stderr)
         finally:
             if self.progress is not None:
                 self.progress.close()
-        if step < self.recipe.steps:
+        if step < self.until:
             return preempt.EXIT_PREEMPTED
+        if step < self.recipe.steps:
+            if self.progress is not None:
+                self.progress.message(
+                    f"stopped after step {step} (--until); snapshot "
+                    f"{self.run_dir / f'state_{step}'} written. Continue exactly with: "
+                    f"functrain resume {self.recipe_path} --from latest"
+                )
+            return 0
         if self.progress is not None:
             self.progress.message(f"done: {self.run_dir} (step {self.recipe.steps})")
         return 0
 
     def train(self) -> TrainState:
         """The loop: step, log (and eval), agree on stopping, snapshot. Returns the last state."""
-        steps, device = self.recipe.steps, self.built.device
+        steps, device = self.until, self.built.device
         state, self.state = self.state, None  # donated at every step: the loop owns it
         batches = self._batches(int(state.data["samples"]))
         self._last_log = (time.perf_counter(), int(state.data["samples"]))  # the loader is up
@@ -161,8 +174,9 @@ class Trainer:
         return state
 
     def _batches(self, start: int) -> Iterator[Any]:
-        loader = iter(train_loader(self.built, start=start))
-        return dist.traced(loader, self.ctx, start, self.recipe.data.batch_size)
+        loader = train_loader(self.built, start=start)
+        indices = getattr(loader.sampler, "batch_indices", None)  # none for iterables
+        return dist.traced(iter(loader), self.ctx, start, self.recipe.data.batch_size, indices)
 
     def _log(self, state: TrainState, now: int) -> None:
         """On log and eval steps: the metrics (one host sync), the eval loss, one record."""
