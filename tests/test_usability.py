@@ -218,3 +218,42 @@ def test_version_and_a_help_written_for_users():
     assert cli("--version").stdout.strip() == f"functrain {checkpoint.versions()['functrain']}"
     text = cli("--help").stdout
     assert "resume it exactly" in text and "parse, build" not in text
+
+
+def test_export_writes_safetensors_that_load_into_the_plain_module(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from functrain.models import GPT
+
+    steps = "step=[{_component_: functrain.step.forward_backward}, "
+    steps += "{_component_: functrain.step.apply_optimizer}, {_component_: functrain.step.ema}]"
+    cli("run", TINY, f"out_dir={tmp_path}", *SHORT, steps)
+    snap = tmp_path / "tiny" / "state_12"
+    out = tmp_path / "model.safetensors"
+    res = cli("export", snap, "--out", out)
+    assert "wrote" in res.stderr and out.exists()
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    args = orjson.loads(meta["model"])
+    assert args.pop("_component_") == "functrain.models.GPT" and meta["step"] == "12"
+    model = GPT(**args)
+    model.load_state_dict(load_file(str(out)))  # no functrain in the loop
+    want = checkpoint.load_into(GPT(**args), snap)
+    assert all(torch.equal(v, want.state_dict()[k]) for k, v in model.state_dict().items())
+    ema_out = tmp_path / "ema.safetensors"
+    cli("export", snap, "--out", ema_out, "--ema")
+    assert not torch.equal(load_file(str(ema_out))["tok.weight"], load_file(str(out))["tok.weight"])
+    res = cli("export", snap, "--out", out, check=False)  # never overwrites
+    assert res.returncode == 2 and "already exists" in res.stderr
+
+
+def test_export_names_the_extra_when_safetensors_is_missing(tmp_path, monkeypatch):
+    import sys
+
+    from functrain.errors import RunError
+    from functrain.run.export import export
+
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(RunError, match=r"pip install 'functrain\[safetensors\]'"):
+        export(tmp_path / "state_1", tmp_path / "m.safetensors")

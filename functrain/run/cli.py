@@ -1,4 +1,4 @@
-"""`functrain run | resume | inspect | prepare`: parse, build, train, close.
+"""`functrain run | resume | inspect | prepare | export`: parse, build, train, close.
 
 User errors (bad recipe, missing or corrupt snapshot, changed recipe or data: every
 `functrain.errors.UserError`) end with one paragraph on stderr and exit status 2, never a
@@ -23,6 +23,7 @@ from functrain.errors import RunError, UserError
 from functrain.recipe import Recipe, load_recipe, recipe_hash
 from functrain.run import preempt, resume, rundir
 from functrain.run.build import build_and_probe
+from functrain.run.export import export
 from functrain.run.report import inspect
 from functrain.run.trainer import Trainer
 
@@ -137,7 +138,13 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
         default=None,
         help="a Hugging Face tokenizer.json (needs functrain[tokenizers]); default: bytes",
     )
-    return {"run": run, "resume": res, "inspect": ins, "prepare": pre}
+    exp = command(
+        "export", "write a snapshot's weights as safetensors, for the plain nn.Module", cmd_export
+    )
+    exp.add_argument("snapshot", type=Path, help="a snapshot directory (state_N)")
+    exp.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
+    exp.add_argument("--ema", action="store_true", help="the EMA of the params instead")
+    return {"run": run, "resume": res, "inspect": ins, "prepare": pre, "export": exp}
 
 
 def _until(p: argparse.ArgumentParser) -> None:
@@ -190,6 +197,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     return inspect(Path(args.path), args.json)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    meta = export(args.snapshot, args.out, ema=args.ema)
+    print(f"wrote {args.out}: {meta['weights']} of step {meta['step']}", file=sys.stderr)
+    return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
