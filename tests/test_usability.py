@@ -257,3 +257,17 @@ def test_export_names_the_extra_when_safetensors_is_missing(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(RunError, match=r"pip install 'functrain\[safetensors\]'"):
         export(tmp_path / "state_1", tmp_path / "m.safetensors")
+
+
+def test_sample_gives_text_from_a_snapshot_the_same_for_a_seed(tmp_path):
+    cli("run", TINY, f"out_dir={tmp_path}", *SHORT)
+    snap = tmp_path / "tiny" / "state_12"
+    args = ("sample", snap, "--prompt", "def ", "--tokens", "40")
+    a, b = cli(*args, "--seed", "1").stdout, cli(*args, "--seed", "1").stdout
+    c = cli(*args, "--seed", "2").stdout
+    assert a == b and a.startswith("def ") and len(a.encode()) >= 40
+    assert a != c  # another seed, other text
+    greedy = cli(*args, "--temperature", "0", "--seed", "1").stdout
+    assert greedy == cli(*args, "--temperature", "0", "--seed", "2").stdout  # no draw at all
+    res = cli("sample", tmp_path / "nope", check=False)
+    assert res.returncode == 2 and "nope" in res.stderr

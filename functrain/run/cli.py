@@ -1,4 +1,4 @@
-"""`functrain run | resume | inspect | prepare | export`: parse, build, train, close.
+"""`functrain run | resume | inspect | prepare | export | sample`: parse, build, train, close.
 
 User errors (bad recipe, missing or corrupt snapshot, changed recipe or data: every
 `functrain.errors.UserError`) end with one paragraph on stderr and exit status 2, never a
@@ -25,6 +25,7 @@ from functrain.run import preempt, resume, rundir
 from functrain.run.build import build_and_probe
 from functrain.run.export import export
 from functrain.run.report import inspect
+from functrain.run.sample import sample
 from functrain.run.trainer import Trainer
 
 __all__ = ["EXIT_PEER_LOST", "EXIT_USER_ERROR", "main"]
@@ -144,7 +145,24 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     exp.add_argument("snapshot", type=Path, help="a snapshot directory (state_N)")
     exp.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     exp.add_argument("--ema", action="store_true", help="the EMA of the params instead")
-    return {"run": run, "resume": res, "inspect": ins, "prepare": pre, "export": exp}
+    smp = command(
+        "sample", "text from a language-model snapshot, deterministic per seed", cmd_sample
+    )
+    smp.add_argument("snapshot", type=Path, help="a snapshot directory (state_N)")
+    smp.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
+    smp.add_argument("--tokens", type=int, default=200, help="tokens to add (200)")
+    smp.add_argument("--temperature", type=float, default=0.8, help="0: greedy (0.8)")
+    smp.add_argument("--top-k", type=int, default=40, help="draw from the k likeliest (40)")
+    smp.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
+    smp.add_argument("--ema", action="store_true", help="the EMA of the params instead")
+    return {
+        "run": run,
+        "resume": res,
+        "inspect": ins,
+        "prepare": pre,
+        "export": exp,
+        "sample": smp,
+    }
 
 
 def _until(p: argparse.ArgumentParser) -> None:
@@ -202,6 +220,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     meta = export(args.snapshot, args.out, ema=args.ema)
     print(f"wrote {args.out}: {meta['weights']} of step {meta['step']}", file=sys.stderr)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    text = sample(
+        args.snapshot,
+        prompt=args.prompt,
+        tokens=args.tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        ema=args.ema,
+    )
+    sys.stdout.write(text + "\n")
     return 0
 
 
