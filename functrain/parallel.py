@@ -13,6 +13,7 @@ without the chain knowing what it does.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Protocol
 
 import attrs
@@ -80,13 +81,24 @@ class Unsharded:
         named = model.named_parameters()
         params = {k: p.detach().clone().requires_grad_(True) for k, p in named}
         out = TensorDict(params, batch_size=[]).unflatten_keys("."), module_buffers(model)
+        tied = {k: v for k, v in aliases(model).items() if k != v and k not in params}
         model.to("meta")  # the skeleton holds no memory: the state's tensors are swapped in
+        # Tied weights (`head.weight = emb.weight`): the state keeps one tensor, `bind` puts
+        # it under every name (`to("meta")` has untied them in the skeleton anyway).
+        model.__dict__["_functrain_tied"] = [
+            (tuple(k.split(".")), tuple(v.split("."))) for k, v in tied.items() if v in params
+        ]
         _refuse_use_outside_bind(model)
         return out
 
     def bind(
         self, model: nn.Module, params: TensorDict
     ) -> contextlib.AbstractContextManager[object]:
+        tied = model.__dict__.get("_functrain_tied")
+        if tied:
+            params = params.copy()  # shallow: the same tensors, under the aliases too
+            for alias, first in tied:
+                params[alias] = params[first]
         return params.to_module(model)
 
     def backward(
@@ -114,6 +126,21 @@ class Unsharded:
 
 
 UNSHARDED = Unsharded()
+
+
+def aliases(module: nn.Module) -> dict[str, str]:
+    """Every name of every param and buffer -> the name the state keeps it under (the first,
+    as `named_parameters()` gives it): tied weights (`head.weight = emb.weight`) share one."""
+    first: dict[int, str] = {}
+    out = {}
+    named = itertools.chain(
+        module.named_parameters(remove_duplicate=False),
+        module.named_buffers(remove_duplicate=False),
+    )
+    for name, t in named:
+        out[name] = first.setdefault(id(t), name)
+    return out
+
 
 TAKEN_OVER = (
     "this module was taken over by functrain.create: its params and buffers now live in "

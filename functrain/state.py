@@ -19,7 +19,7 @@ from torch import nn
 from functrain import rng
 from functrain.errors import ConsumedStateError
 from functrain.optim import Optimizer
-from functrain.parallel import UNSHARDED, Placement, Sharding
+from functrain.parallel import UNSHARDED, Placement, Sharding, aliases
 from functrain.precision import Precision
 from functrain.schedule import Schedule, constant
 from functrain.transform import Transform, compose
@@ -162,7 +162,12 @@ class TrainState:
                 "snapshot of it whole (functrain.checkpoint.load) and call load_into"
             )
         out = weights(self.tensors(), ema=ema)
-        return {k: out[k] for k in state_dict_keys(self._static.model) if k in out}
+        model = self._static.model
+        alias = aliases(model)  # and the ties `to("meta")` undid in the skeleton:
+        alias.update(
+            {".".join(a): ".".join(f) for a, f in model.__dict__.get("_functrain_tied", [])}
+        )
+        return {k: out[alias[k]] for k in state_dict_keys(model) if alias.get(k) in out}
 
     def clone(self) -> TrainState:
         """A deep copy of every entry (params keep `requires_grad`)."""
@@ -217,9 +222,10 @@ def load_into(
     if isinstance(source, TrainState) and source.static.sharding is not UNSHARDED:
         raise ValueError("load_into needs the whole state: load a snapshot of it instead")
     found = weights(tensors, ema=ema)
-    wanted = set(state_dict_keys(module))
-    non_persistent = {k for k, _ in module.named_buffers()} - wanted
-    module.load_state_dict({k: v for k, v in found.items() if k not in non_persistent})
+    alias = aliases(module)
+    module.load_state_dict(
+        {k: found[alias[k]] for k in state_dict_keys(module) if alias.get(k) in found}
+    )  # strict: a key the source lacks is named by torch
     return module
 
 
@@ -335,8 +341,8 @@ def create(
             {
                 "loss": metric.clone(),
                 "grad_norm": metric.clone(),
-                # float64: the LR as the optimizer used it (a Python float), to the last bit
-                "lr": metric.to(torch.float64),
+                # float64 on the CPU (any device, mps too): the LR as the optimizer used it
+                "lr": torch.full((), float("nan"), dtype=torch.float64),
             },
             [],
         ),

@@ -94,7 +94,7 @@ def forward_backward(micro_batches: int = 1) -> Transform:
         seed = rng.step_seed(state.rng, int(state.step), static.placement.rank)
         with rng.seeded(seed, device), state.bind() as model:
             for i in range(micro_batches):
-                micro = tree_map(lambda t, i=i: t.chunk(micro_batches)[i], batch)
+                micro = tree_map(lambda t, i=i: _chunk(t, micro_batches, i), batch)
                 with precision.autocast(device):
                     loss = static.loss(model, micro).float() / micro_batches
                 acc = static.sharding.backward(precision.scale(loss, state.stats), params, acc)
@@ -107,6 +107,12 @@ def forward_backward(micro_batches: int = 1) -> Transform:
         )
 
     return Transform(name="forward_backward", apply=apply)
+
+
+def _chunk(leaf: Any, n: int, i: int) -> Any:
+    """Micro-batch `i` of `n` of a batch leaf: tensors are cut along dim 0; anything else (a
+    list of strings in a dict batch) goes to every micro-batch whole."""
+    return leaf.chunk(n)[i] if isinstance(leaf, torch.Tensor) else leaf
 
 
 def _like_params(params: TensorDict, values: list[torch.Tensor]) -> TensorDict:

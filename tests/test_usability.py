@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import orjson
@@ -31,7 +32,8 @@ def test_until_stops_after_the_step_with_a_snapshot_and_resume_finishes_bitwise(
     res = cli("run", TINY, f"out_dir={tmp_path}", "name=B", *SHORT, "--until", "5")
     assert res.returncode == 0
     assert "stopped after step 5 (--until)" in res.stdout + res.stderr
-    assert f"functrain resume {TINY} --from latest" in res.stdout + res.stderr
+    said = res.stdout + res.stderr
+    assert f"functrain resume {TINY} out_dir={tmp_path} name=B " in said and "--from latest" in said
     b = tmp_path / "B"
     assert [s for s, _ in checkpoint.list_snapshots(b)] == [5]
     res = cli("resume", TINY, f"out_dir={tmp_path}", "name=B", *SHORT, "--from", "latest",
@@ -271,3 +273,41 @@ def test_sample_gives_text_from_a_snapshot_the_same_for_a_seed(tmp_path):
     assert greedy == cli(*args, "--temperature", "0", "--seed", "2").stdout  # no draw at all
     res = cli("sample", tmp_path / "nope", check=False)
     assert res.returncode == 2 and "nope" in res.stderr
+
+
+def test_tied_weights_come_back_under_every_name():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(self.emb(x))
+
+    with seeded(0):
+        model = Tied()
+    plain = copy.deepcopy(model)
+    state = ft.create(model, loss=cross_entropy(), optimizer=ft.sgd(lr=0.1),
+                      transforms=[ft.forward_backward(), ft.apply_optimizer()])  # fmt: skip
+    batch = (torch.arange(8), torch.arange(8))
+    state = ft.step(state, batch)
+    loss = torch.nn.functional.cross_entropy(plain(batch[0]), batch[1])
+    loss.backward()  # the same step in plain torch: one tensor, both uses' gradients
+    with torch.no_grad():
+        plain.emb.weight.sub_(0.1 * plain.emb.weight.grad)
+    assert torch.equal(state.metrics["loss"], loss.detach())
+    assert torch.equal(state.params["emb", "weight"], plain.emb.weight)
+    sd = state.state_dict()
+    assert list(sd) == ["emb.weight", "head.weight"] and sd["emb.weight"] is sd["head.weight"]
+    fresh = ft.load_into(Tied(), state)
+    assert (
+        torch.equal(fresh.head.weight, sd["emb.weight"]) and fresh.head.weight is fresh.emb.weight
+    )
+
+
+def test_a_dict_batch_may_carry_fields_that_are_not_tensors():
+    batch = {**_dict_batch(), "text": ["a sample"] * 8}
+    state = _mlp_state(transforms=[ft.forward_backward(2), ft.apply_optimizer()])
+    assert torch.isfinite(ft.step(state, batch).metrics["loss"])

@@ -20,7 +20,7 @@ from functrain.data.stream import (
     Stream,
     check_start,
     is_plain_iterable,
-    is_stateful,
+    restored,
 )
 from functrain.errors import DataError, warn
 from functrain.rng import fold_in
@@ -200,7 +200,7 @@ def make_loader(
     kwargs = dict(collate_fn=collate_fn, pin_memory=pin_memory)
     if is_plain_iterable(dataset):
         check_start(dataset, start, replay=replay, num_workers=num_workers)
-        if start and not is_stateful(dataset):
+        if start and not restored(dataset):
             warn(
                 f"data.replay: reading and skipping the first {start} records of "
                 f"{type(dataset).__name__} to resume (time linear in the position)"

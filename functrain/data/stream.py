@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -57,6 +58,7 @@ __all__ = [
     "is_plain_iterable",
     "is_stateful",
     "restore",
+    "restored",
 ]
 
 
@@ -106,6 +108,7 @@ class _KeyedStream(Dataset):
         self.stream, self.seed, self.shuffle = stream, seed, shuffle
         self._epoch: tuple[int, list[int], list[int]] | None = None  # (epoch, shards, starts)
         self._windows: OrderedDict[tuple[int, int], list[Any]] = OrderedDict()
+        self._order: tuple[tuple[int, int, int], list[int]] | None = None
 
     def __len__(self) -> int:
         return self.stream.total
@@ -119,8 +122,16 @@ class _KeyedStream(Dataset):
         w, j = divmod(offset, s.window)
         length = min(s.window, s.sizes[shard] - w * s.window)
         if self.shuffle and length > 1:
-            j = int(Shuffle(length, fold_in(self.seed, epoch, "window", shard, w)).range(j, j + 1))
+            j = self._permutation(epoch, shard, w, length)[j]
         return shard, w * s.window + j
+
+    def _permutation(self, epoch: int, shard: int, w: int, length: int) -> list[int]:
+        """The order of window `w` of `shard` in `epoch` (the last one is kept)."""
+        key = (epoch, shard, w)
+        if self._order is None or self._order[0] != key:
+            order = Shuffle(length, fold_in(self.seed, epoch, "window", shard, w))
+            self._order = (key, order.range(0, length).tolist())
+        return self._order[1]
 
     def _layout(self, epoch: int) -> tuple[list[int], list[int]]:
         if self._epoch is None or self._epoch[0] != epoch:
@@ -168,9 +179,20 @@ def is_stateful(dataset: Any) -> bool:
     )
 
 
+#: Stateful iterables whose position `restore` loaded: read on from there, nothing skipped.
+_RESTORED: weakref.WeakSet = weakref.WeakSet()
+
+
+def restored(dataset: Any) -> bool:
+    """Whether `restore` placed `dataset` at its snapshot's position (else a resume of it
+    replays: reads and skips the records before the cursor)."""
+    return is_stateful(dataset) and dataset in _RESTORED
+
+
 def restore(dataset: Any, state: Any, start: int, *, replay: bool) -> None:
     """Before resuming at `start`: load a stateful iterable's recorded `state` (or refuse,
-    as `check_start` does, when there is none)."""
+    as `check_start` does, when there is none; with `replay` it is read from its first
+    record again and the records before `start` skipped)."""
     if not is_stateful(dataset) or not start:
         return
     if state is None:
@@ -184,6 +206,7 @@ def restore(dataset: Any, state: Any, start: int, *, replay: bool) -> None:
         )
     try:
         dataset.load_state_dict(state)
+        _RESTORED.add(dataset)
     except Exception as err:
         raise DataError(
             f"data.dataset ({type(dataset).__name__}).load_state_dict refused the snapshot's "
@@ -203,7 +226,7 @@ def check_start(dataset: Any, start: int, *, replay: bool, num_workers: int = 0)
             "process, so set data.num_workers: 0 (or make it a functrain.data.Source, which "
             "workers can read)"
         )
-    if start and not replay and not is_stateful(dataset):  # stateful: `restore` placed it
+    if start and not replay and not restored(dataset):
         raise DataError(
             f"data.dataset ({name}) is a plain IterableDataset, which cannot be resumed at "
             f"sample {start}: it has no position to go back to, and starting it afresh would "
@@ -226,7 +249,7 @@ class IterableSlices(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         g, b = self.batch_size * self.world_size, self.batch_size
         records = _forever(self.dataset)
-        for _ in range(0 if is_stateful(self.dataset) else self.start):  # replay: linear
+        for _ in range(0 if restored(self.dataset) else self.start):  # replay: linear
             next(records)
         while True:
             batch = list(itertools.islice(records, g))
@@ -234,11 +257,13 @@ class IterableSlices(IterableDataset):
 
 
 def _forever(dataset: IterableDataset) -> Iterator[Any]:
-    """The dataset's records, pass after pass (each pass one epoch)."""
+    """The dataset's records, pass after pass (each pass one epoch). One empty pass is
+    allowed (a stateful dataset restored at the very end of a pass); two in a row are not."""
+    empty = 0
     while True:
-        empty = True
+        empty += 1
         for record in dataset:
-            empty = False
+            empty = 0
             yield record
-        if empty:
+        if empty >= 2:
             raise DataError(f"{type(dataset).__name__} yielded no records")

@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 import attrs
+import orjson
 import torch
 from torch.utils._pytree import tree_map
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -269,6 +270,14 @@ def probe(built: Built) -> None:
     loader = train_loader(built, start=0)
     stateful = data_lib.is_stateful(built.train)
     saved = copy.deepcopy(built.train.state_dict()) if stateful else None  # the trial moves it
+    if stateful:
+        try:
+            orjson.dumps(saved)
+        except TypeError as err:
+            raise BuildError(
+                f"data.dataset ({type(built.train).__name__}).state_dict() must return plain "
+                f"JSON data (it goes into each snapshot's manifest): {err}"
+            ) from err
     try:
         batch = to_device(next(iter(loader)), built.device)
         run_step(built.state, batch, donate=False)

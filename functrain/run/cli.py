@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import traceback
 import warnings
@@ -191,7 +192,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = rundir.run_path(recipe)
     built = build_and_probe(recipe, ctx)
     ctx.all_ok(lambda: rundir.create_run(recipe, path) if ctx.is_main else None)
-    return Trainer(built, built.state, path, until=args.until, recipe_path=args.recipe).run()
+    return Trainer(
+        built,
+        built.state,
+        path,
+        until=args.until,
+        recipe_path=shlex.join([args.recipe, *args.overrides]),
+    ).run()
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -208,7 +215,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         meta=r.meta,
         resumed_from=r.snapshot,
         until=args.until,
-        recipe_path=args.recipe,
+        recipe_path=shlex.join([args.recipe, *args.overrides]),
     )
     return trainer.run()
 

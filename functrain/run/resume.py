@@ -75,8 +75,8 @@ def prepare(
     samples = int(state.data["samples"])
 
     def place_data() -> None:  # a plain iterable cannot restart at the cursor: refuse early
-        data_lib.check_start(built.train, samples, replay=r.replay, num_workers=r.num_workers)
         data_lib.restore(built.train, manifest.get("data_state"), samples, replay=r.replay)
+        data_lib.check_start(built.train, samples, replay=r.replay, num_workers=r.num_workers)
 
     ctx.all_ok(place_data)
     ctx.all_ok(lambda: _prepare_target(ctx, recipe, target, snap, step, newer, branching))
