@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import orjson
+from conftest import timeless_metrics  # noqa: F401 -- re-exported for the torchrun tests
 
 from functrain import checkpoint
 
@@ -63,11 +64,6 @@ def trace(directory: Path) -> list[tuple[int, list[str]]]:
 
 def metrics(run: Path) -> list[dict]:
     return [orjson.loads(line) for line in (run / "metrics.jsonl").read_bytes().splitlines()]
-
-
-def timeless_metrics(run: Path) -> list[dict]:
-    """metrics.jsonl without samples_per_s, the only field that depends on the wall clock."""
-    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in metrics(run)]
 
 
 def params(snapshot: Path) -> dict:

@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 
+import orjson
 import pytest
 import torch
 from tensordict import TensorDict
 
 import functrain as ft
+from functrain import checkpoint
 from functrain.losses import cross_entropy
 from functrain.models import MLP
 
@@ -70,3 +72,22 @@ def cli(*args, cwd=None, check=True, env=None) -> subprocess.CompletedProcess:
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
     return out
+
+
+def timeless_metrics(run) -> list[dict]:
+    """A run's metrics.jsonl without samples_per_s, the one field the wall clock sets."""
+    rows = [orjson.loads(line) for line in (run / "metrics.jsonl").read_bytes().splitlines()]
+    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
+
+
+def assert_branch_resumes_bitwise(out, recipe, *args, env=None, at=6, end=12):
+    """Run A of `recipe` to step `end`, then resume it from `state_<at>` in a new process as
+    the branch B; B's last snapshot (every entry) and metrics must be A's. Returns (A, B,
+    the resume's CompletedProcess)."""
+    cli("run", recipe, f"out_dir={out}", "name=A", *args, env=env)
+    res = cli("resume", recipe, f"out_dir={out}", "name=A", *args,
+              "--from", f"state_{at}", "--name", "B", env=env)  # fmt: skip
+    a, b = out / "A", out / "B"
+    assert checkpoint.digests(b / f"state_{end}") == checkpoint.digests(a / f"state_{end}")
+    assert timeless_metrics(b) == timeless_metrics(a)
+    return a, b, res

@@ -8,6 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 from conftest import cli
+from conftest import timeless_metrics as metrics
 
 from functrain.recipe import load_recipe
 
@@ -22,13 +23,6 @@ def tree(path: Path) -> dict:
         for p in sorted(path.rglob("*"))
         if p.is_file()
     }
-
-
-def metrics(run: Path) -> list[dict]:
-    rows = [orjson.loads(line) for line in (run / "metrics.jsonl").read_bytes().splitlines()]
-    for r in rows:
-        r.pop("samples_per_s")  # wall-clock: the only field allowed to differ
-    return rows
 
 
 def digests(snapshot: Path) -> dict:

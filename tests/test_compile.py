@@ -5,8 +5,8 @@ unbroken compiled run."""
 from __future__ import annotations
 
 import torch
-from conftest import cli
-from test_precision import SHORT, TINY, _metrics, batches, gpt, state_of
+from conftest import assert_branch_resumes_bitwise, cli
+from test_precision import SHORT, TINY, batches, gpt, state_of
 from torch._dynamo.utils import counters
 
 import functrain as ft
@@ -33,12 +33,7 @@ def test_a_compiled_model_compiles_once_and_steps_without_recompiling():
 
 def test_a_compiled_run_resumed_in_a_new_process_is_bitwise(tmp_path):
     flags = ("compile=true", "precision=bf16")
-    cli("run", TINY, f"out_dir={tmp_path}", "name=A", *SHORT, *flags)
-    cli("resume", TINY, f"out_dir={tmp_path}", "name=A", *SHORT, *flags,
-        "--from", "state_6", "--name", "B")  # fmt: skip
-    a, b = tmp_path / "A", tmp_path / "B"
-    assert checkpoint.digests(b / "state_12") == checkpoint.digests(a / "state_12")
-    assert _metrics(b) == _metrics(a)
+    a, _, _ = assert_branch_resumes_bitwise(tmp_path, TINY, *SHORT, *flags)
     settings = checkpoint.read_manifest(a / "state_12")["determinism"]
     assert settings == {"deterministic_algorithms": True, "inductor_deterministic": True}
     eager = tmp_path / "eager"

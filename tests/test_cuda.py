@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-from conftest import cli
-from test_precision import SHORT, TINY, _metrics
+from conftest import cli, timeless_metrics
+from test_precision import SHORT, TINY
 
 from functrain import checkpoint
 
@@ -31,7 +31,7 @@ def test_bf16_compiled_on_cuda_resumes_bitwise(gpu_run):
         "--from", "state_6", "--name", "B")  # fmt: skip
     a, b = gpu_run / "A", gpu_run / "B"
     assert checkpoint.digests(b / "state_12") == checkpoint.digests(a / "state_12")
-    assert _metrics(b) == _metrics(a)
+    assert timeless_metrics(b) == timeless_metrics(a)
 
 
 def test_the_determinism_settings_are_recorded(gpu_run):

@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import orjson
 import pytest
 import torch
 from _streams import Records, Windows
-from conftest import cli
+from conftest import assert_branch_resumes_bitwise, cli
 
 from functrain import checkpoint
 from functrain.data import DataError, Stream, make_loader
@@ -113,19 +112,11 @@ SHORT = ("steps=12", "checkpoint.every=6", "log_every=3", "eval.every=null")
 ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
-def _metrics(run: Path) -> list[dict]:
-    rows = [orjson.loads(line) for line in (run / "metrics.jsonl").read_bytes().splitlines()]
-    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_run_on_a_sharded_stream_resumes_bitwise(tmp_path, workers):
-    args = (f"out_dir={tmp_path}", STREAM, f"data.num_workers={workers}", *SHORT)
-    cli("run", TINY, "name=A", *args, env=ENV)
-    cli("resume", TINY, "name=A", *args, "--from", "state_6", "--name", "B", env=ENV)
-    a, b = tmp_path / "A", tmp_path / "B"
-    assert checkpoint.digests(b / "state_12") == checkpoint.digests(a / "state_12")
-    assert _metrics(b) == _metrics(a)
+    assert_branch_resumes_bitwise(
+        tmp_path, TINY, STREAM, f"data.num_workers={workers}", *SHORT, env=ENV
+    )
 
 
 def test_a_run_on_a_plain_iterable_is_refused_on_resume_unless_replayed(tmp_path):
@@ -160,15 +151,9 @@ def test_a_run_on_a_plain_iterable_is_refused_on_resume_unless_replayed(tmp_path
 
 def test_a_stateful_iterable_is_resumed_from_the_state_its_snapshot_recorded(tmp_path):
     """60 windows, 8 a step: the resume at step 6 (48 read) crosses into the second pass."""
-    args = (f"out_dir={tmp_path}", STATEFUL, *SHORT)
-    cli("run", TINY, "name=A", *args, env=ENV)
-    manifest = checkpoint.read_manifest(tmp_path / "A" / "state_6")
-    assert manifest["data_state"] == {"position": 48}
-    res = cli("resume", TINY, "name=A", *args, "--from", "state_6", "--name", "B", env=ENV)
+    a, _, res = assert_branch_resumes_bitwise(tmp_path, TINY, STATEFUL, *SHORT, env=ENV)
+    assert checkpoint.read_manifest(a / "state_6")["data_state"] == {"position": 48}
     assert "skipping" not in res.stderr
-    a, b = tmp_path / "A", tmp_path / "B"
-    assert checkpoint.digests(b / "state_12") == checkpoint.digests(a / "state_12")
-    assert _metrics(b) == _metrics(a)
 
 
 def test_a_stateful_iterable_without_a_recorded_state_is_refused():

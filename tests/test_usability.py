@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 import torch
-from conftest import cli
+from conftest import cli, timeless_metrics
 
 import functrain as ft
 from functrain import checkpoint
@@ -20,11 +20,6 @@ from functrain.schedule import warmup_cosine
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
 SHORT = ("steps=12", "checkpoint.every=null", "log_every=1", "eval.every=null")
-
-
-def _metrics(run: Path) -> list[dict]:
-    rows = [orjson.loads(line) for line in (run / "metrics.jsonl").read_bytes().splitlines()]
-    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
 
 
 def test_until_stops_after_the_step_with_a_snapshot_and_resume_finishes_bitwise(tmp_path):
@@ -42,7 +37,7 @@ def test_until_stops_after_the_step_with_a_snapshot_and_resume_finishes_bitwise(
     cli("resume", TINY, f"out_dir={tmp_path}", "name=B", *SHORT, "--from", "latest")
     a = tmp_path / "A"
     assert checkpoint.digests(b / "state_12") == checkpoint.digests(a / "state_12")
-    assert _metrics(b) == _metrics(a)
+    assert timeless_metrics(b) == timeless_metrics(a)
 
 
 def test_an_until_outside_the_run_is_refused_before_anything_is_written(tmp_path):
@@ -61,7 +56,7 @@ def test_an_until_outside_the_run_is_refused_before_anything_is_written(tmp_path
 def test_the_logged_lr_is_the_lr_the_optimizer_used(tmp_path):
     cli("run", TINY, f"out_dir={tmp_path}", *SHORT)
     schedule = warmup_cosine(warmup_steps=5, total_steps=12)  # the tiny recipe's
-    for row in _metrics(tmp_path / "tiny"):
+    for row in timeless_metrics(tmp_path / "tiny"):
         assert row["lr"] == 3.0e-3 * schedule(row["step"] - 1)  # exactly, not to float32
     state = ft.create(
         MLP(in_features=4, hidden=8, classes=2),
