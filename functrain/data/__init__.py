@@ -23,7 +23,14 @@ world size that divides the global batch.
 from functrain.data.cursor import CursorSampler, make_loader
 from functrain.data.fingerprints import fingerprint, fingerprint_changes
 from functrain.data.prepare import prepare
-from functrain.data.stream import Source, Stream, check_start, is_stateful, restore
+from functrain.data.stream import (
+    Source,
+    Stream,
+    check_start,
+    data_state,
+    is_stateful,
+    restore,
+)
 from functrain.data.text import ByteBlocks, read_text, text_corpus
 from functrain.data.tokens import TokenWindows, token_file
 from functrain.errors import DataError
@@ -32,6 +39,7 @@ __all__ = [
     "ByteBlocks",
     "CursorSampler",
     "check_start",
+    "data_state",
     "DataError",
     "fingerprint",
     "fingerprint_changes",

@@ -43,6 +43,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import orjson
 from torch.utils.data import Dataset, IterableDataset
 
 from functrain.data._args import as_int
@@ -55,6 +56,7 @@ __all__ = [
     "Source",
     "Stream",
     "check_start",
+    "data_state",
     "is_plain_iterable",
     "is_stateful",
     "restore",
@@ -93,6 +95,10 @@ class Stream(Dataset):
     def __len__(self) -> int:
         return self.total
 
+    def window_length(self, shard: int, w: int) -> int:
+        """Records in window `w` of `shard` (the last window of a shard may be short)."""
+        return min(self.window, self.sizes[shard] - w * self.window)
+
     def fingerprint(self) -> str:
         own = getattr(self.source, "fingerprint", None)
         return f"stream:{self.sizes}:{self.window}:{own() if callable(own) else type(self.source).__name__}"
@@ -120,7 +126,7 @@ class _KeyedStream(Dataset):
         k = bisect.bisect_right(starts, position) - 1
         shard, offset = shards[k], position - starts[k]
         w, j = divmod(offset, s.window)
-        length = min(s.window, s.sizes[shard] - w * s.window)
+        length = s.window_length(shard, w)
         if self.shuffle and length > 1:
             j = self._permutation(epoch, shard, w, length)[j]
         return shard, w * s.window + j
@@ -154,7 +160,7 @@ class _KeyedStream(Dataset):
         key = (shard, w)
         if key not in self._windows:
             s = self.stream
-            length = min(s.window, s.sizes[shard] - w * s.window)
+            length = s.window_length(shard, w)
             records = list(itertools.islice(s.source.open(shard, w * s.window), length))
             if len(records) != length:
                 raise DataError(
@@ -187,6 +193,20 @@ def restored(dataset: Any) -> bool:
     """Whether `restore` placed `dataset` at its snapshot's position (else a resume of it
     replays: reads and skips the records before the cursor)."""
     return is_stateful(dataset) and dataset in _RESTORED
+
+
+def data_state(dataset: Any) -> Any:
+    """A stateful iterable's `state_dict()`, checked to be plain JSON data (it goes into
+    each snapshot's manifest)."""
+    state = dataset.state_dict()
+    try:
+        orjson.dumps(state)
+    except TypeError as err:
+        raise DataError(
+            f"data.dataset ({type(dataset).__name__}).state_dict() must return plain JSON "
+            f"data (it goes into each snapshot's manifest): {err}"
+        ) from err
+    return state
 
 
 def restore(dataset: Any, state: Any, start: int, *, replay: bool) -> None:

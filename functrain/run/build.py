@@ -11,7 +11,6 @@ import copy
 from typing import Any
 
 import attrs
-import orjson
 import torch
 from torch.utils._pytree import tree_map
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -269,15 +268,8 @@ def probe(built: Built) -> None:
     """
     loader = train_loader(built, start=0)
     stateful = data_lib.is_stateful(built.train)
-    saved = copy.deepcopy(built.train.state_dict()) if stateful else None  # the trial moves it
-    if stateful:
-        try:
-            orjson.dumps(saved)
-        except TypeError as err:
-            raise BuildError(
-                f"data.dataset ({type(built.train).__name__}).state_dict() must return plain "
-                f"JSON data (it goes into each snapshot's manifest): {err}"
-            ) from err
+    # The trial batch moves a stateful iterable: keep its state (checked to be JSON) to put back.
+    saved = copy.deepcopy(data_lib.data_state(built.train)) if stateful else None
     try:
         batch = to_device(next(iter(loader)), built.device)
         run_step(built.state, batch, donate=False)

@@ -204,8 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     ctx = dist.init()
     recipe = _load_agreed(ctx, args)
-    _check_until(args.until, recipe)
-    r = resume.prepare(
+    r = resume.prepare(  # it refuses an --until outside (snapshot step, steps]
         ctx, recipe, args.source, name=args.name, allow=args.allow_change, until=args.until
     )
     trainer = Trainer(

@@ -21,7 +21,7 @@ from typing import Any
 
 from functrain.checkpoint import snapshot_path
 
-__all__ = ["EXIT_ABORTED", "EXIT_PREEMPTED", "Preemption", "stopped_message"]
+__all__ = ["EXIT_ABORTED", "EXIT_PREEMPTED", "Preemption", "continue_hint", "stopped_message"]
 
 _Handler = Callable[[int, FrameType | None], Any] | int | None
 
@@ -69,11 +69,18 @@ class Preemption:
             self.requested = signal.Signals(signum).name
 
 
-def stopped_message(signal_name: str | None, run: Path, step: int) -> str:
-    """What a run stopped by a signal says on stderr before exiting `EXIT_PREEMPTED`."""
+def stopped_message(signal_name: str | None, run: Path, step: int, recipe: str = "<recipe>") -> str:
+    """What a run stopped by a signal says on stderr before exiting `EXIT_PREEMPTED`;
+    `recipe` is the recipe (and overrides) the resume command names."""
     by = signal_name or "a signal to another rank"
+    return f"functrain: stopped by {by} after step {step}; " + continue_hint(
+        run, step, recipe, f" (exit status {EXIT_PREEMPTED})"
+    )
+
+
+def continue_hint(run: Path, step: int, recipe: str, tail: str = "") -> str:
+    """`snapshot ... written. Continue exactly with: functrain resume ...`."""
     return (
-        f"functrain: stopped by {by} after step {step}; snapshot {snapshot_path(run, step)} "
-        f"written. Continue exactly with: functrain resume <recipe> --from latest "
-        f"(exit status {EXIT_PREEMPTED})"
+        f"snapshot {snapshot_path(run, step)} written. Continue exactly with: "
+        f"functrain resume {recipe} --from latest{tail}"
     )

@@ -17,13 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import torch
 
 from functrain import data as data_lib
 from functrain import dist
 from functrain.checkpoint import Policy, Snapshots
-from functrain.errors import DataError
 from functrain.recipe import CheckpointConfig, recipe_hash, to_dict
 from functrain.run import preempt, rundir
 from functrain.run.build import Built, to_device, train_loader, val_loader
@@ -49,19 +47,7 @@ def _data_state(dataset: Any):
     """For a stateful iterable: its position at each snapshot, for the manifest."""
     if not data_lib.is_stateful(dataset):
         return None
-
-    def now() -> dict:
-        state = dataset.state_dict()
-        try:
-            orjson.dumps(state)
-        except TypeError as err:
-            raise DataError(
-                f"data.dataset ({type(dataset).__name__}).state_dict() must return plain "
-                f"JSON data (it goes into the snapshot's manifest): {err}"
-            ) from err
-        return {"data_state": state}
-
-    return now
+    return lambda: {"data_state": data_lib.data_state(dataset)}
 
 
 #: `state.stats` entries of fp16's loss scaler that each metrics record carries.
@@ -138,8 +124,10 @@ class Trainer:
                 if step < self.until and self.ctx.is_main:  # said while a second
                     # SIGTERM (e.g. torchrun's) may be on its way
                     requested = self.preemption.requested
-                    message = preempt.stopped_message(requested, self.run_dir, step)
-                    print(message.replace("<recipe>", self.recipe_path), file=sys.stderr)
+                    message = preempt.stopped_message(
+                        requested, self.run_dir, step, self.recipe_path
+                    )
+                    print(message, file=sys.stderr)
         finally:
             if self.progress is not None:
                 self.progress.close()
@@ -148,9 +136,8 @@ class Trainer:
         if step < self.recipe.steps:
             if self.progress is not None:
                 self.progress.message(
-                    f"stopped after step {step} (--until); snapshot "
-                    f"{self.run_dir / f'state_{step}'} written. Continue exactly with: "
-                    f"functrain resume {self.recipe_path} --from latest"
+                    f"stopped after step {step} (--until); "
+                    + preempt.continue_hint(self.run_dir, step, self.recipe_path)
                 )
             return 0
         if self.progress is not None:
