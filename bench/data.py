@@ -1,6 +1,7 @@
 """The token-file loader against nanoGPT's `get_batch`, and resume time at a far position.
 
     python bench/data.py [--mib 512] [--batches 300] [--rounds 5] [--block 256] [--batch 32]
+    python bench/data.py --memory-only --file big.bin --mib 4096 --batches 60  # README: cgroup
 
 Writes a token file of `--mib` MiB of random uint16 tokens (in a temporary folder, removed
 after), then:
@@ -12,7 +13,8 @@ after), then:
   samples (epoch 10^9 // windows, in the middle of it), median of 20 each, and the ratio;
 - memory: the loader's growth of anonymous RSS (its own memory) and of file-backed RSS
   (mapped pages of the file, which the kernel maps around each fault and can reclaim) over
-  `--batches` batches.
+  `--batches` batches; with `--memory-only`, only this, for 0 and 2 workers (the workers'
+  memory added), on a file that can be larger than the page cache the process may use.
 """
 
 from __future__ import annotations
@@ -38,11 +40,47 @@ def get_batch(path: Path, block: int, batch: int) -> tuple[torch.Tensor, torch.T
     return x, y
 
 
-def rss_mib() -> tuple[float, float]:
-    """(anonymous, file-backed) resident memory of this process, MiB."""
-    with open("/proc/self/status") as f:
+def rss_mib(pid: int | str = "self") -> tuple[float, float]:
+    """(anonymous, file-backed) resident memory of a process, MiB."""
+    with open(f"/proc/{pid}/status") as f:
         fields = dict(line.split(":", 1) for line in f)
     return tuple(int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile"))
+
+
+def write_tokens(path: Path, mib: int) -> None:
+    """`mib` MiB of random uint16 tokens, written 64 MiB at a time."""
+    g = torch.Generator().manual_seed(0)
+    with open(path, "wb") as f:
+        for lo in range(0, mib, 64):
+            n = min(64, mib - lo) * 2**19
+            f.write(
+                torch.randint(0, 50257, (n,), generator=g, dtype=torch.int32)
+                .to(torch.uint16)
+                .numpy()
+                .tobytes()
+            )
+
+
+def memory(train, a) -> None:
+    """Resident memory of the loader (main process plus workers) over `a.batches` batches."""
+    for workers in (0, 2):
+        it = iter(make_loader(train, batch_size=a.batch, seed=0, num_workers=workers))
+        next(it)
+        pids = ["self", *(w.pid for w in getattr(it, "_workers", []))]
+        before = [rss_mib(p) for p in pids]
+        for _ in range(a.batches):
+            next(it)
+        grew = [
+            tuple(x - y for x, y in zip(rss_mib(p), b, strict=True))
+            for p, b in zip(pids, before, strict=True)
+        ]
+        total = [sum(g[k] for g in grew) for k in (0, 1)]
+        print(
+            f"{workers} workers, {a.batches} batches from {a.mib} MiB: loader's own memory "
+            f"grew {total[0]:.1f} MiB (RssAnon, {len(pids)} processes), mapped file pages "
+            f"{total[1]:.1f} MiB (RssFile)"
+        )
+        del it
 
 
 def main() -> None:
@@ -52,14 +90,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--memory-only", action="store_true")
+    p.add_argument("--file", help="a token file to use (written there first if missing)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "train.bin"
-        g = torch.Generator().manual_seed(0)
-        torch.randint(0, 50257, (a.mib * 2**19,), generator=g, dtype=torch.int32).to(
-            torch.uint16
-        ).numpy().tofile(path)
+        path = Path(a.file or Path(tmp) / "train.bin")
+        if not path.exists():
+            write_tokens(path, a.mib)
         train = token_file(str(path), block_size=a.block, val_fraction=0.0)["train"]
+        if a.memory_only:
+            return memory(train, a)
         tokens = a.batch * a.block * a.batches
 
         def ours(workers: int):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import pickle
 import sysconfig
 import time
 import warnings
@@ -19,6 +21,7 @@ from functrain.data import (
     fingerprint_changes,
     make_loader,
     read_text,
+    ship,
     text_corpus,
 )
 from functrain.data.order import Shuffle
@@ -80,6 +83,47 @@ def test_workers_give_the_same_batches_and_leave_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), before)
     assert same(full, cont)
     assert same(resumed, cont[7:])  # crosses the epoch boundary at step 10
+
+
+class Mixed(Dataset):
+    """Samples of many dtypes and shapes, one of them too big to go by value."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(i)
+        return {
+            "u16": torch.randint(0, 2**16, (5,), generator=g).to(torch.uint16),
+            "bf16": torch.randn(2, 3, generator=g).to(torch.bfloat16),
+            "flag": torch.tensor(i % 2 == 0),
+            "empty": torch.zeros(0, 4),
+            "pair": (torch.tensor(float(i)), torch.arange(i, i + 3)),
+            "big": torch.full((ship.BY_VALUE_BYTES // 8 + 1,), i, dtype=torch.int64),
+            "name": f"s{i}",
+        }
+
+
+def test_worker_batches_come_back_with_the_same_bits_small_ones_by_value():
+    main = list(itertools.islice(make_loader(Mixed(), batch_size=2, seed=1), 6))
+    in_workers = list(
+        itertools.islice(make_loader(Mixed(), batch_size=2, seed=1, num_workers=2), 6)
+    )
+    for a, b in zip(main, in_workers, strict=True):
+        flat_a, spec_a = torch.utils._pytree.tree_flatten(a)
+        flat_b, spec_b = torch.utils._pytree.tree_flatten(b)
+        assert spec_a == spec_b
+        for x, y in zip(flat_a, flat_b, strict=True):
+            if isinstance(x, torch.Tensor):
+                assert type(y) is torch.Tensor and x.dtype == y.dtype and torch.equal(x, y)
+            else:
+                assert x == y
+        # small tensors came through the pipe (own memory), the big one in shared memory
+        assert b["big"].is_shared()
+        assert not any(t.is_shared() for k, t in b.items() if k not in ("big", "name", "pair"))
+        assert not any(t.is_shared() for t in b["pair"])
+    again = pickle.loads(pickle.dumps(ship._pack(main[0]["bf16"])))
+    assert type(again) is torch.Tensor and torch.equal(again, main[0]["bf16"])
 
 
 def test_each_epoch_is_a_permutation_without_its_tail():

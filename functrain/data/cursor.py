@@ -15,6 +15,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from functrain.data._args import as_int
 from functrain.data.order import Shuffle
+from functrain.data.ship import by_value
 from functrain.data.stream import (
     IterableSlices,
     Stream,
@@ -223,6 +224,8 @@ def make_loader(
         epochs=epochs,
     )
     generator = torch.Generator().manual_seed(fold_in(seed, "loader", rank))
+    if num_workers:  # small tensors come back by value, not in shared memory (data.ship)
+        kwargs["collate_fn"] = by_value(collate_fn)
     return _loader(
         dataset,
         batch_size=batch_size,
