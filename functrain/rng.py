@@ -68,3 +68,9 @@ def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
         else:
             torch.manual_seed(seed)
         yield
+
+
+def micro_seed(rng: torch.Tensor, step: int, micro_batch: int) -> int:
+    """The seed of one micro-batch's randomness: (key, step, global micro-batch index), the
+    same on any number of processes (`forward_backward(micro_batch_size=...)`)."""
+    return fold_in(int(rng), step, "micro", micro_batch)

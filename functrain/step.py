@@ -16,8 +16,9 @@ import torch
 from tensordict import TensorDict
 from torch.utils._pytree import tree_flatten, tree_map
 
-from functrain import rng
+from functrain import canonical, rng
 from functrain.optim import leaves
+from functrain.parallel import Unsharded
 from functrain.precision import keep_unless
 from functrain.state import TrainState
 from functrain.transform import Transform, compose
@@ -66,20 +67,35 @@ def _advance(state: TrainState, batch: Any) -> TrainState:
     )
 
 
-def forward_backward(micro_batches: int = 1) -> Transform:
-    """Loss and gradients of the batch, split into `micro_batches` accumulated in order.
+def forward_backward(micro_batches: int = 1, *, micro_batch_size: int | None = None) -> Transform:
+    """Loss and gradients of the batch, split into micro-batches accumulated in order.
 
-    Randomness (dropout) is drawn from a seed derived from (key, step, rank), so step k's
-    masks depend on the key and k only; the global RNG is left as it was. The state's
-    `Sharding` computes the gradients: with FSDP2 they come back reduce-scattered (this
-    rank's shards, averaged over ranks). The state's `Precision` sets the dtype the loss is
-    computed in (autocast) and, for fp16, scales the loss for backward; the gradients this
-    returns are unscaled.
+    `micro_batches` cuts this process's batch into that many; randomness (dropout) is drawn
+    from a seed derived from (key, step, rank), so step k's masks depend on the key and k
+    only. `micro_batch_size=M` instead cuts the *global* batch into micro-batches of M
+    samples, seeded by (key, step, global micro-batch index) and summed in one canonical
+    tree (`functrain.canonical`), so the result has the same bits on any number of
+    processes that fits. The global RNG is left as it was either way.
+
+    The state's `Sharding` computes the gradients: with FSDP2 they come back reduce-
+    scattered (this rank's shards, averaged over ranks). The state's `Precision` sets the
+    dtype the loss is computed in (autocast) and, for fp16, scales the loss for backward;
+    the gradients this returns are unscaled (under several processes in canonical mode,
+    the canonical reduction that follows unscales them).
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    if micro_batch_size is not None:
+        if micro_batches != 1:
+            raise ValueError("give micro_batches or micro_batch_size, not both")
+        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int):
+            raise ValueError(f"micro_batch_size must be an integer, got {micro_batch_size!r}")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
 
     def apply(state: TrainState, batch: Any) -> TrainState:
+        if micro_batch_size is not None:
+            return _canonical(state, batch, micro_batch_size)
         static = state.static
         n = _batch_size(batch)
         if n % micro_batches:
@@ -107,6 +123,68 @@ def forward_backward(micro_batches: int = 1) -> Transform:
         )
 
     return Transform(name="forward_backward", apply=apply)
+
+
+def _canonical(state: TrainState, batch: Any, size: int) -> TrainState:
+    """`forward_backward(micro_batch_size=size)`: this rank's share of the global batch's
+    micro-batches, summed in the canonical tree (`functrain.canonical`).
+
+    Unsharded, each micro-batch's loss is divided by the global count V, so the ranks'
+    subtree sums add up to the mean, and the canonical reduction (`functrain.dist`) adds
+    them. Sharded (FSDP2), whose backward reduce-scatters and averages over ranks itself,
+    the micro-batches are accumulated in order with the same seeds: exact for a given
+    world size, not across world sizes. Running buffers (BatchNorm) are kept as micro-batch
+    0 of the global batch left them, which the rank holding it broadcasts.
+    """
+    static, placement = state.static, state.static.placement
+    n = _batch_size(batch)
+    if n % size:
+        raise ValueError(
+            f"a batch of {n} samples per process does not split into micro-batches of "
+            f"micro_batch_size={size}"
+        )
+    count = n // size
+    canonical.check_fit(placement.world_size, n * placement.world_size, size)
+    unsharded = isinstance(static.sharding, Unsharded)
+    scale_by = count * placement.world_size if unsharded else count
+    first = placement.rank * count  # this rank's first micro-batch, in the global batch
+    params = leaves(state.params)
+    device = params[0].device
+    precision, step_now = static.precision, int(state.step)
+    tree = canonical.TreeSum(canonical.odd_part(count))
+    acc, total, first_buffers = None, torch.zeros((), device=device), None
+    with state.bind() as model:
+        for i in range(count):
+            micro = tree_map(lambda t, i=i: _chunk(t, count, i), batch)
+            with rng.seeded(rng.micro_seed(state.rng, step_now, first + i), device):
+                with precision.autocast(device):
+                    loss = static.loss(model, micro).float() / scale_by
+                scaled = precision.scale(loss, state.stats)
+                if unsharded:
+                    tree.push([*static.sharding.backward(scaled, params, None), loss.detach()])
+                else:
+                    acc = static.sharding.backward(scaled, params, acc)
+                    total = total + loss.detach()
+            if i == 0 and count > 1:
+                first_buffers = [b.clone() for b in leaves(state.buffers)]
+    if first_buffers:  # the running statistics as micro-batch 0 left them
+        torch._foreach_copy_(leaves(state.buffers), first_buffers)
+    if unsharded:
+        *grads, total = tree.result()
+    else:
+        grads = static.sharding.gradients(state.params, acc)
+    if not unsharded or placement.world_size == 1:
+        precision.unscale_(grads, state.stats)  # else after the ranks' sums are added
+    return state.replace(
+        grads=_like_params(state.params, grads),
+        metrics=state.metrics.replace(loss=total),
+    )
+
+
+def split(batch: Any, size: int) -> list[Any]:
+    """A batch cut along dim 0 into micro-batches of `size` samples, in order."""
+    count = _batch_size(batch) // size
+    return [tree_map(lambda t, i=i: _chunk(t, count, i), batch) for i in range(count)]
 
 
 def _chunk(leaf: Any, n: int, i: int) -> Any:

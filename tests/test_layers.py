@@ -29,6 +29,7 @@ CORE = {
     "functrain.recompute",
     "functrain.precision",
     "functrain.determinism",
+    "functrain.canonical",
 }
 CORE_PACKAGES = ("functrain.models", "functrain.data")
 #: The machinery's layers, bottom up; each may import the core and itself only, and `run`

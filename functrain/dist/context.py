@@ -53,6 +53,14 @@ class Context(Placement):
         td.all_reduce(t, op=td.ReduceOp.SUM)
         return t / self.world_size
 
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's `t`, stacked in rank order (a collective: same shape on every rank)."""
+        if self.world_size == 1:
+            return t.unsqueeze(0)
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        td.all_gather(parts, t.contiguous())
+        return torch.stack(parts)
+
     def any_ranks(self, *flags: bool) -> tuple[bool, ...]:
         """For each flag: True on every rank if it is True on any (one tiny all_reduce for
         all of them: every rank must call it with as many flags)."""

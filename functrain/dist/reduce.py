@@ -19,16 +19,23 @@ from functrain.parallel import Placement
 from functrain.state import TrainState
 from functrain.transform import Transform
 
-__all__ = ["all_reduce_grads", "transforms"]
+__all__ = ["all_reduce_grads", "transforms", "tree_reduce_grads"]
 
 _BUCKET_BYTES = 25 << 20
 
 
-def transforms(placement: Placement, sharded: bool = False) -> list[Transform]:
+def transforms(
+    placement: Placement, sharded: bool = False, *, canonical: bool = False
+) -> list[Transform]:
     """The transforms a distributed step needs right after `forward_backward` (none for one
     process). Sharded (FSDP2), gradients are already reduce-scattered: only the loss is
-    averaged and the buffers broadcast."""
-    return [all_reduce_grads(grads=not sharded)] if placement.world_size > 1 else []
+    averaged and the buffers broadcast. `canonical` (`forward_backward(micro_batch_size=)`,
+    unsharded): the ranks' subtree sums are added in the canonical tree."""
+    if placement.world_size == 1:
+        return []
+    if canonical and not sharded:
+        return [tree_reduce_grads()]
+    return [all_reduce_grads(grads=not sharded)]
 
 
 def all_reduce_grads(bucket_bytes: int = _BUCKET_BYTES, *, grads: bool = True) -> Transform:
@@ -52,13 +59,72 @@ def all_reduce_grads(bucket_bytes: int = _BUCKET_BYTES, *, grads: bool = True) -
             td.all_reduce(flat, op=td.ReduceOp.SUM)
             flat /= world
             _scatter(flat, bucket)
-        for bucket in _buckets(leaves(state.buffers), bucket_bytes):
-            flat = torch.cat([t.reshape(-1) for t in bucket])
-            td.broadcast(flat, src=0)
-            _scatter(flat, bucket)
+        _broadcast_buffers(state, bucket_bytes)
         return state.replace(metrics=state.metrics.replace(loss=loss))
 
     return Transform(name="all_reduce_grads", apply=apply)
+
+
+def tree_reduce_grads(bucket_bytes: int = _BUCKET_BYTES) -> Transform:
+    """Add the ranks' canonical subtree sums of gradients and loss (`functrain.canonical`)
+    in the canonical tree, siblings first; unscale (fp16); broadcast rank 0's buffers.
+
+    Per flat bucket: recursive halving (round k: rank r and r ^ 2^k swap halves of what
+    they hold and each adds the half it keeps, so after log2 N rounds each holds 1/N of the
+    sum), then recursive doubling gathers the pieces back: 2 (N - 1) / N of the bucket sent
+    per rank, as a ring all-reduce sends, and the same bits on every rank and on any N.
+    """
+
+    def apply(state: TrainState, batch: Any) -> TrainState:
+        placement = state.static.placement
+        world, rank = placement.world_size, placement.rank
+        if world & (world - 1):
+            raise ValueError(f"the canonical reduction needs a power-of-two world size, got {world}")
+        loss = state.metrics["loss"].detach().clone()
+        grads = leaves(state.grads)
+        for bucket in _buckets([*grads, loss], bucket_bytes):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            _tree_sum(flat, world, rank)
+            _scatter(flat, bucket)
+        state.static.precision.unscale_(grads, state.stats)
+        _broadcast_buffers(state, bucket_bytes)
+        return state.replace(metrics=state.metrics.replace(loss=loss))
+
+    return Transform(name="tree_reduce_grads", apply=apply)
+
+
+def _tree_sum(flat: torch.Tensor, world: int, rank: int) -> None:
+    """`flat` becomes, on every rank, the sum over ranks in the tree pairing siblings first."""
+    edges = [0, *(int(c.numel()) for c in torch.tensor_split(flat, world))]
+    edges = [sum(edges[: i + 1]) for i in range(world + 1)]  # start of each rank's piece
+    lo, hi, d = 0, world, 1
+    while d < world:  # recursive halving: keep the half of [lo, hi) that bit d selects
+        mid = (lo + hi) // 2
+        keep, give = ((lo, mid), (mid, hi)) if not rank & d else ((mid, hi), (lo, mid))
+        mine = flat[edges[keep[0]] : edges[keep[1]]]
+        theirs = torch.empty_like(mine)
+        _swap(flat[edges[give[0]] : edges[give[1]]], theirs, rank ^ d)
+        mine += theirs
+        (lo, hi), d = keep, d * 2
+    while d > 1:  # recursive doubling: swap pieces with the partner that holds the sibling
+        d //= 2
+        size = hi - lo
+        other = (lo - size, lo) if rank & d else (hi, hi + size)
+        _swap(flat[edges[lo] : edges[hi]], flat[edges[other[0]] : edges[other[1]]], rank ^ d)
+        lo, hi = min(lo, other[0]), max(hi, other[1])
+
+
+def _swap(send: torch.Tensor, recv: torch.Tensor, peer: int) -> None:
+    ops = [td.P2POp(td.isend, send, peer), td.P2POp(td.irecv, recv, peer)]
+    for work in td.batch_isend_irecv(ops):
+        work.wait()
+
+
+def _broadcast_buffers(state: TrainState, bucket_bytes: int) -> None:
+    for bucket in _buckets(leaves(state.buffers), bucket_bytes):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        td.broadcast(flat, src=0)
+        _scatter(flat, bucket)
 
 
 def _scatter(flat: torch.Tensor, bucket: list[torch.Tensor]) -> None:

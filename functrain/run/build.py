@@ -15,8 +15,8 @@ import torch
 from torch.utils._pytree import tree_map
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from functrain import canonical, determinism, dist, recompute, rng
 from functrain import data as data_lib
-from functrain import determinism, dist, recompute, rng
 from functrain.dist import fsdp
 from functrain.errors import BuildError, FunctrainError, UserError
 from functrain.precision import Precision
@@ -99,6 +99,35 @@ def data_seed(recipe: Recipe) -> int:
     return rng.data_seed(recipe.seed)
 
 
+def micro_batch_size(recipe: Recipe) -> tuple[str, int] | None:
+    """(field, M) of the recipe's `forward_backward(micro_batch_size=M)` step, when it has
+    one: the run is canonical (`functrain.canonical`)."""
+    for i, part in enumerate(recipe.step):
+        size = part.kwargs.get("micro_batch_size")
+        if part.target.rsplit(".", 1)[-1] == "forward_backward" and size is not None:
+            return f"step.{i}.micro_batch_size", size
+    return None
+
+
+def world_size_exact(recipe: Recipe, world_size: int) -> bool:
+    """Whether a run of `recipe` gives the same bits on any fitting number of processes:
+    canonical micro-batches and an unsharded (ddp) state."""
+    return micro_batch_size(recipe) is not None and not sharded(recipe, world_size)
+
+
+def _check_canonical(recipe: Recipe, world_size: int) -> None:
+    found = micro_batch_size(recipe)
+    if found is None:
+        return
+    field, size = found
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return  # forward_backward itself refuses it, naming the field
+    try:
+        canonical.check_fit(world_size, recipe.data.batch_size, size)
+    except ValueError as err:
+        raise BuildError(f"{field} with data.batch_size {recipe.data.batch_size}: {err}") from err
+
+
 def sharded(recipe: Recipe, world_size: int) -> bool:
     """Whether a run of `recipe` on `world_size` processes shards its state with FSDP2."""
     return recipe.parallel == "fsdp" and world_size > 1
@@ -115,6 +144,7 @@ def build(recipe: Recipe, ctx: dist.Context | None = None) -> Built:
             f"data.batch_size ({recipe.data.batch_size}) is the global batch and must be "
             f"divisible by the number of processes ({ctx.world_size})"
         )
+    _check_canonical(recipe, ctx.world_size)
     device = resolve_device(recipe.device, ctx.rank)
     exactness = determinism.configure(device, compiled=recipe.compile.enabled)
     splits = _make("data.dataset", recipe.data.dataset)
@@ -203,7 +233,7 @@ def _checkpoint_activations(model: Any, is_sharded: bool) -> None:
 
 def _transforms(recipe: Recipe, ctx: dist.Context, is_sharded: bool) -> list:
     transforms = [_make(f"step.{i}", c) for i, c in enumerate(recipe.step)]
-    extra = dist.transforms(ctx, sharded=is_sharded)
+    extra = dist.transforms(ctx, sharded=is_sharded, canonical=micro_batch_size(recipe) is not None)
     if not extra:
         return transforms
     try:

@@ -18,7 +18,13 @@ from functrain.errors import RunError
 from functrain.hashing import canonical_hash
 from functrain.recipe import Recipe, to_dict
 from functrain.run import rundir
-from functrain.run.build import Built, build_and_probe, sharded
+from functrain.run.build import (
+    Built,
+    build_and_probe,
+    micro_batch_size,
+    sharded,
+    world_size_exact,
+)
 from functrain.state import TrainState
 
 __all__ = ["Resumed", "prepare"]
@@ -92,12 +98,18 @@ def _check(built: Built, manifest: dict, snap: Path, allow: list[str]) -> list[s
     recipe changes `--allow-change` accepted."""
     ctx, recipe = built.context, built.recipe
     wrote = manifest.get("world_size", 1)
-    if wrote != ctx.world_size:
+    if wrote != ctx.world_size and not world_size_exact(recipe, ctx.world_size):
+        why = (
+            "parallel: fsdp reduces gradients in its own order"
+            if micro_batch_size(recipe)
+            else "gradients are reduced in another order and dropout masks are drawn per "
+            "rank; give forward_backward a micro_batch_size for bits that do not depend on "
+            "the world size"
+        )
         ctx.warn(
             f"{snap} was written by {wrote} process(es), this run has {ctx.world_size}: the "
             "samples and LR of every step stay the same, but params will be close to, not "
-            "bitwise equal to, an unbroken run (gradients are reduced in another order and "
-            "dropout masks are drawn per rank)"
+            f"bitwise equal to, an unbroken run ({why})"
         )
     allowed, env_warnings = rundir.check_resume(
         manifest,

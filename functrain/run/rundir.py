@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import torch
 
 from functrain import checkpoint
 from functrain.data import fingerprint_changes
@@ -109,6 +110,11 @@ def check_resume(
     warnings = [
         f"{what} differs: snapshot {manifest_value} vs now {environment[what]}; results may "
         "not be bitwise identical to an unbroken run"
+        + (
+            f" (run with OMP_NUM_THREADS={manifest_value} for the same bits)"
+            if what == _THREADS
+            else ""
+        )
         for what, manifest_value in _environment_of(manifest).items()
         if manifest_value != environment[what]
     ]
@@ -118,12 +124,21 @@ def check_resume(
 
 def _environment_of(manifest: dict) -> dict:
     versions = manifest.get("versions", {})
-    return {
+    found = {
         "torch version": versions.get("torch"),
         "functrain version": versions.get("functrain"),
         "python version": versions.get("python"),
         "device": manifest.get("device"),
     }
+    if manifest.get("device") == "cpu" and "cpu_threads" in manifest:
+        found[_THREADS] = manifest["cpu_threads"]
+    return found
+
+
+#: torch's intra-op threads split CPU reductions (a bias's gradient, a norm) into as many
+#: partial sums, so their count is part of what a CPU run's bits depend on. torchrun sets
+#: OMP_NUM_THREADS=1 for several processes per node, a plain process uses every core.
+_THREADS = "CPU threads (OMP_NUM_THREADS)"
 
 
 def environment(device: str) -> dict:
@@ -134,6 +149,7 @@ def environment(device: str) -> dict:
         "functrain version": versions["functrain"],
         "python version": versions["python"],
         "device": device,
+        _THREADS: torch.get_num_threads(),
     }
 
 

@@ -24,9 +24,10 @@ from functrain import dist
 from functrain.checkpoint import Policy, Snapshots
 from functrain.recipe import CheckpointConfig, recipe_hash, to_dict
 from functrain.run import preempt, rundir
-from functrain.run.build import Built, to_device, train_loader, val_loader
+from functrain.run.build import Built, micro_batch_size, to_device, train_loader, val_loader
 from functrain.run.progress import Progress, append_metrics
 from functrain.state import TrainState
+from functrain.step import split
 from functrain.step import step as run_step
 
 __all__ = ["Trainer", "evaluate", "policy"]
@@ -56,20 +57,35 @@ _SCALER_STATS = ("loss_scale", "skipped_steps")
 
 @torch.no_grad()
 def evaluate(
-    state: TrainState, batches: Iterator[Any], n: int, device: torch.device
+    state: TrainState,
+    batches: Iterator[Any],
+    n: int,
+    device: torch.device,
+    micro_batch_size: int | None = None,
 ) -> torch.Tensor:
     """Mean loss over `n` batches, model in eval mode, no RNG drawn, state unchanged; in
-    the state's precision (autocast), as training computes it."""
+    the state's precision (autocast), as training computes it. With `micro_batch_size`, the
+    loss of each micro-batch of each batch, shape (n, micro-batches per batch), for
+    `canonical_mean`."""
     model = state.static.model
     model.eval()
-    total = torch.zeros((), device=device)
+    losses = []
     try:
         with state.bind() as model, state.static.precision.autocast(device):
             for _ in range(n):
-                total += state.static.loss(model, to_device(next(batches), device)).float()
+                batch = to_device(next(batches), device)
+                for micro in (
+                    [batch] if micro_batch_size is None else split(batch, micro_batch_size)
+                ):
+                    losses.append(state.static.loss(model, micro).float())
     finally:
         model.train()
-    return total / n
+    if micro_batch_size is None:
+        total = torch.zeros((), device=device)
+        for loss in losses:
+            total += loss
+        return total / n
+    return torch.stack(losses).view(n, -1)
 
 
 class Trainer:
@@ -97,6 +113,7 @@ class Trainer:
             "recipe_hash": recipe_hash(self.recipe),
             "data": built.fingerprint,
             "device": built.device.type,
+            "cpu_threads": torch.get_num_threads(),
             "determinism": built.determinism,
             "world_size": self.ctx.world_size,
             **(meta or {}),
@@ -196,10 +213,17 @@ class Trainer:
             self.progress.update(record)
 
     def _eval_loss(self, state: TrainState) -> torch.Tensor:
-        """The mean validation loss over the recipe's eval batches and all ranks."""
+        """The mean validation loss over the recipe's eval batches and all ranks; of a
+        canonical run, the mean of every micro-batch's loss in global order, the same bits
+        on any number of processes."""
         batches = iter(val_loader(self.built))
-        loss = evaluate(state, batches, self.recipe.eval.batches, self.built.device)
-        return self.ctx.mean(loss)
+        found = micro_batch_size(self.recipe)
+        size = found[1] if found else None
+        loss = evaluate(state, batches, self.recipe.eval.batches, self.built.device, size)
+        if size is None:
+            return self.ctx.mean(loss)
+        every = self.ctx.gather(loss)  # (ranks, batches, micro-batches per rank)
+        return every.transpose(0, 1).reshape(-1).sum() / every.numel()
 
     def _should_stop(self) -> bool:
         """Asked on every rank after every step but the last; all get the same answer. A
