@@ -167,3 +167,15 @@ def test_a_world_size_that_does_not_fit_is_refused_before_any_step(tmp_path, thr
     assert "step.0.micro_batch_size with data.batch_size 12" in text
     assert "3 processes cannot share the 6 micro-batches" in text and "one of 1, 2." in text
     assert not (tmp_path / "w3").exists()
+
+
+def test_fsdp_with_canonical_micro_batches_resumes_n_to_n_bitwise(tmp_path, threads_one):
+    """parallel: fsdp keeps the canonical micro-batches and their seeds, but FSDP2 reduces
+    gradients itself: bitwise N -> N (here 2 -> 2), close across world sizes (README)."""
+    args = (f"out_dir={tmp_path}", "parallel=fsdp", *CANONICAL)
+    launch(2, "run", TINY, "name=A", *args)
+    launch(2, "resume", TINY, "name=A", *args, "--from", "state_6", "--name", "B")
+    assert checkpoint.digests(tmp_path / "B" / "state_12") == checkpoint.digests(
+        tmp_path / "A" / "state_12"
+    )
+    assert timeless_metrics(tmp_path / "B") == timeless_metrics(tmp_path / "A")
