@@ -154,8 +154,7 @@ def _canonical(state: TrainState, batch: Any, size: int) -> TrainState:
     tree = canonical.TreeSum(canonical.odd_part(count))
     acc, total, first_buffers = None, torch.zeros((), device=device), None
     with state.bind() as model:
-        for i in range(count):
-            micro = tree_map(lambda t, i=i: _chunk(t, count, i), batch)
+        for i, micro in enumerate(split(batch, size)):
             with rng.seeded(rng.micro_seed(state.rng, step_now, first + i), device):
                 with precision.autocast(device):
                     loss = static.loss(model, micro).float() / scale_by

@@ -8,6 +8,7 @@ the gradients, and only the loss and buffers go through it.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from typing import Any
 
@@ -95,8 +96,8 @@ def tree_reduce_grads(bucket_bytes: int = _BUCKET_BYTES) -> Transform:
 
 def _tree_sum(flat: torch.Tensor, world: int, rank: int) -> None:
     """`flat` becomes, on every rank, the sum over ranks in the tree pairing siblings first."""
-    edges = [0, *(int(c.numel()) for c in torch.tensor_split(flat, world))]
-    edges = [sum(edges[: i + 1]) for i in range(world + 1)]  # start of each rank's piece
+    sizes = (c.numel() for c in torch.tensor_split(flat, world))
+    edges = [0, *itertools.accumulate(sizes)]  # where each rank's piece starts
     lo, hi, d = 0, world, 1
     while d < world:  # recursive halving: keep the half of [lo, hi) that bit d selects
         mid = (lo + hi) // 2

@@ -65,8 +65,8 @@ def evaluate(
 ) -> torch.Tensor:
     """Mean loss over `n` batches, model in eval mode, no RNG drawn, state unchanged; in
     the state's precision (autocast), as training computes it. With `micro_batch_size`, the
-    loss of each micro-batch of each batch, shape (n, micro-batches per batch), for
-    `canonical_mean`."""
+    loss of each micro-batch of each batch instead, shape (n, micro-batches per batch),
+    for `Trainer._eval_loss` to average in global order."""
     model = state.static.model
     model.eval()
     losses = []
