@@ -36,8 +36,12 @@ def main() -> None:
     a = p.parse_args()
     ctx = dist.init()
     count = 32 // 8 // ctx.world_size
-    ours = ["step.0.micro_batches=1", "step.0.micro_batch_size=8", "data.num_workers=0"]
-    theirs = [f"step.0.micro_batches={count}", "data.num_workers=0"]
+    ours = ["step.0.micro_batch_size=8", "data.num_workers=0"]
+    theirs = [
+        f"step.0.micro_batches={count}",
+        "step.0.micro_batch_size=null",
+        "data.num_workers=0",
+    ]
     built = {
         name: build(load_recipe(ROOT / "recipes" / "lm.yaml", over), ctx)
         for name, over in (("canonical", ours), ("bucketed", theirs))
