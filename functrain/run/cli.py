@@ -1,4 +1,4 @@
-"""`functrain run | resume | inspect | prepare | export | sample`: parse, build, train, close.
+"""`functrain run | resume | check | inspect | prepare | export | sample`: the command line.
 
 User errors (bad recipe, missing or corrupt snapshot, changed recipe or data: every
 `functrain.errors.UserError`) end with one paragraph on stderr and exit status 2, never a
@@ -24,6 +24,7 @@ from functrain.errors import RunError, UserError
 from functrain.recipe import Recipe, load_recipe, recipe_hash
 from functrain.run import preempt, resume, rundir
 from functrain.run.build import build_and_probe
+from functrain.run.check import check
 from functrain.run.export import export
 from functrain.run.report import inspect
 from functrain.run.sample import sample
@@ -121,6 +122,30 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     )
     _until(res)
 
+    chk = command(
+        "check",
+        "prove that a recipe resumes bitwise on this machine: n steps straight against k, "
+        "a resume in a new process, and n - k; exit 0 if equal, 1 naming the first "
+        "difference and its likely cause",
+        cmd_check,
+    )
+    chk.add_argument("recipe", help="path to a recipe YAML file")
+    chk.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    chk.add_argument(
+        "--steps", type=int, default=None, metavar="N", help="steps in all (8, or fewer)"
+    )
+    chk.add_argument("--at", type=int, default=None, metavar="K", help="resume after (N // 2)")
+    chk.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        choices=(1, 2),
+        help="2: train on 2 processes (torchrun) and resume on 1 (1)",
+    )
+    chk.add_argument(
+        "--keep", type=Path, default=None, metavar="DIR", help="keep the runs in this new directory"
+    )
+
     ins = command(
         "inspect", "show a snapshot's manifest and digests, or a run's snapshots", cmd_inspect
     )
@@ -159,6 +184,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     return {
         "run": run,
         "resume": res,
+        "check": chk,
         "inspect": ins,
         "prepare": pre,
         "export": exp,
@@ -217,6 +243,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
         recipe_path=shlex.join([args.recipe, *args.overrides]),
     )
     return trainer.run()
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    return check(
+        args.recipe,
+        args.overrides,
+        steps=args.steps,
+        at=args.at,
+        nproc=args.nproc,
+        keep=args.keep,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+        verdict=print,
+    )
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
