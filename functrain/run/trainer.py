@@ -25,7 +25,7 @@ from functrain.checkpoint import Policy, Snapshots
 from functrain.recipe import CheckpointConfig, recipe_hash, to_dict
 from functrain.run import preempt, rundir
 from functrain.run.build import Built, micro_batch_size, to_device, train_loader, val_loader
-from functrain.run.progress import Progress, append_metrics
+from functrain.run.progress import Progress, append_metrics, tokens_per_sample
 from functrain.state import TrainState
 from functrain.step import split
 from functrain.step import step as run_step
@@ -168,7 +168,10 @@ class Trainer:
         batches = self._batches(int(state.data["samples"]))
         self._last_log = (time.perf_counter(), int(state.data["samples"]))  # the loader is up
         while (now := int(state.step)) < steps:
-            state = run_step(state, to_device(next(batches), device))
+            batch = next(batches)
+            if self.progress is not None and self.progress.tokens is None:
+                self.progress.tokens = tokens_per_sample(batch)
+            state = run_step(state, to_device(batch, device))
             now += 1
             self._log(state, now)
             stop = now < steps and self._should_stop()
