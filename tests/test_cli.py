@@ -161,3 +161,36 @@ def test_missing_snapshot_is_named(tmp_path, runs):
 def test_shipped_recipes_validate(recipe):
     assert recipe.read_text().startswith(f"# functrain run recipes/{recipe.name}")
     load_recipe(recipe)
+
+
+def test_inspect_shows_lineage(tmp_path):
+    """Resume points, the parent of a branch with its accepted change, and a run's branches."""
+    common = (TINY, f"out_dir={tmp_path}", "name=B")
+    cli("run", *common, "--until", "20")
+    cli("resume", *common, "--from", "latest")
+    cli("resume", *common, "--from", "state_30", "--name", "C", "optim.lr=0.01",
+        "--allow-change", "optim.lr")  # fmt: skip
+    b = orjson.loads(cli("inspect", tmp_path / "B", "--json").stdout)["lineage"]
+    c = orjson.loads(cli("inspect", tmp_path / "C", "--json").stdout)["lineage"]
+    b_dir = (tmp_path / "B").resolve()
+    assert b["parent"] is None
+    assert [(e["kind"], e["step"], e["from"]) for e in b["events"]] == [
+        ("resume", 20, str(b_dir / "state_20"))
+    ]
+    assert b["branches"] == [
+        {"run": str(tmp_path / "C"), "from": str(b_dir / "state_30"), "step": 30}
+    ]
+    assert c["parent"] == str(b_dir / "state_30") and c["branches"] == []
+    assert [(e["kind"], e["step"], e["changes"]) for e in c["events"]] == [
+        ("resume", 20, []),
+        ("branch", 30, ["optim.lr: 0.003 -> 0.01"]),
+    ]
+    text = cli("inspect", tmp_path / "C").stdout
+    assert f"branched from {b_dir / 'state_30'}" in text
+    assert (
+        f"branch  at step 30 from {b_dir / 'state_30'}; accepted: optim.lr: 0.003 -> 0.01" in text
+    )
+    assert (
+        f"branch  {tmp_path / 'C'} from {b_dir / 'state_30'}"
+        in cli("inspect", tmp_path / "B").stdout
+    )

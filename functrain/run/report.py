@@ -1,5 +1,6 @@
 """`functrain inspect`: a snapshot's manifest, validity and content digests, or a run's
-snapshots, as text or JSON."""
+snapshots and lineage (where it came from, where it was resumed, its branches), as text or
+JSON."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import orjson
 from functrain import checkpoint
 from functrain.errors import RunError
 
-__all__ = ["inspect"]
+__all__ = ["inspect", "lineage"]
 
 
 def inspect(path: Path, as_json: bool) -> int:
@@ -26,15 +27,12 @@ def inspect(path: Path, as_json: bool) -> int:
         return 0 if report["valid"] else 1
     if path.is_dir():
         rows = [_snapshot_row(p) for _, p in checkpoint.list_snapshots(path)]
+        report = {"run": str(path), "snapshots": rows, "lineage": lineage(path)}
         if as_json:
-            sys.stdout.write(
-                orjson.dumps(
-                    {"run": str(path), "snapshots": rows}, option=orjson.OPT_INDENT_2
-                ).decode()
-                + "\n"
-            )
+            sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
         else:
             _print_run(path, rows)
+            _print_lineage(report["lineage"])
         return 0
     raise RunError(f"{path} is neither a snapshot (no {checkpoint.MANIFEST}) nor a run directory")
 
@@ -71,6 +69,8 @@ def _print_snapshot(r: dict) -> None:
     print("versions  " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     for change in m.get("allowed_changes", []):
         print(f"allowed   {change}")
+    for event in m.get("lineage", []):
+        print(f"{event['kind']:<9} {_event(event)}")
     print(f"{'entry':<10}{'bytes':>14}  sha256")
     for entry, size in r["sizes"].items():
         print(f"{entry:<10}{size:>14}  {r['digests'].get(entry, '-')}")
@@ -99,3 +99,54 @@ def _print_run(path: Path, rows: list[dict]) -> None:
     for r in rows:
         status = "valid" if r["valid"] else f"INVALID: {r['problem']}"
         print(f"{r['step']:>10}  {r['created'] or '?':<27}{r['bytes'] or 0:>14}  {status}")
+
+
+def lineage(run: Path) -> dict:
+    """Where `run` came from and went: `parent` (the snapshot it was branched from, or
+    None), `events` (each resume and branch: step, snapshot, world sizes, accepted recipe
+    changes), read from its newest readable manifest, and `branches` (the runs beside it
+    branched from one of its snapshots)."""
+    manifest = _newest_manifest(run)
+    events = manifest.get("lineage", []) if manifest else []
+    here = run.resolve()
+    branches = []
+    for other in sorted(run.parent.iterdir()) if run.parent.is_dir() else []:
+        m = _newest_manifest(other) if other.is_dir() and other.resolve() != here else None
+        origin = [e for e in m.get("lineage", []) if e["kind"] == "branch"] if m else []
+        if origin and Path(origin[-1]["from"]).parent == here:  # its own branch point (the
+            # earlier ones it inherited belong to its ancestors)
+            event = origin[-1]
+            branches.append({"run": str(other), "from": event["from"], "step": event["step"]})
+    return {
+        "parent": manifest.get("parent") if manifest else None,
+        "events": events,
+        "branches": branches,
+    }
+
+
+def _newest_manifest(run: Path) -> dict | None:
+    for _, snap in reversed(checkpoint.list_snapshots(run)):
+        try:
+            return checkpoint.read_manifest(snap)
+        except checkpoint.SnapshotError:
+            continue
+    return None
+
+
+def _event(event: dict) -> str:
+    before, after = event.get("world_size", [None, None])
+    text = f"at step {event['step']} from {event['from']}"
+    if before != after:
+        text += f" ({before} -> {after} processes)"
+    if event["changes"]:
+        text += "; accepted: " + ", ".join(event["changes"])
+    return text
+
+
+def _print_lineage(found: dict) -> None:
+    if found["parent"]:
+        print(f"branched from {found['parent']}")
+    for event in found["events"]:
+        print(f"{event['kind']:<7} {_event(event)}")
+    for branch in found["branches"]:
+        print(f"branch  {branch['run']} from {branch['from']}")

@@ -38,7 +38,7 @@ class Resumed:
     state: TrainState
     run_dir: Path
     snapshot: Path
-    meta: dict  # manifest entries of every later snapshot: parent, allowed changes
+    meta: dict  # manifest entries of every later snapshot: parent, allowed changes, lineage
 
 
 def prepare(
@@ -86,9 +86,17 @@ def prepare(
 
     ctx.all_ok(place_data)
     ctx.all_ok(lambda: _prepare_target(ctx, recipe, target, snap, step, newer, branching))
+    event = {  # one per resume, kept by every later snapshot: `functrain inspect` shows them
+        "kind": "branch" if branching else "resume",
+        "step": step,
+        "from": str(snap.resolve()),
+        "world_size": [manifest.get("world_size", 1), ctx.world_size],
+        "changes": allowed,
+    }
     meta = {
         "parent": str(snap.resolve()) if branching else manifest.get("parent"),
         "allowed_changes": list(manifest.get("allowed_changes", [])) + allowed,
+        "lineage": list(manifest.get("lineage", [])) + [event],
     }
     return Resumed(built=built, state=state, run_dir=target, snapshot=snap, meta=meta)
 
