@@ -114,6 +114,25 @@ class LossScaleConfig:
     )
 
 
+@attrs.frozen(kw_only=True)
+class LogConfig:
+    """The `log:` section: where metrics go besides `metrics.jsonl`, the source of truth."""
+
+    tensorboard: bool = _field(
+        default=False,
+        expect="true or false (true: TensorBoard events in <run>/tensorboard, needs the "
+        "extra functrain[tensorboard])",
+    )
+    wandb: bool = _field(
+        default=False,
+        expect="true or false (true: a Weights & Biases run, resumed with the run, needs the "
+        "extra functrain[wandb])",
+    )
+    wandb_project: str | None = _field(
+        default=None, expect="a W&B project name, or null (W&B's default)", check=bool
+    )
+
+
 #: `compile.mode`s: those of torch.compile that pick no kernels by timing.
 COMPILE_MODES = ("default", "reduce-overhead")
 
@@ -176,6 +195,7 @@ class Recipe:
     step: list[Component] = attrs.field(metadata={"expect": "a non-empty list of components"})
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
     log_every: int = _field(default=10, expect="an integer > 0", check=_positive)
+    log: LogConfig = attrs.field(factory=LogConfig)
     eval: EvalConfig = attrs.field(factory=EvalConfig)
 
 

@@ -21,6 +21,7 @@ from functrain.dist import fsdp
 from functrain.errors import BuildError, FunctrainError, UserError
 from functrain.precision import Precision
 from functrain.recipe import Component, Recipe, instantiate
+from functrain.run import sinks
 from functrain.state import TrainState, create
 from functrain.step import step as run_step
 from functrain.transform import insert_after
@@ -282,6 +283,7 @@ def build_and_probe(recipe: Recipe, ctx: dist.Context) -> Built:
     all of them alike."""
 
     def both() -> Built:
+        sinks.require(recipe)
         built = build(recipe, ctx)
         probe(built)
         return built

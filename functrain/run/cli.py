@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 import traceback
 import warnings
@@ -218,13 +219,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = rundir.run_path(recipe)
     built = build_and_probe(recipe, ctx)
     ctx.all_ok(lambda: rundir.create_run(recipe, path) if ctx.is_main else None)
-    return Trainer(
-        built,
-        built.state,
-        path,
-        until=args.until,
-        recipe_path=shlex.join([args.recipe, *args.overrides]),
-    ).run()
+    try:
+        trainer = Trainer(
+            built,
+            built.state,
+            path,
+            until=args.until,
+            recipe_path=shlex.join([args.recipe, *args.overrides]),
+        )
+    except UserError:  # a sink that did not start (W&B not logged in): the directory made
+        if ctx.is_main:  # above holds no step yet, so leave none behind
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    return trainer.run()
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -24,7 +24,9 @@ from functrain.recipe import Recipe, diff, dump_yaml
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
 #: Recipe keys that change no bit of training: they may differ on resume without --allow-change.
-FREE_KEYS = ("name", "out_dir", "checkpoint", "log_every", "data.num_workers", "data.replay")
+FREE_KEYS = (
+    "name", "out_dir", "checkpoint", "log_every", "log", "data.num_workers", "data.replay"
+)  # fmt: skip
 
 
 def run_path(recipe: Recipe) -> Path:

@@ -23,7 +23,7 @@ from functrain import data as data_lib
 from functrain import dist
 from functrain.checkpoint import Policy, Snapshots
 from functrain.recipe import CheckpointConfig, recipe_hash, to_dict
-from functrain.run import preempt, rundir
+from functrain.run import preempt, rundir, sinks
 from functrain.run.build import Built, micro_batch_size, to_device, train_loader, val_loader
 from functrain.run.progress import Progress, append_metrics, tokens_per_sample
 from functrain.state import TrainState
@@ -129,6 +129,13 @@ class Trainer:
         )
         self.preemption = preempt.Preemption(self.recipe.checkpoint.signal)
         self.progress = Progress(self.recipe.steps, int(state.step)) if self.ctx.is_main else None
+        parent = resumed_from.parent if resumed_from is not None else None
+        branched = parent is not None and parent.resolve() != run_dir.resolve()
+        self.sinks = (
+            sinks.open_sinks(self.recipe, run_dir, int(state.step), parent if branched else None)
+            if self.ctx.is_main
+            else []
+        )
         self._last_log: tuple[float, int]  # (time, samples) of the last record: set by train()
 
     def run(self) -> int:
@@ -148,6 +155,8 @@ class Trainer:
         finally:
             if self.progress is not None:
                 self.progress.close()
+            for sink in self.sinks:
+                sink.close()
         if step < self.until:
             return preempt.EXIT_PREEMPTED
         if step < self.recipe.steps:
@@ -213,6 +222,8 @@ class Trainer:
             record["eval_loss"] = value.item()
         if self.progress is not None:
             append_metrics(self.run_dir / rundir.METRICS_FILE, record)
+            for sink in self.sinks:
+                sink.write(record)
             self.progress.update(record)
 
     def _eval_loss(self, state: TrainState) -> torch.Tensor:
