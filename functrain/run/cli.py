@@ -1,4 +1,4 @@
-"""`functrain run | resume | check | inspect | prepare | export | sample`: the command line.
+"""`functrain run | resume | check | inspect | plot | prepare | export | sample`: the CLI.
 
 User errors (bad recipe, missing or corrupt snapshot, changed recipe or data: every
 `functrain.errors.UserError`) end with one paragraph on stderr and exit status 2, never a
@@ -27,6 +27,7 @@ from functrain.run import preempt, resume, rundir
 from functrain.run.build import build_and_probe
 from functrain.run.check import check
 from functrain.run.export import export
+from functrain.run.plot import plot
 from functrain.run.report import inspect
 from functrain.run.sample import sample
 from functrain.run.trainer import Trainer
@@ -153,6 +154,17 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     ins.add_argument("path", help="a snapshot directory or a run directory")
     ins.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
+    plt = command(
+        "plot",
+        "train loss, eval loss, LR and throughput of runs against step, as a PNG (needs "
+        "functrain[plot])",
+        cmd_plot,
+    )
+    plt.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories")
+    plt.add_argument(
+        "--out", type=Path, default=None, help="the PNG to write (default: FIRST_RUN/plot.png)"
+    )
+
     pre = command("prepare", "tokenize text files into token files for token_file", cmd_prepare)
     pre.add_argument(
         "inputs", nargs="*", metavar="TEXT", help="files or folders (none: the default corpus)"
@@ -187,6 +199,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
         "resume": res,
         "check": chk,
         "inspect": ins,
+        "plot": plt,
         "prepare": pre,
         "export": exp,
         "sample": smp,
@@ -267,6 +280,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     return inspect(Path(args.path), args.json)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    out = plot(args.runs, args.out or args.runs[0] / "plot.png")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
