@@ -126,9 +126,8 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
     chk = command(
         "check",
-        "prove that a recipe resumes bitwise on this machine: n steps straight against k, "
-        "a resume in a new process, and n - k; exit 0 if equal, 1 naming the first "
-        "difference and its likely cause",
+        "prove that a recipe resumes bitwise on this machine (exit 0), or name the first "
+        "difference and its likely cause (exit 1)",
         cmd_check,
     )
     chk.add_argument("recipe", help="path to a recipe YAML file")
@@ -149,15 +148,16 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     )
 
     ins = command(
-        "inspect", "show a snapshot's manifest and digests, or a run's snapshots", cmd_inspect
+        "inspect",
+        "show a snapshot's manifest and digests, or a run's snapshots and lineage",
+        cmd_inspect,
     )
     ins.add_argument("path", help="a snapshot directory or a run directory")
     ins.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     plt = command(
         "plot",
-        "train loss, eval loss, LR and throughput of runs against step, as a PNG (needs "
-        "functrain[plot])",
+        "draw runs' loss, eval loss, LR and throughput as a PNG (needs functrain[plot])",
         cmd_plot,
     )
     plt.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories")
