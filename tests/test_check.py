@@ -100,3 +100,22 @@ def test_bad_arguments_are_one_paragraph(tmp_path, args, message):
     out = cli("check", TINY, *args, cwd=tmp_path, check=False)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_fsdp_recipe_resumes_on_2_processes(tmp_path):
+    """FSDP reduces in its own order: 2 -> 1 is not bitwise, so the check resumes on 2."""
+    out = cli(
+        "check", TINY, "parallel=fsdp", "step.0.micro_batches=1", "step.0.micro_batch_size=2",
+        "--steps", "4", "--nproc", "2", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.stdout.startswith("check: bitwise:"), out.stdout + out.stderr
+    assert "(2 processes, resumed on 2)" in out.stdout
+
+
+def test_check_switches_the_recipes_sinks_off(tmp_path, monkeypatch):
+    """W&B on, not logged in: the scratch runs must not start W&B runs (nor fail on it)."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    env = {"WANDB_MODE": "online", "HOME": str(tmp_path / "home")}
+    out = cli("check", TINY, "log.wandb=true", "log.tensorboard=true", "--steps", "2",
+              cwd=tmp_path, env=env)  # fmt: skip
+    assert out.stdout.startswith("check: bitwise:"), out.stdout

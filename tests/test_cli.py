@@ -190,7 +190,11 @@ def test_inspect_shows_lineage(tmp_path):
     assert (
         f"branch  at step 30 from {b_dir / 'state_30'}; accepted: optim.lr: 0.003 -> 0.01" in text
     )
-    assert (
-        f"branch  {tmp_path / 'C'} from {b_dir / 'state_30'}"
-        in cli("inspect", tmp_path / "B").stdout
-    )
+    shown = cli("inspect", tmp_path / "B").stdout
+    assert f"branched off: {tmp_path / 'C'} from {b_dir / 'state_30'}" in shown
+    cli("resume", TINY, f"out_dir={tmp_path}", "name=C", "--from", "state_40", "--name", "D",
+        "steps=50", "--allow-change", "steps", "--allow-change", "schedule")  # fmt: skip
+    b_branches = orjson.loads(cli("inspect", tmp_path / "B", "--json").stdout)["lineage"]
+    c_branches = orjson.loads(cli("inspect", tmp_path / "C", "--json").stdout)["lineage"]
+    assert [x["run"] for x in b_branches["branches"]] == [str(tmp_path / "C")]  # not D
+    assert [x["run"] for x in c_branches["branches"]] == [str(tmp_path / "D")]

@@ -6,7 +6,7 @@
     resume.py     find, check and read a snapshot, prepare the run directory
     rundir.py     run directories: recipe.yaml, metrics.jsonl, resume checks
     progress.py   the progress bar and metrics.jsonl records
-    sinks.py      TensorBoard and W&B, cut back with metrics.jsonl on resume
+    sinks.py      TensorBoard and W&B, following resumes and branches
     check.py      functrain check: does a recipe resume bitwise on this machine
     preempt.py    SIGTERM / Ctrl-C / checkpoint.signal: snapshot and exit 143
     report.py     what `inspect` prints

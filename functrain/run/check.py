@@ -101,8 +101,13 @@ def check(
         raise RunError(f"--keep {keep} exists; name a new directory")
     resume_nproc = nproc
     notes = []
+    if os.environ.get("WORLD_SIZE") or os.environ.get("RANK"):
+        raise RunError(
+            "functrain check launches its own processes (torchrun too, with --nproc 2); run "
+            "it as one plain process, not under torchrun"
+        )
     if nproc == 2:
-        if world_size_exact(recipe, 1):
+        if world_size_exact(recipe, 2):  # canonical, and not sharded on 2 processes
             resume_nproc = 1
         else:
             notes.append(
@@ -113,7 +118,8 @@ def check(
     scratch = Path(tempfile.mkdtemp(prefix="functrain-check-")) if keep is None else keep
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        runs = _Runs(recipe_path, overrides, scratch, nproc)
+        evals = [f"eval.every={k}"] if recipe.eval.every else []  # eval inside the check too
+        runs = _Runs(recipe_path, [*overrides, *evals], scratch, nproc)
         log(f"check: {n} steps straight on {nproc} process(es) ...")
         runs.launch("straight", ["run", "--until", str(n)], nproc)
         log(f"check: {k} steps, then a resume in a new process on {resume_nproc} to step {n} ...")
@@ -166,25 +172,41 @@ class _Runs:
             "checkpoint.every=1",
             "checkpoint.keep_last=null",
             "checkpoint.keep_every=null",
+            "log.tensorboard=false",  # no W&B runs, no event files for a scratch run
+            "log.wandb=false",
         ]  # free keys: they change no bit of training
         args = [command[0], self.recipe_path, *self.overrides, *every_step, *command[1:]]
-        env = {**os.environ, TRACE_ENV: str(self.scratch / "trace" / phase)}
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+        env[TRACE_ENV] = str(self.scratch / "trace" / phase)
         if self.nproc > 1:  # torchrun sets 1 thread for 2 processes, not for 1: the same
             env.setdefault("OMP_NUM_THREADS", "1")  # count on both sides of the resume
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         cmd = [*launcher, f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-        out = subprocess.run(
-            [*cmd, "-m", "functrain", *args], capture_output=True, text=True, env=env
-        )
+        try:
+            out = subprocess.run(
+                [*cmd, "-m", "functrain", *args], capture_output=True, text=True, env=env,
+                timeout=_TIMEOUT_S,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as err:
+            raise RunError(
+                f"the {phase} run of the check took over {_TIMEOUT_S} s and was stopped; "
+                "check fewer steps (--steps) or a smaller model (key=value overrides)"
+            ) from err
         (self.scratch / f"{phase}.log").write_text(out.stdout + out.stderr)
         if out.returncode != 0:
             tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-12:])
             raise RunError(
                 f"the {phase} run of the check failed (exit {out.returncode}), so exactness "
-                f"could not be checked; its output ends:\n{tail}"
+                f"could not be checked (with --keep DIR its whole output stays in "
+                f"DIR/{phase}.log); its output ends:\n{tail}"
             )
 
 
+#: A launcher's variables, which would make a child process wait for peers that never come.
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")  # fmt: skip
+#: The most one phase may take: a check is meant to take seconds to minutes.
+_TIMEOUT_S = 1800
 #: What `resume` says when the data's fingerprint changed (`rundir.check_resume`).
 _DATA_REFUSED = "the training data differs"
 #: Said when the resume was refused because the data's content hash changed between processes.
@@ -264,8 +286,7 @@ def _first_batch(batches: dict, until: int) -> tuple[int | None, bool]:
 
 
 def _metrics(run: Path) -> dict[int, dict]:
-    path = run / rundir.METRICS_FILE
-    rows = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    rows = rundir.read_metrics(run / rundir.METRICS_FILE)
     return {r["step"]: {k: v for k, v in r.items() if k != "samples_per_s"} for r in rows}
 
 
@@ -279,17 +300,23 @@ def _first_field(a: dict | None, b: dict | None) -> str | None:
 def _leaf(a: Path, b: Path, entry: str) -> str | None:
     """The first leaf of `entry` that differs between two raw snapshots, and by how much."""
     try:
-        ta, tb = checkpoint.load(a)[0][entry], checkpoint.load(b)[0][entry]
-    except Exception:  # a sharded snapshot, or an entry only one side has: name the entry
+        ta, tb = checkpoint.load(a)[0].get(entry), checkpoint.load(b)[0].get(entry)
+    except Exception:  # a sharded snapshot (DCP's files): the entry's name must do
         return None
-    leaves_a = dict(ta.items(include_nested=True, leaves_only=True))
-    leaves_b = dict(tb.items(include_nested=True, leaves_only=True))
+    if ta is None or tb is None:
+        return None
+    if isinstance(ta, torch.Tensor) or isinstance(tb, torch.Tensor):  # `step`, `rng`
+        ta, tb = {"": ta}, {"": tb}
+        leaves_a, leaves_b = ta, tb
+    else:
+        leaves_a = dict(ta.items(include_nested=True, leaves_only=True))
+        leaves_b = dict(tb.items(include_nested=True, leaves_only=True))
     for key in leaves_a:
         x, y = leaves_a[key], leaves_b.get(key)
-        if y is None or x.shape != y.shape or x.dtype != y.dtype:
-            return f"{'.'.join(key) if isinstance(key, tuple) else key} differs in shape or dtype"
+        name = (".".join(key) if isinstance(key, tuple) else key) or entry
+        if not isinstance(y, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
+            return f"{name} differs in shape or dtype"
         if not torch.equal(x, y):
-            name = ".".join(key) if isinstance(key, tuple) else key
             if x.is_floating_point():
                 gap = (x.double() - y.double()).abs().max().item()
                 return f"{name}, up to {gap:.3g} apart"

@@ -253,15 +253,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
     r = resume.prepare(  # it refuses an --until outside (snapshot step, steps]
         ctx, recipe, args.source, name=args.name, allow=args.allow_change, until=args.until
     )
-    trainer = Trainer(
-        r.built,
-        r.state,
-        r.run_dir,
-        meta=r.meta,
-        resumed_from=r.snapshot,
-        until=args.until,
-        recipe_path=shlex.join([args.recipe, *args.overrides]),
-    )
+    try:
+        trainer = Trainer(
+            r.built,
+            r.state,
+            r.run_dir,
+            meta=r.meta,
+            resumed_from=r.snapshot,
+            until=args.until,
+            recipe_path=shlex.join([args.recipe, *args.overrides]),
+        )
+    except UserError:  # a sink that did not start: a new branch holds no step yet
+        if ctx.is_main and r.run_dir.resolve() != r.snapshot.parent.resolve():
+            shutil.rmtree(r.run_dir, ignore_errors=True)
+        raise
     return trainer.run()
 
 

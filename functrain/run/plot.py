@@ -12,8 +12,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import orjson
-
 from functrain.errors import RunError
 from functrain.run import rundir
 from functrain.run.report import lineage
@@ -91,7 +89,7 @@ def _history(run: Path) -> list[dict]:
     path = run / rundir.METRICS_FILE
     if not path.is_file():
         raise RunError(f"{run} is no run directory (no {rundir.METRICS_FILE}); give a run")
-    rows = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    rows = rundir.read_metrics(path)
     if not rows:
         raise RunError(f"{path} holds no record yet; plot a run once it has logged a step")
     return rows

@@ -72,6 +72,7 @@ class Progress:
             self._bar.close()
             self._bar = None
         if self._stderr is not None:
+            sys.stderr.flush()  # a last line without its newline
             sys.stderr, self._stderr = self._stderr, None
 
     def _open(self) -> tqdm:

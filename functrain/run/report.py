@@ -110,7 +110,7 @@ def lineage(run: Path) -> dict:
     events = manifest.get("lineage", []) if manifest else []
     here = run.resolve()
     branches = []
-    for other in sorted(run.parent.iterdir()) if run.parent.is_dir() else []:
+    for other in sorted(here.parent.iterdir()) if here.parent.is_dir() else []:
         m = _newest_manifest(other) if other.is_dir() and other.resolve() != here else None
         origin = [e for e in m.get("lineage", []) if e["kind"] == "branch"] if m else []
         if origin and Path(origin[-1]["from"]).parent == here:  # its own branch point (the
@@ -149,4 +149,4 @@ def _print_lineage(found: dict) -> None:
     for event in found["events"]:
         print(f"{event['kind']:<7} {_event(event)}")
     for branch in found["branches"]:
-        print(f"branch  {branch['run']} from {branch['from']}")
+        print(f"branched off: {branch['run']} from {branch['from']}")

@@ -42,11 +42,11 @@ def create_run(recipe: Recipe, path: Path, *, metrics: bytes = b"") -> None:
             f"remove the directory."
         )
     path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path / RECIPE_FILE, dump_yaml(recipe).encode())
-    _write_atomic(path / METRICS_FILE, metrics)
+    write_atomic(path / RECIPE_FILE, dump_yaml(recipe).encode())
+    write_atomic(path / METRICS_FILE, metrics)
 
 
-def _write_atomic(path: Path, content: bytes) -> None:
+def write_atomic(path: Path, content: bytes) -> None:
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(content)
@@ -67,8 +67,16 @@ def metrics_until(path: Path, step: int) -> bytes:
     return b"".join(kept)
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a `metrics.jsonl`; a last line still being written is left out."""
+    lines = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip()]
+    if lines and not lines[-1].endswith(b"\n"):
+        lines.pop()  # a run appending right now: its record is not whole yet
+    return [orjson.loads(line) for line in lines]
+
+
 def cut_metrics(path: Path, step: int) -> None:
-    _write_atomic(path, metrics_until(path, step))
+    write_atomic(path, metrics_until(path, step))
 
 
 def _is_free(key: str) -> bool:
@@ -164,7 +172,7 @@ _TMP_FILE = re.compile(rf"\.tmp-(?:{re.escape(RECIPE_FILE)}|{re.escape(METRICS_F
 
 def clean_partial(run: Path) -> list[Path]:
     """Remove what interrupted writes left in `run` (snapshot temp dirs, temp files of
-    `_write_atomic`) by processes no longer alive; return what was removed."""
+    `write_atomic`) by processes no longer alive; return what was removed."""
     removed = checkpoint.clean_partial(run)
     for p in sorted(run.iterdir()) if run.is_dir() else []:
         match = _TMP_FILE.fullmatch(p.name)

@@ -1,8 +1,9 @@
 """Where metrics records go besides `metrics.jsonl` (the source of truth): TensorBoard and
 Weights & Biases, each when the recipe's `log:` section asks for it.
 
-Both follow the run's history as `metrics.jsonl` does: a resume cuts them back to the
-snapshot's step, so no step appears twice, and a branch starts from its parent's history.
+Both follow the run's resumes and branches. TensorBoard is cut back as `metrics.jsonl` is,
+so no step appears twice; W&B drops steps it has seen (its own rule), so after a crash past
+the last snapshot its chart keeps the points of the lost steps.
 
     TensorBoard  <run>/tensorboard/   a resume opens a writer with `purge_step` = the
                                       snapshot's step + 1: TensorBoard's readers drop the
@@ -27,6 +28,7 @@ import orjson
 
 from functrain.errors import RunError
 from functrain.recipe import Recipe, to_dict
+from functrain.run import rundir
 
 __all__ = ["TENSORBOARD_DIR", "WANDB_FILE", "Sink", "open_sinks", "require"]
 
@@ -54,10 +56,15 @@ def open_sinks(recipe: Recipe, run_dir: Path, step: int, parent: Path | None) ->
     """The recipe's sinks for `run_dir`, which resumes at `step` (0: a new run); `parent` is
     the run directory a branch was made from."""
     sinks: list[Sink] = []
-    if recipe.log.tensorboard:
-        sinks.append(_TensorBoard(run_dir, step, parent))
-    if recipe.log.wandb:
-        sinks.append(_WandB(recipe, run_dir, step, parent))
+    try:
+        if recipe.log.tensorboard:
+            sinks.append(_TensorBoard(run_dir, step, parent))
+        if recipe.log.wandb:
+            sinks.append(_WandB(recipe, run_dir, step, parent))
+    except BaseException:  # close those that opened before the one that failed
+        for sink in sinks:
+            sink.close()
+        raise
     return sinks
 
 
@@ -105,7 +112,7 @@ class _WandB:
                                     "functrain_branch_step": step}  # fmt: skip
                 if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
                     kwargs["fork_from"] = f"{parent_id}?_step={step}"
-            _write(path, {"id": kwargs["id"]})
+            rundir.write_atomic(path, orjson.dumps({"id": kwargs["id"]}))
         try:
             self._run = wandb.init(**kwargs)
         except Exception as err:  # no login, no network, a bad project: say what to do
@@ -120,9 +127,3 @@ class _WandB:
 
     def close(self) -> None:
         self._run.finish()
-
-
-def _write(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_bytes(orjson.dumps(value))
-    os.replace(tmp, path)

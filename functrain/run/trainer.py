@@ -131,10 +131,14 @@ class Trainer:
         self.progress = Progress(self.recipe.steps, int(state.step)) if self.ctx.is_main else None
         parent = resumed_from.parent if resumed_from is not None else None
         branched = parent is not None and parent.resolve() != run_dir.resolve()
-        self.sinks = (
-            sinks.open_sinks(self.recipe, run_dir, int(state.step), parent if branched else None)
-            if self.ctx.is_main
-            else []
+        self.sinks = self.ctx.all_ok(  # one that fails to start stops every rank alike
+            lambda: (
+                sinks.open_sinks(
+                    self.recipe, run_dir, int(state.step), parent if branched else None
+                )
+                if self.ctx.is_main
+                else []
+            )
         )
         self._last_log: tuple[float, int]  # (time, samples) of the last record: set by train()
 
