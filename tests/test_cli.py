@@ -192,7 +192,8 @@ def test_inspect_shows_lineage(tmp_path):
     )
     shown = cli("inspect", tmp_path / "B").stdout
     assert f"branched off: {tmp_path / 'C'} from {b_dir / 'state_30'}" in shown
-    cli("resume", TINY, f"out_dir={tmp_path}", "name=C", "--from", "state_40", "--name", "D",
+    cli("resume", TINY, f"out_dir={tmp_path}", "name=C", "optim.lr=0.01", "--from", "state_40",
+        "--name", "D",
         "steps=50", "--allow-change", "steps", "--allow-change", "schedule")  # fmt: skip
     b_branches = orjson.loads(cli("inspect", tmp_path / "B", "--json").stdout)["lineage"]
     c_branches = orjson.loads(cli("inspect", tmp_path / "C", "--json").stdout)["lineage"]
