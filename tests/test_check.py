@@ -52,13 +52,17 @@ def test_non_canonical_recipe_resumes_on_2_and_says_why(tmp_path):
     assert "2 -> 1 processes is not bitwise for this recipe" in out.stderr
 
 
-def test_unseeded_dataset_randomness_is_found(tmp_path):
-    out = cli(
-        "check", TINY, "data.dataset._component_=_check_components.noisy_corpus",
-        "--steps", "6", cwd=tmp_path, env=ON_PATH, check=False,
-    )  # fmt: skip
+def _differs(tmp_path, *args) -> str:
+    """The verdict of a check (with tests/ importable) that must find a difference."""
+    out = cli("check", TINY, *args, cwd=tmp_path, env=ON_PATH, check=False)
     assert out.returncode == 1, out.stdout + out.stderr
-    line = out.stdout
+    return out.stdout
+
+
+def test_unseeded_dataset_randomness_is_found(tmp_path):
+    line = _differs(
+        tmp_path, "data.dataset._component_=_check_components.noisy_corpus", "--steps", "6"
+    )
     assert line.startswith("check: DIFFERS:"), line
     # torch's global RNG is not the same in two processes, so two runs from scratch differ
     assert "first difference at step 1 (before the resume, so two runs from scratch" in line
@@ -66,26 +70,20 @@ def test_unseeded_dataset_randomness_is_found(tmp_path):
 
 
 def test_dataset_without_fingerprint_is_refused_on_resume_and_explained(tmp_path):
-    out = cli(
-        "check", TINY, "data.dataset._component_=_check_components.noisy_corpus",
-        "data.dataset.fingerprinted=false", "--steps", "4", cwd=tmp_path, env=ON_PATH,
-        check=False,
+    line = _differs(
+        tmp_path, "data.dataset._component_=_check_components.noisy_corpus",
+        "data.dataset.fingerprinted=false", "--steps", "4",
     )  # fmt: skip
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert "the resume at step 2 was refused" in out.stdout
-    assert "data content changed" in out.stdout
-    assert "randomness in the dataset not seeded from the sample index" in out.stdout
+    assert "the resume at step 2 was refused" in line
+    assert "data content changed" in line
+    assert "randomness in the dataset not seeded from the sample index" in line
 
 
 def test_model_state_outside_the_train_state_is_found(tmp_path):
-    out = cli(
-        "check", TINY, "model._component_=_check_components.CountingGPT",
-        "--steps", "4", cwd=tmp_path, env=ON_PATH, check=False,
-    )  # fmt: skip
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert "first difference at step 3 (the first step after the resume)" in out.stdout
-    assert "the batches are identical, so the model's computation differs" in out.stdout
-    assert "state kept outside the TrainState" in out.stdout
+    line = _differs(tmp_path, "model._component_=_check_components.CountingGPT", "--steps", "4")
+    assert "first difference at step 3 (the first step after the resume)" in line
+    assert "the batches are identical, so the model's computation differs" in line
+    assert "state kept outside the TrainState" in line
 
 
 @pytest.mark.parametrize(

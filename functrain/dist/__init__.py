@@ -21,7 +21,7 @@ from functrain.dist.context import (
     peer_failure,
 )
 from functrain.dist.reduce import all_reduce_grads, transforms
-from functrain.dist.trace import TRACE_ENV, sample_digests, traced
+from functrain.dist.trace import TRACE_ENV, read_trace, sample_digests, traced
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -33,6 +33,7 @@ __all__ = [
     "env_rank",
     "init",
     "peer_failure",
+    "read_trace",
     "sample_digests",
     "traced",
     "transforms",

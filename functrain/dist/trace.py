@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 from functrain.parallel import Placement
 
-__all__ = ["TRACE_ENV", "sample_digests", "traced"]
+__all__ = ["TRACE_ENV", "read_trace", "sample_digests", "traced"]
 
 #: A directory: each rank records the samples it trains on there (see the module docstring).
 TRACE_ENV = "FUNCTRAIN_TRACE"
@@ -64,6 +64,27 @@ def _trace(
             record["rows"] = sample_digests(batch)
             f.write(orjson.dumps(record) + b"\n")
             yield batch
+
+
+def read_trace(directory: Path) -> dict[int, dict[str, list]]:
+    """Global cursor -> the global batch there, `{"indices": [...], "rows": [...]}`, ranks'
+    slices joined in rank order, from every process that appended to `directory`."""
+    per_cursor: dict[int, dict[int, dict]] = {}
+    for f in sorted(directory.glob("rank*.jsonl")):
+        rank = None
+        for line in f.read_bytes().splitlines():
+            record = orjson.loads(line)
+            if "rank" in record:  # a process's header line
+                rank = record["rank"]
+                continue
+            per_cursor.setdefault(record["samples"], {})[rank] = record
+    return {
+        cursor: {
+            "indices": [i for r in sorted(ranks) for i in ranks[r].get("indices", [])],
+            "rows": [d for r in sorted(ranks) for d in ranks[r]["rows"]],
+        }
+        for cursor, ranks in per_cursor.items()
+    }
 
 
 def sample_digests(batch: Any) -> list[str]:

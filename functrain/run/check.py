@@ -25,11 +25,10 @@ import tempfile
 from pathlib import Path
 
 import attrs
-import orjson
 import torch
 
 from functrain import checkpoint
-from functrain.dist import TRACE_ENV
+from functrain.dist import TRACE_ENV, read_trace
 from functrain.errors import RunError
 from functrain.recipe import load_recipe
 from functrain.run import rundir
@@ -257,22 +256,10 @@ def _entry_rank(entry: str) -> tuple[int, str]:
 
 
 def _batches(trace: Path, batch_size: int) -> dict[int, tuple[list, list[str]]]:
-    """Step -> (dataset indices, sample digests) of the global batch, ranks' slices joined."""
-    per_step: dict[int, dict[int, dict]] = {}
-    for f in sorted(trace.glob("rank*.jsonl")):
-        rank = None
-        for line in f.read_bytes().splitlines():
-            record = orjson.loads(line)
-            if "rank" in record:
-                rank = record["rank"]
-                continue
-            per_step.setdefault(record["samples"] // batch_size + 1, {})[rank] = record
+    """Step -> (dataset indices, sample digests) of the global batch."""
     return {
-        s: (
-            [i for r in sorted(ranks) for i in ranks[r].get("indices", [])],
-            [d for r in sorted(ranks) for d in ranks[r]["rows"]],
-        )
-        for s, ranks in per_step.items()
+        cursor // batch_size + 1: (batch["indices"], batch["rows"])
+        for cursor, batch in read_trace(trace).items()
     }
 
 

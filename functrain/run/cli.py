@@ -17,6 +17,7 @@ import shutil
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from functrain import checkpoint, dist
@@ -232,19 +233,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = rundir.run_path(recipe)
     built = build_and_probe(recipe, ctx)
     ctx.all_ok(lambda: rundir.create_run(recipe, path) if ctx.is_main else None)
-    try:
-        trainer = Trainer(
+    return _start(
+        ctx,
+        path,
+        lambda: Trainer(
             built,
             built.state,
             path,
             until=args.until,
             recipe_path=shlex.join([args.recipe, *args.overrides]),
-        )
-    except UserError:  # a sink that did not start (W&B not logged in): the directory made
-        if ctx.is_main:  # above holds no step yet, so leave none behind
-            shutil.rmtree(path, ignore_errors=True)
-        raise
-    return trainer.run()
+        ),
+    )
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -253,8 +252,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
     r = resume.prepare(  # it refuses an --until outside (snapshot step, steps]
         ctx, recipe, args.source, name=args.name, allow=args.allow_change, until=args.until
     )
-    try:
-        trainer = Trainer(
+    branched = r.run_dir.resolve() != r.snapshot.parent.resolve()
+    return _start(
+        ctx,
+        r.run_dir if branched else None,
+        lambda: Trainer(
             r.built,
             r.state,
             r.run_dir,
@@ -262,10 +264,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
             resumed_from=r.snapshot,
             until=args.until,
             recipe_path=shlex.join([args.recipe, *args.overrides]),
-        )
-    except UserError:  # a sink that did not start: a new branch holds no step yet
-        if ctx.is_main and r.run_dir.resolve() != r.snapshot.parent.resolve():
-            shutil.rmtree(r.run_dir, ignore_errors=True)
+        ),
+    )
+
+
+def _start(ctx: dist.Context, new_dir: Path | None, make: Callable[[], Trainer]) -> int:
+    """Make the trainer and run it. If making it fails (a metric sink that did not start:
+    W&B not logged in), `new_dir`, a run directory this command just made and which holds
+    no step yet, is removed, so that no run is left behind."""
+    try:
+        trainer = make()
+    except UserError:
+        if ctx.is_main and new_dir is not None:
+            shutil.rmtree(new_dir, ignore_errors=True)
         raise
     return trainer.run()
 

@@ -180,10 +180,11 @@ class Trainer:
         state, self.state = self.state, None  # donated at every step: the loop owns it
         batches = self._batches(int(state.data["samples"]))
         self._last_log = (time.perf_counter(), int(state.data["samples"]))  # the loader is up
+        counted = self.progress is None  # tokens per sample: from the first batch only
         while (now := int(state.step)) < steps:
             batch = next(batches)
-            if self.progress is not None and self.progress.tokens is None:
-                self.progress.tokens = tokens_per_sample(batch)
+            if not counted:
+                self.progress.tokens, counted = tokens_per_sample(batch), True
             state = run_step(state, to_device(batch, device))
             now += 1
             self._log(state, now)
