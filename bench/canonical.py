@@ -5,8 +5,8 @@
 
 Builds `recipes/lm.yaml` twice in this process, at the same micro-batch size M = 8 of the
 global batch of 32: once with `forward_backward(micro_batch_size=8)` (the canonical tree,
-`dist.tree_reduce_grads` under torchrun) and once with `micro_batches` = the same count per
-process (accumulated in order, `dist.all_reduce_grads`). Times `--steps` steps of each,
+`distributed.tree_reduce_grads` under torchrun) and once with `micro_batches` = the same count per
+process (accumulated in order, `distributed.all_reduce_grads`). Times `--steps` steps of each,
 alternating round by round on the same batches; prints the median ratio canonical/bucketed
 and the spread. Memory: the most partial gradient sums the canonical tree held at once
 (`TreeSum.peak`, counted as the step runs), against the bound log2(V) + 1 gradient buffers.
@@ -21,10 +21,10 @@ import statistics
 import time
 from pathlib import Path
 
-from functrain import canonical, dist
+from functrain import canonical, distributed
 from functrain.recipe import load_recipe
 from functrain.run.build import build, to_device, train_loader
-from functrain.step import step
+from functrain.steps import step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=7)
     a = p.parse_args()
-    ctx = dist.init()
+    ctx = distributed.init()
     count = 32 // 8 // ctx.world_size
     ours = ["step.0.micro_batch_size=8", "data.num_workers=0"]
     theirs = [
@@ -81,7 +81,7 @@ def main() -> None:
             f"spread {min(ratios):.3f}-{max(ratios):.3f} (goal <= 1.10); the tree held at most "
             f"{max(peaks)} partial gradient sums (bound log2(V) + 1 = {int(math.log2(v)) + 1})"
         )
-    dist.close()
+    distributed.close()
 
 
 if __name__ == "__main__":

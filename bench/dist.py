@@ -1,6 +1,6 @@
 """Data-parallel throughput at 1..N ranks and the share of step time spent in the all-reduce.
 
-    python bench/dist.py [--nproc 1 2] [--size small|medium] [--batch 16] [--steps 20]
+    python bench/distributed.py [--nproc 1 2] [--size small|medium] [--batch 16] [--steps 20]
                          [--parallel ddp|fsdp]
 
 For each N the script launches itself under `torchrun --nproc_per_node=N` (N = 1 runs in
@@ -11,7 +11,7 @@ JSON line; the driver prints a table. The all-reduce time includes waiting for t
 rank (it is a synchronising collective), so it bounds communication from above.
 On GPUs (NCCL), the same command measures the GPU path: `--device cuda`.
 
-With `--parallel fsdp` the model is sharded with FSDP2 (`functrain.dist.fsdp.shard`); its
+With `--parallel fsdp` the model is sharded with FSDP2 (`functrain.distributed.fsdp.shard`); its
 all-gathers and reduce-scatters run inside forward and backward, so no communication share
 is printed, but the state each rank holds (params + optimizer state) is.
 """
@@ -29,8 +29,8 @@ import orjson
 import torch
 
 import functrain as ft
-from functrain import dist
-from functrain.dist import fsdp
+from functrain import distributed
+from functrain.distributed import fsdp
 from functrain.losses import next_token_cross_entropy
 from functrain.models import GPT
 
@@ -55,7 +55,7 @@ def _timed(transform, seconds: list[float], device: torch.device):
 
 
 def worker(a: argparse.Namespace) -> None:
-    ctx = dist.init()
+    ctx = distributed.init()
     device = torch.device(
         a.device, int(os.environ.get("LOCAL_RANK", 0)) if a.device == "cuda" else None
     )
@@ -73,7 +73,7 @@ def worker(a: argparse.Namespace) -> None:
         fsdp.shard(model.to(device), world_size=ctx.world_size, device=device.type)
         sharding = fsdp.Sharding.of(model)
     comm: list[float] = []
-    extra = [_timed(t, comm, device) for t in dist.transforms(ctx, sharded)]
+    extra = [_timed(t, comm, device) for t in distributed.transforms(ctx, sharded)]
     state = ft.create(
         model,
         loss=next_token_cross_entropy(),
@@ -114,7 +114,7 @@ def worker(a: argparse.Namespace) -> None:
         row |= {"comm_ms": comm_s * 1e3, "samples_per_s": a.batch / step_s}
         row |= {"sharded": sharded, "state_mb": state_mb}
         print(orjson.dumps(row).decode(), flush=True)
-    dist.close()
+    distributed.close()
 
 
 def _launch(a: argparse.Namespace, nproc: int) -> dict:

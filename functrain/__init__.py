@@ -16,7 +16,7 @@ from functrain.parallel import Placement
 from functrain.precision import Precision
 from functrain.rng import fold_in
 from functrain.state import Static, TrainState, create, load_into
-from functrain.step import apply_optimizer, clip_by_global_norm, ema, forward_backward, step
+from functrain.steps import apply_optimizer, clip_by_global_norm, ema, forward_backward, step
 from functrain.transform import Transform, compose
 
 __all__ = [

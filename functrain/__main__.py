@@ -2,6 +2,6 @@
 
 import sys
 
-from functrain.run.cli import main
+from functrain.cli import main
 
 sys.exit(main())

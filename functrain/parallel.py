@@ -6,7 +6,7 @@ rank: data, no collectives) and a `Sharding`: how params are bound into the mode
 gradients come out of backward, how a norm spans ranks, and how whole tensors (a
 snapshot's) map onto this process's pieces. `UNSHARDED` is the single-process default: the
 whole state on every rank, gradients from `torch.autograd.grad`. FSDP2 implements the same
-protocol in `functrain.dist.fsdp`, the way optax lets any gradient transformation be chained
+protocol in `functrain.distributed.fsdp`, the way optax lets any gradient transformation be chained
 without the chain knowing what it does.
 """
 

@@ -192,7 +192,7 @@ def weights(tensors: TensorDict, *, ema: bool = False) -> dict[str, torch.Tensor
     `model.state_dict()` is."""
     source = tensors["ema"] if ema else tensors["params"]
     if ema and not list(source.keys()):
-        raise ValueError("the state has no EMA: its step has no functrain.step.ema transform")
+        raise ValueError("the state has no EMA: its step has no functrain.steps.ema transform")
     out = {}
     for td in (source, tensors["buffers"]):
         for key, t in td.items(include_nested=True, leaves_only=True):
@@ -294,7 +294,7 @@ def create(
     module over: a forward pass or `state_dict()` on it outside `state.bind()` raises,
     saying so; get the weights with `state.state_dict()` or `functrain.load_into(fresh,
     state)`. With a `sharding` (e.g.
-    FSDP2's, `functrain.dist.fsdp.Sharding.of(model)`) the model keeps its shards instead,
+    FSDP2's, `functrain.distributed.fsdp.Sharding.of(model)`) the model keeps its shards instead,
     and the state holds copies. `placement` is this process's rank in the job.
     `precision` is `"fp32"`, `"bf16"`, `"fp16"` or a `functrain.precision.Precision`
     (fp16's loss scale then lives in `state.stats`).
@@ -304,7 +304,7 @@ def create(
     if sharding is None and any(hasattr(p, "device_mesh") for p in model.parameters()):
         raise ValueError(
             "the model's params are sharded DTensors: pass "
-            "sharding=functrain.dist.fsdp.Sharding.of(model) to create()"
+            "sharding=functrain.distributed.fsdp.Sharding.of(model) to create()"
         )
     sharding = sharding or UNSHARDED
     params, buffers = sharding.split(model, device)

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from functrain.run.cli import main
+from functrain.cli import main
 
 code = main(sys.argv[1:])
 Path(os.environ["FUNCTRAIN_CODES"], f"rank{os.environ['RANK']}.code").write_text(str(code))

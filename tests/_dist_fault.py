@@ -11,7 +11,7 @@ import sys
 
 from functrain import checkpoint
 from functrain.checkpoint import manager
-from functrain.run.cli import main
+from functrain.cli import main
 
 fault = os.environ["FUNCTRAIN_FAULT"]
 if os.environ.get("RANK") == "1":

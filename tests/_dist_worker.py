@@ -16,7 +16,7 @@ from tensordict import TensorDict
 from torch import nn
 
 import functrain as ft
-from functrain import dist
+from functrain import distributed
 from functrain.losses import cross_entropy
 from functrain.optim import leaves
 
@@ -38,7 +38,7 @@ def _name(key) -> str:
     return key if isinstance(key, str) else "/".join(key)
 
 
-ctx = dist.init()
+ctx = distributed.init()
 state = ft.create(
     Mixed(),
     loss=cross_entropy(),
@@ -55,7 +55,7 @@ state = state.replace(
     grads=TensorDict(dict(zip(keys, grads, strict=True)), batch_size=[]),
     metrics=state.metrics.replace(loss=torch.tensor(float(scale))),
 )
-out = dist.all_reduce_grads(bucket_bytes=32)(state, None)
+out = distributed.all_reduce_grads(bucket_bytes=32)(state, None)
 report = {
     "grads": {
         _name(k): [str(g.dtype), g.flatten().double().tolist()]
@@ -66,4 +66,4 @@ report = {
     "loss": out.metrics["loss"].item(),
 }
 Path(sys.argv[1], f"rank{ctx.rank}.json").write_bytes(orjson.dumps(report))
-dist.close()
+distributed.close()

@@ -9,14 +9,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from functrain import checkpoint, dist
+from functrain import checkpoint, distributed
 from functrain.checkpoint import Snapshots, dcp
 from functrain.recipe import load_recipe
 from functrain.run.build import build
 
 warnings.filterwarnings("ignore")
 recipe_path, snapshot, out, *overrides = sys.argv[1:]
-ctx = dist.init()
+ctx = distributed.init()
 recipe = load_recipe(recipe_path, overrides)
 built = build(recipe, ctx)
 manifest = checkpoint.read_manifest(snapshot)
@@ -24,4 +24,4 @@ state = Snapshots.load_into(Path(snapshot), None, manifest, built.state)
 shapes = {k: list(v.shape) for k, v in state.params.items(include_nested=True, leaves_only=True)}
 Path(f"{out}.rank{ctx.rank}").write_text(str(shapes[("tok", "weight")]))  # this rank's rows
 dcp.save(out, state.tensors(), {"step": int(state.step)}, sharding=built.sharding)
-dist.close()
+distributed.close()

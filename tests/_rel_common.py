@@ -15,8 +15,7 @@ import torch
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
-from functrain import checkpoint
-from functrain.run import cli
+from functrain import checkpoint, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"

@@ -24,7 +24,7 @@ import traceback
 
 import torch
 
-import functrain.run.cli
+import functrain.cli
 
 _POLL = 0.002
 
@@ -36,7 +36,7 @@ def _child(argv: list[str], env: dict, log: str) -> None:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.environ.update(env)
-        code = functrain.run.cli.main(argv)
+        code = functrain.cli.main(argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:

@@ -18,7 +18,7 @@ from tensordict import TensorDict
 import functrain as ft
 from functrain import checkpoint
 from functrain.checkpoint import AsyncWriter, _files, raw
-from functrain.run.cli import main
+from functrain.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"

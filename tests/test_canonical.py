@@ -20,7 +20,7 @@ from torch import nn
 from functrain import canonical, checkpoint, create
 from functrain.optim import adamw, leaves
 from functrain.parallel import Placement
-from functrain.step import forward_backward
+from functrain.steps import forward_backward
 
 CANONICAL = [
     "step.0.micro_batches=1",

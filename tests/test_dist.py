@@ -1,6 +1,6 @@
 """Data parallel for real: `torchrun --nproc_per_node=2` on CPU with gloo, no mocks.
 
-Runs are traced (FUNCTRAIN_TRACE, see functrain/dist/trace.py): each rank records a digest of
+Runs are traced (FUNCTRAIN_TRACE, see functrain/distributed/trace.py): each rank records a digest of
 every sample it trains on, so runs at different world sizes are compared sample by sample.
 
 Why 1 rank vs 2 ranks is close and not bitwise: with 2 ranks each rank averages the
@@ -39,7 +39,7 @@ from _dist_common import (
 )
 
 from functrain import checkpoint
-from functrain.dist.reduce import _buckets
+from functrain.distributed.reduce import _buckets
 
 NO_DROPOUT = ("model.dropout=0.0", "steps=12", "checkpoint.every=6", "log_every=1")
 NO_DROPOUT += ("eval.every=6", "eval.batches=1", "data.num_workers=0")

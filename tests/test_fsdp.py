@@ -38,9 +38,8 @@ from _dist_common import (
     trace,
 )
 
-from functrain import checkpoint
+from functrain import checkpoint, cli
 from functrain.checkpoint.faults import SLOW_SAVE_ENV as _SLOW_SAVE_ENV
-from functrain.run import cli
 
 # Global batch 12: divisible by 1, 2 and 3 ranks.
 BASE = ("parallel=fsdp", "data.batch_size=12", "steps=12", "checkpoint.every=6", "log_every=1")

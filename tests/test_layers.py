@@ -1,4 +1,6 @@
-"""The one dependency rule, read off the source: run -> checkpoint, dist, recipe -> core.
+"""The one dependency rule, read off the source (docs/architecture.md):
+
+    cli -> run -> checkpoint, distributed, recipe -> core
 
 Every `import` of every functrain module counts, at module level or inside a function
 (an import inside a function that dodges a cycle is still a cycle); only imports under
@@ -8,6 +10,9 @@ Every `import` of every functrain module counts, at module level or inside a fun
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +23,11 @@ CORE = {
     "functrain",
     "functrain.errors",
     "functrain.hashing",
+    "functrain.names",
     "functrain.parallel",
     "functrain.transform",
     "functrain.state",
-    "functrain.step",
+    "functrain.steps",
     "functrain.optim",
     "functrain.schedule",
     "functrain.rng",
@@ -32,9 +38,16 @@ CORE = {
     "functrain.canonical",
 }
 CORE_PACKAGES = ("functrain.models", "functrain.data")
-#: The machinery's layers, bottom up; each may import the core and itself only, and `run`
-#: everything.
-LAYERS = ("functrain.checkpoint", "functrain.dist", "functrain.recipe", "functrain.run")
+#: The machinery's layers; each may import the core and itself only, but for the two on top.
+LAYERS = ("functrain.checkpoint", "functrain.distributed", "functrain.recipe")
+#: The engine may import every layer; the CLI the engine too; nothing imports the CLI.
+ENGINE, CLI = "functrain.run", "functrain.cli"
+ALLOWED = {
+    **{layer: {"core", layer} for layer in LAYERS},
+    "core": {"core"},
+    ENGINE: {"core", *LAYERS, ENGINE},
+    CLI: {"core", *LAYERS, ENGINE, CLI},
+}
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:
@@ -127,12 +140,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def layer_of(module: str) -> str:
     if module == "functrain.__main__":  # `python -m functrain`: the CLI's
-        return "functrain.run"
+        return CLI
     if module in CORE or module.startswith(tuple(p + "." for p in CORE_PACKAGES)):
         return "core"
     if module in CORE_PACKAGES:
         return "core"
-    for layer in LAYERS:
+    for layer in (*LAYERS, ENGINE, CLI):
         if module == layer or module.startswith(layer + "."):
             return layer
     raise AssertionError(f"{module} belongs to no layer: add it to CORE or a layer")
@@ -150,8 +163,7 @@ def violations(sources: dict[str, str]) -> list[str]:
             if target not in modules:
                 continue
             theirs = layer_of(target)
-            allowed = {"core", mine} if mine != "functrain.run" else {"core", *LAYERS}
-            if theirs not in allowed:
+            if theirs not in ALLOWED[mine]:
                 problems.append(f"{name} ({mine}) imports {target} ({theirs})")
     return problems
 
@@ -181,24 +193,29 @@ CONTROL = {
     "functrain.state": (
         "from torch import distributed as td\n"
         "from typing import TYPE_CHECKING\n"
-        "if TYPE_CHECKING:\n    from functrain.run.cli import main\n"
+        "if TYPE_CHECKING:\n    from functrain.cli import main\n"
         "def f():\n    from functrain.checkpoint import save\n"
     ),
     "functrain.checkpoint": "from . import raw\n",
     "functrain.checkpoint.raw": "from functrain.state import TrainState\n",
-    "functrain.dist": "from functrain.checkpoint import raw\n",
-    "functrain.run": "from functrain import checkpoint, dist, state\n",
+    "functrain.distributed": "from functrain.checkpoint import raw\n",
+    "functrain.run": "from functrain import checkpoint, distributed, state\n",
+    "functrain.run.trainer": "from functrain.cli import main\n",
+    "functrain.cli": "from functrain.run import trainer\n",
 }
 
 
 def test_a_wrong_way_import_and_a_cycle_are_caught():
     assert violations(CONTROL) == [
-        "functrain.dist (functrain.dist) imports functrain.checkpoint.raw (functrain.checkpoint)",
+        "functrain.distributed (functrain.distributed) imports functrain.checkpoint.raw "
+        "(functrain.checkpoint)",
+        "functrain.run.trainer (functrain.run) imports functrain.cli (functrain.cli)",
         "functrain.state (core) imports functrain.checkpoint (functrain.checkpoint)",
         "functrain.state (core) imports torch.distributed",
     ]
     assert cycles(graph_of(CONTROL)) == [
-        ["functrain.checkpoint", "functrain.checkpoint.raw", "functrain.state"]
+        ["functrain.checkpoint", "functrain.checkpoint.raw", "functrain.state"],
+        ["functrain.cli", "functrain.run.trainer"],
     ]
 
 
@@ -206,3 +223,44 @@ def test_a_wrong_way_import_and_a_cycle_are_caught():
 def test_a_module_outside_the_layers_is_refused(module):
     with pytest.raises(AssertionError, match="belongs to no layer"):
         layer_of(module)
+
+
+# ---------------------------------------------------------------- what the tools see
+
+REPO = PACKAGE.parent
+#: Folder names that common tools (ruff, setuptools, pytest, editors, .gitignore templates)
+#: take for build output or environments, and skip.
+BUILD_OUTPUT = {"build", "dist", "_build", "out", "target", "site-packages", "node_modules",
+                "venv", "env", "__pypackages__", "buck-out", "wheelhouse"}  # fmt: skip
+
+
+def test_no_package_folder_bears_a_build_output_name():
+    folders = {p.name for p in PACKAGE.rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    assert folders & BUILD_OUTPUT == set()
+
+
+def _tracked_python_files() -> set[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return set(out.stdout.split())
+
+
+def test_lint_and_format_see_every_tracked_python_file():
+    """ruff's default `exclude` skips folders named `dist` and `build` even inside the paths
+    it is given: pyproject.toml sets its own list, and the noxfile lints and formats `.`
+    (`ruff format` finds files as `ruff check` does)."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--show-files", "."],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    seen = {
+        str(Path(line.strip()).resolve().relative_to(REPO))
+        for line in out.stdout.splitlines()
+        if line.strip().endswith(".py")
+    }
+    tracked = _tracked_python_files()
+    assert tracked, "git lists no Python files"
+    assert tracked - seen == set(), "ruff skips tracked Python files"

@@ -43,11 +43,12 @@ from _rel_common import (
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from functrain import cli
 from functrain.checkpoint import Policy, Snapshots
 from functrain.checkpoint.faults import SAVE_ERROR_ENV as _SAVE_ERROR_ENV
 from functrain.checkpoint.faults import SLOW_SAVE_ENV as _SLOW_SAVE_ENV
 from functrain.recipe import RecipeError, load_recipe
-from functrain.run import cli, rundir
+from functrain.run import rundir
 
 SEED = int(os.environ.get("FUNCTRAIN_KILL_SEED", "20250501"))
 TRIALS = int(os.environ.get("FUNCTRAIN_KILL_TRIALS", "30"))

@@ -89,7 +89,7 @@ def test_warmup_cosine_is_bitwise_the_transformers_formula():
 def test_the_trace_records_the_dataset_index_of_every_sample(tmp_path):
     from torch.utils.data import default_collate
 
-    from functrain.dist.trace import sample_digests
+    from functrain.distributed.trace import sample_digests
     from functrain.recipe import instantiate, load_recipe
 
     cli("run", TINY, f"out_dir={tmp_path}", "steps=6", "checkpoint.every=null", "eval.every=null",
@@ -223,8 +223,8 @@ def test_export_writes_safetensors_that_load_into_the_plain_module(tmp_path):
 
     from functrain.models import GPT
 
-    steps = "step=[{_component_: functrain.step.forward_backward}, "
-    steps += "{_component_: functrain.step.apply_optimizer}, {_component_: functrain.step.ema}]"
+    steps = "step=[{_component_: functrain.steps.forward_backward}, "
+    steps += "{_component_: functrain.steps.apply_optimizer}, {_component_: functrain.steps.ema}]"
     cli("run", TINY, f"out_dir={tmp_path}", *SHORT, steps)
     snap = tmp_path / "tiny" / "state_12"
     out = tmp_path / "model.safetensors"
@@ -248,8 +248,8 @@ def test_export_writes_safetensors_that_load_into_the_plain_module(tmp_path):
 def test_export_names_the_extra_when_safetensors_is_missing(tmp_path, monkeypatch):
     import sys
 
+    from functrain.cli.export import export
     from functrain.errors import RunError
-    from functrain.run.export import export
 
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(RunError, match=r"pip install 'functrain\[safetensors\]'"):

@@ -10,7 +10,7 @@ The modules below: `raw` (functrain's own layout: one file per entry), `dcp` (sh
 states through torch.distributed.checkpoint), `manifest` (what a manifest holds and the
 checks it must pass), `_files` (names, temp dirs, fsync, the atomic rename: the one place
 that spells `state_<step>`), `async_writer`, `manager`, and `faults` (test-only fault
-injection). This package imports the core, never the run machinery or `functrain.dist`.
+injection). This package imports the core, never the run machinery or `functrain.distributed`.
 
 >>> save("runs/a/state_10", td, {"step": 10})          # doctest: +SKIP
 >>> tensors, manifest = load("runs/a/state_10")       # doctest: +SKIP

@@ -36,7 +36,7 @@ _CHUNK = 16 << 20
 
 
 class Sharded(Protocol):
-    """What DCP needs of a sharded state's layout (`functrain.dist.fsdp.Sharding` has it)."""
+    """What DCP needs of a sharded state's layout (`functrain.distributed.fsdp.Sharding` has it)."""
 
     def views(self, tensors: TensorDict, mesh: Any = None) -> dict[str, torch.Tensor]:
         """`entry/key` -> a DTensor view of each shard (no copy), the plain tensor otherwise."""

@@ -13,8 +13,8 @@ or (with a `sharding`) every rank's shards through DCP, applies retention once a
 published, and turns a failed write into `Policy.on_error`'s answer. Under torchrun every
 call that writes or settles is made on all ranks, and all of them learn of a failure on any
 one: they stop alike, with the same error, or all warn and train on. The ranks are reached
-through a small `Ranks` protocol (`functrain.dist.Context` has it), so this package never
-imports `functrain.dist`.
+through a small `Ranks` protocol (`functrain.distributed.Context` has it), so this package never
+imports `functrain.distributed`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ __all__ = ["Policy", "Ranks", "Snapshots"]
 
 
 class Ranks(Protocol):
-    """The agreement between ranks the manager needs (`functrain.dist.Context`)."""
+    """The agreement between ranks the manager needs (`functrain.distributed.Context`)."""
 
     @property
     def is_main(self) -> bool: ...

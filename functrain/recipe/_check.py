@@ -16,7 +16,8 @@ from typing import Any, Literal, Union
 
 import attrs
 
-from functrain.errors import RecipeError
+from functrain import names
+from functrain.errors import RecipeError, warn
 
 TOP = "<top level>"
 
@@ -104,6 +105,10 @@ def component(raw: Any, path: str, problems: list[str], provided: set[str] = fro
         )
         problems.append(f"{path}._component_: {what}")
         return None
+    written, (target, moved) = target, names.current(target)
+    if moved:
+        warn(f"{path}._component_: {written} has moved to {target}; the old path still works "
+             "but is deprecated")  # fmt: skip
     fn, error = resolve(target)
     if error:
         problems.append(f"{path}._component_: {error}")

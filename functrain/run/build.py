@@ -15,15 +15,15 @@ import torch
 from torch.utils._pytree import tree_map
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from functrain import canonical, determinism, dist, recompute, rng
+from functrain import canonical, determinism, distributed, recompute, rng
 from functrain import data as data_lib
-from functrain.dist import fsdp
+from functrain.distributed import fsdp
 from functrain.errors import BuildError, FunctrainError, UserError
 from functrain.precision import Precision
 from functrain.recipe import Component, Recipe, instantiate
 from functrain.run import sinks
 from functrain.state import TrainState, create
-from functrain.step import step as run_step
+from functrain.steps import step as run_step
 from functrain.transform import insert_after
 
 __all__ = [
@@ -49,7 +49,7 @@ class Built:
     """What one process of a run works with."""
 
     recipe: Recipe
-    context: dist.Context
+    context: distributed.Context
     state: TrainState
     train: Any  # the training dataset
     val: Any | None  # the validation dataset, when the data component gives one
@@ -90,7 +90,7 @@ def _caused_by_values(err: Exception) -> bool:
     the cause chained); otherwise it is a bug, or a lost peer, and keeps its traceback."""
     if isinstance(err, FunctrainError):
         return isinstance(err, UserError)
-    if isinstance(err, RuntimeError) and dist.peer_failure(err) is not None:
+    if isinstance(err, RuntimeError) and distributed.peer_failure(err) is not None:
         return False
     return isinstance(err, _USER_CAUSED)
 
@@ -134,12 +134,12 @@ def sharded(recipe: Recipe, world_size: int) -> bool:
     return recipe.parallel == "fsdp" and world_size > 1
 
 
-def build(recipe: Recipe, ctx: dist.Context | None = None) -> Built:
+def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
     """Instantiate the recipe's components and the state at step 0 for this process.
 
     Under torchrun the gradient all-reduce goes right after `forward_backward`.
     """
-    ctx = ctx or dist.Context()
+    ctx = ctx or distributed.Context()
     if recipe.data.batch_size % ctx.world_size:
         raise BuildError(
             f"data.batch_size ({recipe.data.batch_size}) is the global batch and must be "
@@ -232,9 +232,11 @@ def _checkpoint_activations(model: Any, is_sharded: bool) -> None:
         raise BuildError(f"activation_checkpointing: {err}") from err
 
 
-def _transforms(recipe: Recipe, ctx: dist.Context, is_sharded: bool) -> list:
+def _transforms(recipe: Recipe, ctx: distributed.Context, is_sharded: bool) -> list:
     transforms = [_make(f"step.{i}", c) for i, c in enumerate(recipe.step)]
-    extra = dist.transforms(ctx, sharded=is_sharded, canonical=micro_batch_size(recipe) is not None)
+    extra = distributed.transforms(
+        ctx, sharded=is_sharded, canonical=micro_batch_size(recipe) is not None
+    )
     if not extra:
         return transforms
     try:
@@ -242,7 +244,7 @@ def _transforms(recipe: Recipe, ctx: dist.Context, is_sharded: bool) -> list:
     except ValueError as err:
         raise BuildError(
             f"step: {err}. Under torchrun the gradient all-reduce goes right after it: "
-            "list functrain.step.forward_backward in the recipe's step"
+            "list functrain.steps.forward_backward in the recipe's step"
         ) from err
 
 
@@ -278,7 +280,7 @@ def val_loader(built: Built) -> StatefulDataLoader | None:
     )
 
 
-def build_and_probe(recipe: Recipe, ctx: dist.Context) -> Built:
+def build_and_probe(recipe: Recipe, ctx: distributed.Context) -> Built:
     """`build`, then `probe`, on every rank; a failure on any rank (e.g. missing data) fails
     all of them alike."""
 

@@ -13,7 +13,7 @@ import attrs
 
 from functrain import data as data_lib
 from functrain.checkpoint import Snapshots
-from functrain.dist import Context
+from functrain.distributed import Context
 from functrain.errors import RunError
 from functrain.hashing import canonical_hash
 from functrain.recipe import Recipe, to_dict

@@ -20,15 +20,15 @@ from typing import Any
 import torch
 
 from functrain import data as data_lib
-from functrain import dist
+from functrain import distributed
 from functrain.checkpoint import Policy, Snapshots
 from functrain.recipe import CheckpointConfig, recipe_hash, to_dict
 from functrain.run import preempt, rundir, sinks
 from functrain.run.build import Built, micro_batch_size, to_device, train_loader, val_loader
 from functrain.run.progress import Progress, append_metrics, tokens_per_sample
 from functrain.state import TrainState
-from functrain.step import split
-from functrain.step import step as run_step
+from functrain.steps import split
+from functrain.steps import step as run_step
 
 __all__ = ["Trainer", "evaluate", "policy"]
 
@@ -197,7 +197,9 @@ class Trainer:
     def _batches(self, start: int) -> Iterator[Any]:
         loader = train_loader(self.built, start=start)
         indices = getattr(loader.sampler, "batch_indices", None)  # none for iterables
-        return dist.traced(iter(loader), self.ctx, start, self.recipe.data.batch_size, indices)
+        return distributed.traced(
+            iter(loader), self.ctx, start, self.recipe.data.batch_size, indices
+        )
 
     def _log(self, state: TrainState, now: int) -> None:
         """On log and eval steps: the metrics (one host sync), the eval loss, one record."""

@@ -80,7 +80,9 @@ def tree_reduce_grads(bucket_bytes: int = _BUCKET_BYTES) -> Transform:
         placement = state.static.placement
         world, rank = placement.world_size, placement.rank
         if world & (world - 1):
-            raise ValueError(f"the canonical reduction needs a power-of-two world size, got {world}")
+            raise ValueError(
+                f"the canonical reduction needs a power-of-two world size, got {world}"
+            )
         loss = state.metrics["loss"].detach().clone()
         grads = leaves(state.grads)
         for bucket in _buckets([*grads, loss], bucket_bytes):

@@ -130,7 +130,7 @@ def _canonical(state: TrainState, batch: Any, size: int) -> TrainState:
     micro-batches, summed in the canonical tree (`functrain.canonical`).
 
     Unsharded, each micro-batch's loss is divided by the global count V, so the ranks'
-    subtree sums add up to the mean, and the canonical reduction (`functrain.dist`) adds
+    subtree sums add up to the mean, and the canonical reduction (`functrain.distributed`) adds
     them. Sharded (FSDP2), whose backward reduce-scatters and averages over ranks itself,
     the micro-batches are accumulated in order with the same seeds: exact for a given
     world size, not across world sizes. Running buffers (BatchNorm) are kept as micro-batch

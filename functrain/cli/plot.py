@@ -12,9 +12,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from functrain.cli.report import lineage
 from functrain.errors import RunError
 from functrain.run import rundir
-from functrain.run.report import lineage
 
 __all__ = ["plot", "smooth"]
 

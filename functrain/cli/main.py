@@ -20,17 +20,17 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from functrain import checkpoint, dist
+from functrain import checkpoint, distributed
+from functrain.cli.check import check
+from functrain.cli.export import export
+from functrain.cli.plot import plot
+from functrain.cli.report import inspect
+from functrain.cli.sample import sample
 from functrain.data import prepare
 from functrain.errors import RunError, UserError
 from functrain.recipe import Recipe, load_recipe, recipe_hash
 from functrain.run import preempt, resume, rundir
 from functrain.run.build import build_and_probe
-from functrain.run.check import check
-from functrain.run.export import export
-from functrain.run.plot import plot
-from functrain.run.report import inspect
-from functrain.run.sample import sample
 from functrain.run.trainer import Trainer
 
 __all__ = ["EXIT_PEER_LOST", "EXIT_USER_ERROR", "main"]
@@ -42,12 +42,13 @@ DEBUG_ENV = "FUNCTRAIN_DEBUG"
 
 
 def main(argv: list[str] | None = None) -> int:
+    _components_from_working_directory()
     args = _parse(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
     try:
         return args.func(args)
     except UserError as err:
-        if dist.env_rank() == 0:  # under torchrun every rank fails alike; one says why
+        if distributed.env_rank() == 0:  # under torchrun every rank fails alike; one says why
             print(f"functrain {args.command}: error: {err}", file=sys.stderr)
             if os.environ.get(DEBUG_ENV):
                 traceback.print_exception(err, file=sys.stderr)
@@ -56,16 +57,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"functrain {args.command}: interrupted", file=sys.stderr)
         return preempt.EXIT_ABORTED
     except RuntimeError as err:
-        explained = dist.peer_failure(err)
+        explained = distributed.peer_failure(err)
         if explained is None:
             raise
         print(
-            f"functrain {args.command}: error on rank {dist.env_rank()}: {explained}",
+            f"functrain {args.command}: error on rank {distributed.env_rank()}: {explained}",
             file=sys.stderr,
         )
         return EXIT_PEER_LOST
     finally:
-        dist.close()
+        distributed.close()
+
+
+def _components_from_working_directory() -> None:
+    """Let a recipe name `my_project.model` from the working directory, as `python -m
+    functrain` does (it puts the working directory first on `sys.path`; a console script
+    puts its own folder there instead)."""
+    if not any(p in ("", os.getcwd()) for p in sys.path):
+        sys.path.insert(0, os.getcwd())
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -227,7 +236,7 @@ def _check_until(until: int | None, recipe: Recipe) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    ctx = dist.init()
+    ctx = distributed.init()
     recipe = _load_agreed(ctx, args)
     _check_until(args.until, recipe)
     path = rundir.run_path(recipe)
@@ -247,7 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    ctx = dist.init()
+    ctx = distributed.init()
     recipe = _load_agreed(ctx, args)
     r = resume.prepare(  # it refuses an --until outside (snapshot step, steps]
         ctx, recipe, args.source, name=args.name, allow=args.allow_change, until=args.until
@@ -268,7 +277,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     )
 
 
-def _start(ctx: dist.Context, new_dir: Path | None, make: Callable[[], Trainer]) -> int:
+def _start(ctx: distributed.Context, new_dir: Path | None, make: Callable[[], Trainer]) -> int:
     """Make the trainer and run it. If making it fails (a metric sink that did not start:
     W&B not logged in), `new_dir`, a run directory this command just made and which holds
     no step yet, is removed, so that no run is left behind."""
@@ -362,7 +371,7 @@ class _ByteProgress:
             )
 
 
-def _load_agreed(ctx: dist.Context, args: argparse.Namespace) -> Recipe:
+def _load_agreed(ctx: distributed.Context, args: argparse.Namespace) -> Recipe:
     """The recipe with its overrides, the same on every rank, as is the software."""
     recipe = ctx.all_ok(lambda: load_recipe(args.recipe, args.overrides))
     ctx.agree("recipe hash", recipe_hash(recipe))

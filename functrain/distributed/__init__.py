@@ -11,7 +11,7 @@ step; with `parallel: fsdp` each rank holds a shard and FSDP2's backward reduce-
 the gradients.
 """
 
-from functrain.dist.context import (
+from functrain.distributed.context import (
     DEFAULT_TIMEOUT_S,
     TIMEOUT_ENV,
     Context,
@@ -20,8 +20,8 @@ from functrain.dist.context import (
     init,
     peer_failure,
 )
-from functrain.dist.reduce import all_reduce_grads, transforms
-from functrain.dist.trace import TRACE_ENV, read_trace, sample_digests, traced
+from functrain.distributed.reduce import all_reduce_grads, transforms
+from functrain.distributed.trace import TRACE_ENV, read_trace, sample_digests, traced
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",

@@ -71,7 +71,7 @@ class Sharding:
                 raise ValueError(
                     f"param {name!r} is not sharded on dim 0 by fully_shard (placements "
                     f"{spec}); apply fully_shard to the model and to every submodule holding "
-                    "params, or use functrain.dist.fsdp.shard(model)"
+                    "params, or use functrain.distributed.fsdp.shard(model)"
                 )
             mesh = p.device_mesh
             n, world, rank = p.shape[0], mesh.size(), mesh.get_local_rank()

@@ -28,7 +28,7 @@ import attrs
 import torch
 
 from functrain import checkpoint
-from functrain.dist import TRACE_ENV, read_trace
+from functrain.distributed import TRACE_ENV, read_trace
 from functrain.errors import RunError
 from functrain.recipe import load_recipe
 from functrain.run import rundir
