@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from functrain.errors import ConfigError
+
 __all__ = ["TreeSum", "check_fit", "fits", "odd_part"]
 
 
@@ -44,9 +46,9 @@ def fits(world_size: int, global_batch: int, micro_batch_size: int) -> bool:
 def check_fit(world_size: int, global_batch: int, micro_batch_size: int) -> None:
     """Raise ValueError, naming the sizes and the process counts that fit, unless `fits`."""
     if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        raise ConfigError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if global_batch % micro_batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"the global batch of {global_batch} samples does not split into micro-batches of "
             f"micro_batch_size={micro_batch_size}; make the batch size a multiple of it"
         )
@@ -54,7 +56,7 @@ def check_fit(world_size: int, global_batch: int, micro_batch_size: int) -> None
         return
     v = global_batch // micro_batch_size
     counts = [2**k for k in range(v.bit_length()) if v % 2**k == 0]
-    raise ValueError(
+    raise ConfigError(
         f"{world_size} processes cannot share the {v} micro-batches (global batch "
         f"{global_batch} / micro_batch_size {micro_batch_size}) in the canonical order: the "
         f"number of processes must be a power of two dividing {v}, i.e. one of "
@@ -100,7 +102,7 @@ class TreeSum:
     def result(self) -> list[torch.Tensor]:
         """The sum of everything pushed; the count must have been width * 2^k."""
         if self._unit is not None or len(self._stack) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"TreeSum got a count of micro-batches that is not {self.width} * 2^k "
                 "(an incomplete subtree)"
             )

@@ -17,13 +17,22 @@ from tensordict import TensorDict
 from torch.utils._pytree import tree_flatten, tree_map
 
 from functrain import canonical, rng
+from functrain.errors import ConfigError
 from functrain.optim import leaves
 from functrain.parallel import Unsharded
 from functrain.precision import keep_unless
 from functrain.state import TrainState
 from functrain.transform import Transform, compose
 
-__all__ = ["apply_optimizer", "clip_by_global_norm", "compose", "ema", "forward_backward", "step"]
+__all__ = [
+    "advance",
+    "apply_optimizer",
+    "clip_by_global_norm",
+    "compose",
+    "ema",
+    "forward_backward",
+    "step",
+]
 
 _LOSS_EMA_DECAY = 0.98
 
@@ -38,7 +47,7 @@ def step(state: TrainState, batch: Any, *, donate: bool = True) -> TrainState:
     >>> state = step(state, batch)                     # doctest: +SKIP
     """
     new = state.static.transform(state if donate else state.clone(), batch)
-    new = _advance(new, batch)
+    new = advance(new, batch)
     if donate:
         state.consume()
     return new
@@ -48,12 +57,13 @@ def _batch_size(batch: Any) -> int:
     flat, _ = tree_flatten(batch)
     tensors = [t for t in flat if isinstance(t, torch.Tensor)]
     if not tensors:
-        raise TypeError("a batch must contain at least one tensor (samples along dim 0)")
+        raise ConfigError("a batch must contain at least one tensor (samples along dim 0)")
     return tensors[0].shape[0]
 
 
-def _advance(state: TrainState, batch: Any) -> TrainState:
-    """Count the update and the samples consumed (all ranks), and track the loss EMA."""
+def advance(state: TrainState, batch: Any) -> TrainState:
+    """What `step` does after the transforms: count the update and the samples consumed
+    (all ranks), and track the loss EMA."""
     global_batch = _batch_size(batch) * state.static.placement.world_size
     with torch.no_grad():
         stats = state.stats
@@ -84,14 +94,14 @@ def forward_backward(micro_batches: int = 1, *, micro_batch_size: int | None = N
     the canonical reduction that follows unscales them).
     """
     if micro_batches < 1:
-        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        raise ConfigError(f"micro_batches must be >= 1, got {micro_batches}")
     if micro_batch_size is not None:
         if micro_batches != 1:
-            raise ValueError("give micro_batches or micro_batch_size, not both")
+            raise ConfigError("give micro_batches or micro_batch_size, not both")
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int):
-            raise ValueError(f"micro_batch_size must be an integer, got {micro_batch_size!r}")
+            raise ConfigError(f"micro_batch_size must be an integer, got {micro_batch_size!r}")
         if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+            raise ConfigError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
 
     def apply(state: TrainState, batch: Any) -> TrainState:
         if micro_batch_size is not None:
@@ -99,7 +109,7 @@ def forward_backward(micro_batches: int = 1, *, micro_batch_size: int | None = N
         static = state.static
         n = _batch_size(batch)
         if n % micro_batches:
-            raise ValueError(
+            raise ConfigError(
                 f"batch of {n} samples does not split into {micro_batches} micro-batches"
             )
         params = leaves(state.params)
@@ -122,7 +132,12 @@ def forward_backward(micro_batches: int = 1, *, micro_batch_size: int | None = N
             metrics=state.metrics.replace(loss=total),
         )
 
-    return Transform(name="forward_backward", apply=apply)
+    return Transform(
+        name="forward_backward",
+        apply=apply,
+        produces_grads=True,
+        micro_batch_size=micro_batch_size,
+    )
 
 
 def _canonical(state: TrainState, batch: Any, size: int) -> TrainState:
@@ -139,7 +154,7 @@ def _canonical(state: TrainState, batch: Any, size: int) -> TrainState:
     static, placement = state.static, state.static.placement
     n = _batch_size(batch)
     if n % size:
-        raise ValueError(
+        raise ConfigError(
             f"a batch of {n} samples per process does not split into micro-batches of "
             f"micro_batch_size={size}"
         )
@@ -203,7 +218,7 @@ def clip_by_global_norm(max_norm: float) -> Transform:
     The same arithmetic as `torch.nn.utils.clip_grad_norm_(foreach=True)`, with no host sync.
     """
     if max_norm <= 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        raise ConfigError(f"max_norm must be > 0, got {max_norm}")
 
     def apply(state: TrainState, batch: Any) -> TrainState:
         grads = leaves(state.grads)
@@ -260,7 +275,7 @@ def _update_unless_nonfinite(state: TrainState, lr: float, step_now: int):
 def ema(decay: float = 0.999) -> Transform:
     """Keep an exponential moving average of the params in `state.ema` (saved with the state)."""
     if not 0.0 <= decay < 1.0:
-        raise ValueError(f"decay must lie in [0, 1), got {decay}")
+        raise ConfigError(f"decay must lie in [0, 1), got {decay}")
 
     def init(state: TrainState) -> TrainState:
         return state.replace(ema=state.params.apply(lambda p: p.detach().clone()))

@@ -20,7 +20,7 @@ ctx = distributed.init()
 recipe = load_recipe(recipe_path, overrides)
 built = build(recipe, ctx)
 manifest = checkpoint.read_manifest(snapshot)
-state = Snapshots.load_into(Path(snapshot), None, manifest, built.state)
+state = Snapshots.place(Path(snapshot), None, manifest, built.state)
 shapes = {k: list(v.shape) for k, v in state.params.items(include_nested=True, leaves_only=True)}
 Path(f"{out}.rank{ctx.rank}").write_text(str(shapes[("tok", "weight")]))  # this rank's rows
 dcp.save(out, state.tensors(), {"step": int(state.step)}, sharding=built.sharding)

@@ -115,7 +115,7 @@ BAD_INPUT = [
     ("recipe.yaml", None, ["data.batch_size=5"], "does not split into 2 micro-batches"),
     ("recipe.yaml", None, ["model.n_head=0"], "model (functrain.models.GPT)"),
     # torch refuses the value with a RuntimeError: still the recipe's fault, named as such
-    ("recipe.yaml", None, ["model.n_embd=-4"], "model (functrain.models.GPT): RuntimeError"),
+    ("recipe.yaml", None, ["model.n_embd=-4"], "model (functrain.models.GPT) raised RuntimeError"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import attrs
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from conftest import assert_states_equal, make_state, toy_data, toy_model
 
 import functrain as ft
 from functrain import schedule
-from functrain.transform import insert_after
+from functrain.transform import gradient_source, insert_after_gradients
 
 
 def batches(n_steps: int, size: int = 16):
@@ -175,16 +176,40 @@ def test_compose_folds_inits_and_applies_in_order():
     assert state.static.transform.name == "compose"
 
 
-def test_insert_after_places_by_name_and_says_what_is_there():
+def test_the_reduction_goes_after_the_declared_gradient_source_whatever_its_name():
     fb, clip, opt = ft.forward_backward(), ft.clip_by_global_norm(1.0), ft.apply_optimizer()
+    renamed = attrs.evolve(fb, name="my_loss_and_grads")  # declarations, not names, count
     extra = ft.Transform(name="extra", apply=lambda s, b: s)
-    names = [t.name for t in insert_after([fb, clip, opt], "forward_backward", [extra])]
-    assert names == ["forward_backward", "extra", "clip_by_global_norm", "apply_optimizer"]
+    names = [t.name for t in insert_after_gradients([renamed, clip, opt], [extra])]
+    assert names == ["my_loss_and_grads", "extra", "clip_by_global_norm", "apply_optimizer"]
+    undeclared = ft.Transform(name="forward_backward", apply=fb.apply)  # the name alone
     with pytest.raises(
-        ValueError,
-        match=r"no transform named 'forward_backward'.*clip_by_global_norm, apply_optimizer",
+        ValueError, match=r"no transform declares produces_grads.*forward_backward, clip"
     ):
-        insert_after([clip, opt], "forward_backward", [extra])
+        insert_after_gradients([undeclared, clip, opt], [extra])
+    with pytest.raises(ValueError, match=r"more than one transform produces gradients"):
+        gradient_source([fb, renamed])
+
+
+def test_a_wrapped_forward_backward_keeps_its_declarations_and_its_bits():
+    calls = []
+
+    def logged(inner, state, batch):
+        calls.append(int(state.step))
+        return inner(state, batch)
+
+    fb = ft.forward_backward(micro_batch_size=4)
+    wrapped = fb.wrap(logged)
+    assert (wrapped.name, wrapped.produces_grads, wrapped.micro_batch_size) == (
+        "forward_backward", True, 4,
+    )  # fmt: skip
+    composed = ft.compose(wrapped, ft.apply_optimizer())
+    assert composed.produces_grads and composed.micro_batch_size == 4
+    data = batches(3)
+    plain, _ = run(make_state(transforms=[fb, ft.apply_optimizer()]), data)
+    mine, _ = run(make_state(transforms=[wrapped, ft.apply_optimizer()]), data)
+    assert calls == [0, 1, 2]
+    assert_states_equal(mine.tensors(), plain.tensors())
 
 
 def test_a_plain_function_with_the_old_init_state_attribute_is_refused():

@@ -164,7 +164,7 @@ def test_a_stateful_iterable_without_a_recorded_state_is_refused():
     data = StatefulWindows(10, 4)
     with pytest.raises(DataError, match="recorded none"):
         restore(data, None, 8, replay=False)
-    restore(data, {"position": 3}, 8, replay=False)
+    assert restore(data, {"position": 3}, 8, replay=False) is True
     assert data.position == 3
 
 
@@ -175,7 +175,7 @@ def test_replay_reads_a_stateful_iterable_from_its_start_when_no_state_was_recor
 
     straight = batches(make_loader(StatefulWindows(40, 4), batch_size=8, seed=0), 6)
     fresh = StatefulWindows(40, 4)
-    restore(fresh, None, 16, replay=True)  # nothing to load: replay it
+    assert restore(fresh, None, 16, replay=True) is False  # nothing to load: replay it
     replayed = batches(make_loader(fresh, batch_size=8, seed=0, start=16, replay=True), 4)
     assert "skipping the first 16 records" in capsys.readouterr().err
     assert all(torch.equal(a[0], b[0]) for a, b in zip(straight[2:], replayed, strict=True))
@@ -188,6 +188,6 @@ def test_a_stateful_iterable_restored_at_the_end_of_a_pass_goes_on_into_the_next
 
     straight = batches(make_loader(StatefulWindows(16, 4), batch_size=8, seed=0), 4)
     data = StatefulWindows(16, 4)
-    restore(data, {"position": 16}, 16, replay=False)  # a snapshot at the pass's very end
-    resumed = batches(make_loader(data, batch_size=8, seed=0, start=16), 2)
+    placed = restore(data, {"position": 16}, 16, replay=False)  # at the pass's very end
+    resumed = batches(make_loader(data, batch_size=8, seed=0, start=16, restored=placed), 2)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(straight[2:], resumed, strict=True))

@@ -174,8 +174,9 @@ def test_state_dict_and_load_into_give_the_plain_module_its_trained_weights(tmp_
     w = next(k for k in fresh.state_dict() if k.endswith("weight"))
     assert not torch.equal(ema.state_dict()[w], fresh.state_dict()[w])
     checkpoint.save(tmp_path / "state_3", state.tensors(), {"step": 3})
-    again = checkpoint.load_into(
-        MLP(in_features=4, hidden=8, classes=2, dropout=0.0), tmp_path / "state_3"
+    again = ft.load_into(
+        MLP(in_features=4, hidden=8, classes=2, dropout=0.0),
+        checkpoint.load(tmp_path / "state_3")[0],
     )
     assert all(torch.equal(again.state_dict()[k], v) for k, v in fresh.state_dict().items())
 
@@ -236,7 +237,7 @@ def test_export_writes_safetensors_that_load_into_the_plain_module(tmp_path):
     assert args.pop("_component_") == "functrain.models.GPT" and meta["step"] == "12"
     model = GPT(**args)
     model.load_state_dict(load_file(str(out)))  # no functrain in the loop
-    want = checkpoint.load_into(GPT(**args), snap)
+    want = ft.load_into(GPT(**args), checkpoint.load(snap)[0])
     assert all(torch.equal(v, want.state_dict()[k]) for k, v in model.state_dict().items())
     ema_out = tmp_path / "ema.safetensors"
     cli("export", snap, "--out", ema_out, "--ema")

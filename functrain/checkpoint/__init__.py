@@ -1,14 +1,15 @@
 """Snapshots: the state written to a directory, read back, checked, and managed for a run.
 
     save / load / verify / check / digests    one snapshot, whatever its layout
-    load_into                                 a snapshot's weights into a plain nn.Module
     Snapshots                                 a run's snapshots: when to save, retention,
                                               async writes, errors, agreement between ranks
+    describe / plan_resume / Plan             what a run is (its manifest entries), and the
+                                              one resume plan: does a snapshot fit it
     AsyncWriter                               stage a copy, write it in the background
 
 The modules below: `raw` (functrain's own layout: one file per entry), `dcp` (sharded
 states through torch.distributed.checkpoint), `manifest` (what a manifest holds and the
-checks it must pass), `_files` (names, temp dirs, fsync, the atomic rename: the one place
+checks it must pass), `plan` (the resume plan), `_files` (names, temp dirs, fsync, the atomic rename: the one place
 that spells `state_<step>`), `async_writer`, `manager`, and `faults` (test-only fault
 injection). This package imports the core, never the run machinery or `functrain.distributed`.
 
@@ -30,23 +31,27 @@ from functrain.checkpoint._files import (
 from functrain.checkpoint.async_writer import AsyncWriter
 from functrain.checkpoint.manager import Policy, Snapshots
 from functrain.checkpoint.manifest import FORMAT_VERSION, MANIFEST, read_manifest, versions
-from functrain.checkpoint.snapshot import check, digests, load, load_into, save, verify
+from functrain.checkpoint.plan import FREE_KEYS, Plan, describe, plan_resume
+from functrain.checkpoint.snapshot import check, digests, load, save, verify
 from functrain.errors import SnapshotError
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
+    "FREE_KEYS",
     "AsyncWriter",
+    "Plan",
     "Policy",
     "SnapshotError",
     "Snapshots",
     "check",
+    "describe",
     "clean_partial",
     "dcp",
     "digests",
     "list_snapshots",
+    "plan_resume",
     "load",
-    "load_into",
     "process_alive",
     "raw",
     "read_manifest",

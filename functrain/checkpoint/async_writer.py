@@ -23,6 +23,7 @@ writer, `functrain.checkpoint.dcp.async_writer`, runs its collectives on a proce
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 import threading
@@ -40,7 +41,6 @@ from functrain.checkpoint import raw
 __all__ = ["AsyncWriter", "ClosedOnExit"]
 
 OnDone = Callable[[Path], None]
-_LIVE: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()  # writers that may have a write in flight
 
 
 _Closing = TypeVar("_Closing", bound="ClosedOnExit")
@@ -85,6 +85,7 @@ class AsyncWriter(ClosedOnExit):
         self._staged: TensorDict | None = None
         self._signature: tuple | None = None
         self._closed = False
+        self._hooked = False  # the exit hook that lets a write in flight finish
 
     # ---------------------------------------------------------------- public API
 
@@ -111,7 +112,9 @@ class AsyncWriter(ClosedOnExit):
             name="functrain-async-save",
             daemon=False,  # and `_finish_at_exit` lets it finish if nobody calls close()
         )
-        _LIVE.add(self)
+        if not self._hooked:  # once per writer, holding it weakly: no registry of writers
+            threading._register_atexit(functools.partial(_finish_at_exit, weakref.ref(self)))
+            self._hooked = True
         self._thread.start()
 
     def check(self) -> None:
@@ -198,17 +201,17 @@ def _host_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
 
 
-def _finish_at_exit() -> None:
-    """Let writes in flight finish when the interpreter exits without `close()`."""
-    for writer in list(_LIVE):
-        try:
-            writer.close()
-        except Exception as e:  # nobody is left to raise it to
-            print(f"functrain: an async snapshot failed: {e}", file=sys.stderr, flush=True)
+def _finish_at_exit(ref: weakref.ref[AsyncWriter]) -> None:
+    """Let a write in flight finish when the interpreter exits without `close()`.
 
-
-# `checkpoint.save` checksums on a thread pool, and pools refuse work once the interpreter
-# starts to exit, before non-daemon threads are joined: so wait in a hook that runs earlier.
-# Threading's exit hooks run last-registered first; concurrent.futures registered its own
-# when `checkpoint` was imported above.
-threading._register_atexit(_finish_at_exit)
+    `checkpoint.save` checksums on a thread pool, and pools refuse work once the interpreter
+    starts to exit, before non-daemon threads are joined: so wait in threading's exit hook,
+    which runs earlier (hooks run last-registered first, and concurrent.futures registered
+    its own when `checkpoint` was imported)."""
+    writer = ref()
+    if writer is None:
+        return
+    try:
+        writer.close()
+    except Exception as e:  # nobody is left to raise it to
+        print(f"functrain: an async snapshot failed: {e}", file=sys.stderr, flush=True)

@@ -151,7 +151,7 @@ def skeleton(manifest: dict) -> TensorDict:
     return _skeleton(manifest, "meta")[0]
 
 
-def load_into(path: str | os.PathLike, tensors: TensorDict, sharding: Sharded) -> None:
+def read_shards(path: str | os.PathLike, tensors: TensorDict, sharding: Sharded) -> None:
     """Read the snapshot into a sharded state's `tensors` in place (a collective: all ranks):
     each rank reads only its rows. Check first that the state fits `skeleton(manifest)`."""
     dist_cp.load(sharding.views(tensors), storage_reader=_Reader(path))

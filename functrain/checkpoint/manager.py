@@ -6,7 +6,7 @@
         snapshots.maybe_save(state)            # on the policy's steps (last=True: always)
         snapshots.settle()                     # after a failed async write: stop or warn
     snapshots.latest_step(), snapshots.all_steps(), snapshots.find("latest")
-    state, path = snapshots.restore("latest", like=state_at_step_0)
+    state, path = snapshots.restore("latest", like=state_at_step_0)   # the one resume plan
 
 It decides when to save, writes synchronously or through an `AsyncWriter`, the raw layout
 or (with a `sharding`) every rank's shards through DCP, applies retention once a snapshot is
@@ -30,10 +30,10 @@ from tensordict import TensorDict
 from functrain.checkpoint import dcp, raw
 from functrain.checkpoint._files import list_snapshots, remove, snapshot_path, snapshot_step
 from functrain.checkpoint.async_writer import AsyncWriter, ClosedOnExit
-from functrain.checkpoint.manifest import read_manifest, versions
+from functrain.checkpoint.manifest import read_manifest
+from functrain.checkpoint.plan import plan_resume
 from functrain.checkpoint.snapshot import check, load
-from functrain.data import fingerprint_changes
-from functrain.errors import RunError, SnapshotError, warn
+from functrain.errors import MismatchError, RunError, SnapshotError, warn
 from functrain.state import TrainState
 
 __all__ = ["Policy", "Ranks", "Snapshots"]
@@ -48,26 +48,6 @@ class Ranks(Protocol):
     def warn(self, message: str) -> None: ...
 
     def all_ok(self, fn: Callable[[], Any]) -> Any: ...
-
-
-def _check_expected(path: Path, manifest: dict, expect: Mapping[str, Any]) -> None:
-    problems = []
-    for key, want in expect.items():
-        got = manifest.get(key)
-        if key == "data" and isinstance(want, Mapping) and isinstance(got, Mapping):
-            problems += fingerprint_changes(got, dict(want))
-        elif got != want:
-            problems.append(f"{key}: the snapshot has {got!r}, this run {want!r}")
-    if problems:
-        raise RunError(
-            f"{path} does not match this run: " + "; ".join(problems) + ". Resume with the "
-            "data and settings the snapshot was made with, or start a new run."
-        )
-    theirs, ours = manifest.get("versions", {}), versions()
-    changed = [f"{k} {theirs.get(k)} -> {v}" for k, v in ours.items() if theirs.get(k) != v]
-    if changed:
-        warn(f"{path} was written with other versions ({', '.join(changed)}): the result may "
-             "differ from an unbroken run in the last bits")  # fmt: skip
 
 
 class _OneProcess:
@@ -175,27 +155,37 @@ class Snapshots(ClosedOnExit):
         return path, read(path)
 
     def restore(
-        self, spec: str = "latest", *, like: TrainState, expect: Mapping[str, Any] | None = None
+        self,
+        spec: str = "latest",
+        *,
+        like: TrainState,
+        expect: Mapping[str, Any] | None = None,
+        allow: Iterable[str] = (),
     ) -> tuple[TrainState, Path]:
-        """`like` (a state at step 0 of the same recipe) with the entries of the snapshot
+        """`like` (a state at step 0 of the same run) with the entries of the snapshot
         `spec` (`latest`, `state_<step>` or a path, found as `find` does), and its path.
         With the manager's `sharding` every rank reads only its own rows (a collective).
 
-        The resume checks the CLI makes, for loops of your own: the structure always (keys,
-        shapes, dtypes); each entry of `expect` must equal the manifest's (what the manager's
-        `meta` wrote), and `expect["data"]`, a `functrain.data.fingerprint`, is compared
-        field by field with the reasons named; other versions of torch, functrain or Python
-        warn. A mismatch is a RunError naming the snapshot, before anything is loaded.
+        The snapshot must fit by the one resume plan (`functrain.checkpoint.plan`), the
+        CLI's: its structure always; and what this run is described as — the manager's
+        `meta` (as `plan.describe` makes it), updated with `expect` — must match the
+        manifest's: the recipe but for free keys and those in `allow`, the data
+        fingerprint (each changed field named), the init source. Other versions, devices,
+        CPU threads or (for a run whose bits depend on it) world sizes warn. A mismatch is
+        a MismatchError naming the snapshot, before anything is loaded.
         """
         sharded = self._sharding is not None
         path, (tensors, manifest) = self.find(spec, lambda p: self.read(p, sharded=sharded))
-        _check_expected(path, manifest, expect or {})
-        return self.load_into(path, tensors, manifest, like), path
+        now = {**self._meta, **(expect or {})}
+        plan = plan_resume(path, manifest, now, allow=allow, like=like, tensors=tensors)
+        for message in plan.warnings:
+            self._ctx.warn(message)
+        return self.place(path, tensors, manifest, like), path
 
     @staticmethod
     def read(path: Path, *, sharded: bool = False) -> tuple[TensorDict | None, dict]:
         """(tensors, manifest) of a snapshot, every checksum verified. For a `sharded` state
-        a sharded snapshot gives tensors None: `load_into` reads each rank's rows."""
+        a sharded snapshot gives tensors None: `place` reads each rank's rows."""
         manifest = read_manifest(path)
         if not (sharded and manifest.get("layout") == "dcp"):
             return load(path)
@@ -204,20 +194,22 @@ class Snapshots(ClosedOnExit):
         return None, manifest
 
     @staticmethod
-    def load_into(
+    def place(
         path: Path, tensors: TensorDict | None, manifest: dict, like: TrainState
     ) -> TrainState:
         """`like` with what `read` gave: its `tensors`, or, when they are None, the rows each
-        rank reads for itself (a collective). A snapshot that does not fit is a RunError."""
+        rank reads for itself (a collective). Call it once `plan_resume` accepted the
+        snapshot; one that does not fit is still a MismatchError."""
         try:
             if tensors is not None:
                 return like.load(tensors)
             like.check_fits(dcp.skeleton(manifest))  # every rank alike, before any reads
-            dcp.load_into(path, like.tensors(), like.static.sharding)
+            dcp.read_shards(path, like.tensors(), like.static.sharding)
             return like
         except ValueError as err:
-            raise RunError(
-                f"{path}: {err}. Resume with the recipe the run was trained with."
+            raise MismatchError(
+                f"{path}: {err}. Resume with the recipe the run was trained with.",
+                what="structure",
             ) from err
 
     # ---------------------------------------------------------------- saving

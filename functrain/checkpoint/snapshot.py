@@ -6,14 +6,12 @@ import os
 
 import torch
 from tensordict import TensorDict
-from torch import nn
 
-from functrain import state
 from functrain.checkpoint import dcp, raw
 from functrain.checkpoint.manifest import read_manifest
 from functrain.errors import SnapshotError
 
-__all__ = ["check", "digests", "load", "load_into", "save", "verify"]
+__all__ = ["check", "digests", "load", "save", "verify"]
 
 #: Write a TensorDict (batch_size []) and JSON meta (with an int `step`) as a new snapshot.
 save = raw.save
@@ -31,16 +29,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[T
         check(path)
         return dcp.load_whole(path, manifest).to(device), manifest
     return raw.read(path, manifest, device), manifest
-
-
-def load_into(module: nn.Module, path: str | os.PathLike, *, ema: bool = False) -> nn.Module:
-    """Read the snapshot at `path` (any layout, sharded ones whole) and copy its params (or
-    EMA) and buffers into the plain `module` by name; return the module.
-
-    >>> model = functrain.checkpoint.load_into(GPT(...), "runs/lm/state_1000")  # doctest: +SKIP
-    """
-    tensors, _ = load(path)
-    return state.load_into(module, tensors, ema=ema)
 
 
 def verify(path: str | os.PathLike) -> list[str]:

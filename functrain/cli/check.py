@@ -25,11 +25,12 @@ import tempfile
 from pathlib import Path
 
 import attrs
+import orjson
 import torch
 
 from functrain import checkpoint
 from functrain.distributed import TRACE_ENV, read_trace
-from functrain.errors import RunError
+from functrain.errors import ERROR_FILE_ENV, RunError
 from functrain.recipe import load_recipe
 from functrain.run import rundir
 from functrain.run.build import world_size_exact
@@ -128,8 +129,8 @@ def check(
                 "second", ["resume", "--from", "latest", "--until", str(n)], resume_nproc,
                 name="resumed",
             )  # fmt: skip
-        except RunError as err:
-            if _DATA_REFUSED not in str(err):
+        except PhaseFailed as err:
+            if (err.refusal or {}).get("what") != "data":
                 raise
             verdict(f"check: DIFFERS: the resume at step {k} was refused. {err}{_FINGERPRINT_HINT}")
             return EXIT_DIFFERS
@@ -152,6 +153,15 @@ def check(
     if keep is not None:
         log(f"check: the runs are in {keep} (straight/, resumed/, trace/)")
     return EXIT_DIFFERS
+
+
+class PhaseFailed(RunError):
+    """A phase of the check ended with an error; `refusal` is what the CLI recorded of a
+    user error (`error`, `what`, `message`; `ERROR_FILE_ENV`), None for any other failure."""
+
+    def __init__(self, refusal: dict | None, message: str) -> None:
+        super().__init__(message)
+        self.refusal = refusal
 
 
 @attrs.define
@@ -177,6 +187,8 @@ class _Runs:
         args = [command[0], self.recipe_path, *self.overrides, *every_step, *command[1:]]
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
         env[TRACE_ENV] = str(self.scratch / "trace" / phase)
+        error_file = self.scratch / f"{phase}.error.json"
+        env[ERROR_FILE_ENV] = str(error_file)
         if self.nproc > 1:  # torchrun sets 1 thread for 2 processes, not for 1: the same
             env.setdefault("OMP_NUM_THREADS", "1")  # count on both sides of the resume
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -194,10 +206,12 @@ class _Runs:
         (self.scratch / f"{phase}.log").write_text(out.stdout + out.stderr)
         if out.returncode != 0:
             tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-12:])
-            raise RunError(
+            refusal = orjson.loads(error_file.read_bytes()) if error_file.exists() else None
+            raise PhaseFailed(
+                refusal,
                 f"the {phase} run of the check failed (exit {out.returncode}), so exactness "
                 f"could not be checked (with --keep DIR its whole output stays in "
-                f"DIR/{phase}.log); its output ends:\n{tail}"
+                f"DIR/{phase}.log); its output ends:\n{tail}",
             )
 
 
@@ -206,8 +220,6 @@ _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
                  "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")  # fmt: skip
 #: The most one phase may take: a check is meant to take seconds to minutes.
 _TIMEOUT_S = 1800
-#: What `resume` says when the data's fingerprint changed (`rundir.check_resume`).
-_DATA_REFUSED = "the training data differs"
 #: Said when the resume was refused because the data's content hash changed between processes.
 _FINGERPRINT_HINT = (
     "\nLikely cause: the dataset's content hash differs between two processes reading the same data: its "

@@ -20,6 +20,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
+
 from functrain import checkpoint, distributed
 from functrain.cli.check import check
 from functrain.cli.export import export
@@ -27,7 +29,7 @@ from functrain.cli.plot import plot
 from functrain.cli.report import inspect
 from functrain.cli.sample import sample
 from functrain.data import prepare
-from functrain.errors import RunError, UserError
+from functrain.errors import ERROR_FILE_ENV, RunError, UserError, error_record
 from functrain.recipe import Recipe, load_recipe, recipe_hash
 from functrain.run import preempt, resume, rundir
 from functrain.run.build import build_and_probe
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"functrain {args.command}: error: {err}", file=sys.stderr)
             if os.environ.get(DEBUG_ENV):
                 traceback.print_exception(err, file=sys.stderr)
+            if os.environ.get(ERROR_FILE_ENV):
+                _write_error(Path(os.environ[ERROR_FILE_ENV]), err)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"functrain {args.command}: interrupted", file=sys.stderr)
@@ -67,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PEER_LOST
     finally:
         distributed.close()
+
+
+def _write_error(path: Path, err: UserError) -> None:
+    path.write_bytes(orjson.dumps(error_record(err)))
 
 
 def _components_from_working_directory() -> None:
@@ -273,6 +281,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
             resumed_from=r.snapshot,
             until=args.until,
             recipe_path=shlex.join([args.recipe, *args.overrides]),
+            data_restored=r.data_restored,
         ),
     )
 

@@ -21,7 +21,6 @@ from functrain.data.stream import (
     Stream,
     check_start,
     is_plain_iterable,
-    restored,
 )
 from functrain.errors import DataError, warn
 from functrain.rng import fold_in
@@ -189,25 +188,32 @@ def make_loader(
     collate_fn=None,
     pin_memory: bool = False,
     replay: bool = False,
+    restored: bool = False,
 ) -> StatefulDataLoader:
     """A StatefulDataLoader yielding this rank's batches forever, from `start` global samples.
 
     `batch_size` is per rank. The global torch RNG is never drawn from: the loader's own
     generator (which seeds the workers) is derived from (seed, rank). A `Stream` is read in
     its own order of (seed, epoch); a plain `IterableDataset` in its own order, from 0 (or,
-    with `replay`, by skipping `start` records; `functrain.data.stream`).
+    with `replay`, by skipping `start` records, unless `restored`: `restore` placed it at
+    `start` already; `functrain.data.stream`).
     """
     num_workers = as_int("num_workers", num_workers, 0)
     kwargs = dict(collate_fn=collate_fn, pin_memory=pin_memory)
     if is_plain_iterable(dataset):
-        check_start(dataset, start, replay=replay, num_workers=num_workers)
-        if start and not restored(dataset):
+        check_start(dataset, start, replay=replay, num_workers=num_workers, restored=restored)
+        if start and not restored:
             warn(
                 f"data.replay: reading and skipping the first {start} records of "
                 f"{type(dataset).__name__} to resume (time linear in the position)"
             )
         per_rank = IterableSlices(
-            dataset, batch_size=batch_size, world_size=world_size, rank=rank, start=start
+            dataset,
+            batch_size=batch_size,
+            world_size=world_size,
+            rank=rank,
+            start=start,
+            restored=restored,
         )
         return _loader(per_rank, batch_size=batch_size, **kwargs)
     epochs = isinstance(dataset, Stream)

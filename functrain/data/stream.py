@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -60,7 +59,6 @@ __all__ = [
     "is_plain_iterable",
     "is_stateful",
     "restore",
-    "restored",
 ]
 
 
@@ -185,16 +183,6 @@ def is_stateful(dataset: Any) -> bool:
     )
 
 
-#: Stateful iterables whose position `restore` loaded: read on from there, nothing skipped.
-_RESTORED: weakref.WeakSet = weakref.WeakSet()
-
-
-def restored(dataset: Any) -> bool:
-    """Whether `restore` placed `dataset` at its snapshot's position (else a resume of it
-    replays: reads and skips the records before the cursor)."""
-    return is_stateful(dataset) and dataset in _RESTORED
-
-
 def data_state(dataset: Any) -> Any:
     """A stateful iterable's `state_dict()`, checked to be plain JSON data (it goes into
     each snapshot's manifest)."""
@@ -209,15 +197,16 @@ def data_state(dataset: Any) -> Any:
     return state
 
 
-def restore(dataset: Any, state: Any, start: int, *, replay: bool) -> None:
+def restore(dataset: Any, state: Any, start: int, *, replay: bool) -> bool:
     """Before resuming at `start`: load a stateful iterable's recorded `state` (or refuse,
     as `check_start` does, when there is none; with `replay` it is read from its first
-    record again and the records before `start` skipped)."""
+    record again and the records before `start` skipped). Returns whether the dataset now
+    stands at `start`: pass it on as `make_loader(..., restored=...)`."""
     if not is_stateful(dataset) or not start:
-        return
+        return False
     if state is None:
         if replay:
-            return
+            return False
         raise DataError(
             f"data.dataset ({type(dataset).__name__}) saves its state, but the snapshot "
             "recorded none (it was made before the dataset had state_dict), so it cannot be "
@@ -226,17 +215,20 @@ def restore(dataset: Any, state: Any, start: int, *, replay: bool) -> None:
         )
     try:
         dataset.load_state_dict(state)
-        _RESTORED.add(dataset)
     except Exception as err:
         raise DataError(
             f"data.dataset ({type(dataset).__name__}).load_state_dict refused the snapshot's "
             f"data_state: {type(err).__name__}: {err}"
         ) from err
+    return True
 
 
-def check_start(dataset: Any, start: int, *, replay: bool, num_workers: int = 0) -> None:
-    """Refuse what a plain iterable cannot do exactly: start past 0 without `replay`, or
-    be read by workers (each would read, and yield, the whole stream)."""
+def check_start(
+    dataset: Any, start: int, *, replay: bool, num_workers: int = 0, restored: bool = False
+) -> None:
+    """Refuse what a plain iterable cannot do exactly: start past 0 without `replay` (unless
+    `restore` placed it there: `restored`), or be read by workers (each would read, and
+    yield, the whole stream)."""
     if not is_plain_iterable(dataset):
         return
     name = type(dataset).__name__
@@ -246,7 +238,7 @@ def check_start(dataset: Any, start: int, *, replay: bool, num_workers: int = 0)
             "process, so set data.num_workers: 0 (or make it a functrain.data.Source, which "
             "workers can read)"
         )
-    if start and not replay and not restored(dataset):
+    if start and not replay and not restored:
         raise DataError(
             f"data.dataset ({name}) is a plain IterableDataset, which cannot be resumed at "
             f"sample {start}: it has no position to go back to, and starting it afresh would "
@@ -261,15 +253,25 @@ class IterableSlices(IterableDataset):
     """This rank's slices of the global batches of an iterable, from `start` records on."""
 
     def __init__(
-        self, dataset: IterableDataset, *, batch_size: int, world_size: int, rank: int, start: int
+        self,
+        dataset: IterableDataset,
+        *,
+        batch_size: int,
+        world_size: int,
+        rank: int,
+        start: int,
+        restored: bool = False,
     ) -> None:
+        """`restored`: `restore` placed the dataset at `start`; else its first `start`
+        records are read and skipped (replay)."""
         self.dataset, self.batch_size = dataset, batch_size
         self.world_size, self.rank, self.start = world_size, rank, start
+        self.skip = 0 if restored else start
 
     def __iter__(self) -> Iterator[Any]:
         g, b = self.batch_size * self.world_size, self.batch_size
         records = _forever(self.dataset)
-        for _ in range(0 if restored(self.dataset) else self.start):  # replay: linear
+        for _ in range(self.skip):  # replay: linear in the position
             next(records)
         while True:
             batch = list(itertools.islice(records, g))

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from functrain.errors import ConfigError
+
 
 class _Block(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float) -> None:
@@ -44,7 +46,7 @@ class GPT(nn.Module):
     ) -> None:
         super().__init__()
         if n_embd % n_head:
-            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+            raise ConfigError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         self.block_size = block_size
         self.tok = nn.Embedding(vocab_size, n_embd)
         self.pos = nn.Embedding(block_size, n_embd)
@@ -63,7 +65,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
         if t > self.block_size:
-            raise ValueError(f"sequence of {t} tokens is longer than block_size {self.block_size}")
+            raise ConfigError(f"sequence of {t} tokens is longer than block_size {self.block_size}")
         pos = torch.arange(t, device=idx.device)
         x = self.drop(self.tok(idx) + self.pos(pos))
         for block in self.blocks:

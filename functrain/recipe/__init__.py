@@ -18,7 +18,7 @@ signature, but calls nothing; every problem is collected and reported in one `Re
 
 from functrain.errors import RecipeError
 from functrain.recipe._check import MISSING as MISSING  # what `diff` gives for an absent side
-from functrain.recipe._check import Component, instantiate
+from functrain.recipe._check import Component, instantiate, resolve
 from functrain.recipe.parse import load_recipe, parse_recipe
 from functrain.recipe.schema import SIGNALS, CheckpointConfig, DataConfig, EvalConfig, Recipe
 from functrain.recipe.serialize import diff, dump_yaml, recipe_hash, to_dict
@@ -37,5 +37,6 @@ __all__ = [
     "load_recipe",
     "parse_recipe",
     "recipe_hash",
+    "resolve",
     "to_dict",
 ]

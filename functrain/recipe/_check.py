@@ -18,16 +18,12 @@ import attrs
 
 from functrain import names
 from functrain.errors import RecipeError, warn
+from functrain.hashing import ABSENT
 
 TOP = "<top level>"
 
 
-class _Missing:
-    def __repr__(self) -> str:
-        return "<absent>"
-
-
-MISSING: Any = _Missing()
+MISSING: Any = ABSENT  # a key the recipe does not give
 
 
 @attrs.frozen(kw_only=True)

@@ -1,14 +1,13 @@
-"""A validated recipe as plain data, as YAML and as a hash; differences between plain recipes."""
+"""A validated recipe as plain data, as YAML and as a hash (`diff` of plain recipes: `functrain.hashing`)."""
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import yaml
 
-from functrain.hashing import canonical_hash
-from functrain.recipe._check import MISSING, Component, join
+from functrain.hashing import canonical_hash, diff
+from functrain.recipe._check import Component
 from functrain.recipe._yaml import Dumper
 from functrain.recipe.schema import Recipe, config_fields
 
@@ -50,28 +49,4 @@ def recipe_hash(recipe: Recipe) -> str:
     return canonical_hash(to_dict(recipe))
 
 
-def diff(old: Mapping, new: Mapping) -> list[tuple[str, Any, Any]]:
-    """(dotted key, old, new) for every leaf that differs; an absent side is `MISSING` ("<absent>")."""
-    out: list[tuple[str, Any, Any]] = []
-    _diff(old, new, "", out)
-    return out
-
-
-def _diff(old: Any, new: Any, path: str, out: list) -> None:
-    if isinstance(old, Mapping) and isinstance(new, Mapping):
-        keys = list(old) + [k for k in new if k not in old]
-        for k in keys:
-            _diff(old.get(k, MISSING), new.get(k, MISSING), join(path, k), out)
-    elif isinstance(old, list) and isinstance(new, list):
-        for i in range(max(len(old), len(new))):
-            a = old[i] if i < len(old) else MISSING
-            b = new[i] if i < len(new) else MISSING
-            _diff(a, b, join(path, i), out)
-    elif not _same(old, new):
-        out.append((path, old, new))
-
-
-def _same(a: Any, b: Any) -> bool:
-    if type(a) is not type(b):  # 1 vs 1.0 vs True: a change in what the recipe says
-        return False
-    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+__all__ = ["diff", "dump_yaml", "plain", "recipe_hash", "to_dict"]

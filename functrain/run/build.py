@@ -8,6 +8,9 @@ seed, not from the global RNG.
 from __future__ import annotations
 
 import copy
+import sys
+import traceback
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -15,22 +18,25 @@ import torch
 from torch.utils._pytree import tree_map
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from functrain import canonical, determinism, distributed, recompute, rng
+from functrain import canonical, checkpoint, determinism, distributed, recompute, rng
 from functrain import data as data_lib
 from functrain.distributed import fsdp
-from functrain.errors import BuildError, FunctrainError, UserError
+from functrain.errors import BuildError, ComponentError, ConfigError, DataError, UserError
 from functrain.precision import Precision
-from functrain.recipe import Component, Recipe, instantiate
+from functrain.recipe import Component, Recipe, instantiate, resolve, to_dict
 from functrain.run import sinks
 from functrain.state import TrainState, create
+from functrain.steps import advance
 from functrain.steps import step as run_step
-from functrain.transform import insert_after
+from functrain.transform import Transform, as_transform, gradient_source, insert_after_gradients
 
 __all__ = [
     "Built",
     "build",
     "build_and_probe",
+    "step_parts",
     "data_seed",
+    "description",
     "probe",
     "resolve_device",
     "sharded",
@@ -38,10 +44,6 @@ __all__ = [
     "train_loader",
     "val_loader",
 ]
-
-#: Exceptions a component raises when the recipe's values do not suit it (a bad width, a
-#: model shorter than the data's blocks, a shape torch refuses). Anything else is a bug.
-_USER_CAUSED = (ValueError, TypeError, IndexError, KeyError, ArithmeticError, OSError, RuntimeError)
 
 
 @attrs.frozen(kw_only=True)
@@ -57,6 +59,7 @@ class Built:
     device: torch.device
     local_batch: int  # per-rank batch size
     sharding: fsdp.Sharding | None  # FSDP2: every rank holds (and writes) its shards
+    parts: StepParts  # the recipe's step transforms, before the reduction goes in
     determinism: dict  # the settings `functrain.determinism.configure` made, for manifests
 
 
@@ -76,23 +79,58 @@ def resolve_device(name: str, rank: int = 0) -> torch.device:
 
 
 def _make(field: str, component: Component, **extra: Any) -> Any:
-    """Instantiate a component; a bad argument value becomes an error naming the field."""
+    """Instantiate a component. What its call raises is the recipe's business (its values,
+    or the component's own code): a ComponentError naming the field and where it was raised,
+    the cause chained. A lost peer under torchrun stays what it is."""
     try:
         return instantiate(component, **extra)
+    except UserError as err:
+        raise ComponentError(f"{field} ({component.target}): {err}") from err
     except Exception as err:
-        if not _caused_by_values(err):
+        if distributed.peer_failure(err) is not None:
             raise
-        raise BuildError(f"{field} ({component.target}): {type(err).__name__}: {err}") from err
+        raise ComponentError(
+            f"{field} ({component.target}) raised {type(err).__name__}: {err} (in {_where(err)})"
+        ) from err
 
 
-def _caused_by_values(err: Exception) -> bool:
-    """Whether `err` says the recipe's values do not fit (then a BuildError names the field,
-    the cause chained); otherwise it is a bug, or a lost peer, and keeps its traceback."""
-    if isinstance(err, FunctrainError):
-        return isinstance(err, UserError)
-    if isinstance(err, RuntimeError) and distributed.peer_failure(err) is not None:
+def _where(err: BaseException) -> str:
+    """`file:line in function` of the innermost frame of `err`'s traceback outside torch."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not _in(f.filename, _TORCH)]
+    if not frames:
+        return "torch"
+    f = frames[-1]
+    return f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+
+
+_TORCH = Path(torch.__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def _in(filename: str, folder: Path) -> bool:
+    return Path(filename).resolve().is_relative_to(folder)
+
+
+def _component_files(recipe: Recipe) -> set[Path]:
+    """The source files of the model, loss and dataset the recipe names."""
+    files = set()
+    for component in (recipe.model, recipe.loss, recipe.data.dataset):
+        module = sys.modules.get(getattr(resolve(component.target)[0], "__module__", ""))
+        if getattr(module, "__file__", None):
+            files.add(Path(module.__file__).resolve())
+    return files
+
+
+def _raised_by_component(err: BaseException, recipe: Recipe) -> bool:
+    """Whether the innermost frame of `err` outside torch lies in code the recipe named
+    (its model, loss or dataset) or outside functrain altogether (a user's module, a
+    library it calls): then the parts do not fit, which is the recipe's to fix. A frame in
+    functrain's own machinery makes it a bug, which keeps its traceback."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not _in(f.filename, _TORCH)]
+    if not frames:
         return False
-    return isinstance(err, _USER_CAUSED)
+    innermost = Path(frames[-1].filename).resolve()
+    return not innermost.is_relative_to(_PACKAGE) or innermost in _component_files(recipe)
 
 
 def data_seed(recipe: Recipe) -> int:
@@ -100,33 +138,63 @@ def data_seed(recipe: Recipe) -> int:
     return rng.data_seed(recipe.seed)
 
 
-def micro_batch_size(recipe: Recipe) -> tuple[str, int] | None:
-    """(field, M) of the recipe's `forward_backward(micro_batch_size=M)` step, when it has
-    one: the run is canonical (`functrain.canonical`)."""
-    for i, part in enumerate(recipe.step):
-        size = part.kwargs.get("micro_batch_size")
-        if part.target.rsplit(".", 1)[-1] == "forward_backward" and size is not None:
-            return f"step.{i}.micro_batch_size", size
-    return None
+@attrs.frozen(kw_only=True)
+class StepParts:
+    """The recipe's step transforms, made, and what they declare (`functrain.transform`)."""
+
+    parts: tuple[Transform, ...]
+    grads: int | None  # the index of the part that produces gradients
+    micro_batch_size: int | None  # canonical micro-batches: their size, declared by it
+    field: str | None  # the recipe field of that part, for messages
 
 
-def world_size_exact(recipe: Recipe, world_size: int) -> bool:
+def step_parts(recipe: Recipe) -> StepParts:
+    """Make the recipe's step transforms (factories: cheap, nothing runs) and read their
+    declarations."""
+    parts = tuple(as_transform(_make(f"step.{i}", c)) for i, c in enumerate(recipe.step))
+    try:
+        i = gradient_source(parts)
+    except ValueError as err:
+        raise BuildError(f"step: {err}; list one forward_backward") from err
+    return StepParts(
+        parts=parts,
+        grads=i,
+        micro_batch_size=None if i is None else parts[i].micro_batch_size,
+        field=None if i is None else f"step.{i}",
+    )
+
+
+def world_size_exact(recipe: Recipe, world_size: int, parts: StepParts | None = None) -> bool:
     """Whether a run of `recipe` gives the same bits on any fitting number of processes:
     canonical micro-batches and an unsharded (ddp) state."""
-    return micro_batch_size(recipe) is not None and not sharded(recipe, world_size)
+    parts = parts or step_parts(recipe)
+    return parts.micro_batch_size is not None and not sharded(recipe, world_size)
 
 
-def _check_canonical(recipe: Recipe, world_size: int) -> None:
-    found = micro_batch_size(recipe)
-    if found is None:
+def _check_canonical(recipe: Recipe, world_size: int, parts: StepParts) -> None:
+    size = parts.micro_batch_size
+    if size is None:
         return
-    field, size = found
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        return  # forward_backward itself refuses it, naming the field
     try:
         canonical.check_fit(world_size, recipe.data.batch_size, size)
     except ValueError as err:
-        raise BuildError(f"{field} with data.batch_size {recipe.data.batch_size}: {err}") from err
+        raise BuildError(
+            f"{parts.field}.micro_batch_size with data.batch_size {recipe.data.batch_size}: {err}"
+        ) from err
+
+
+def description(built: Built) -> dict:
+    """What this run is, as its manifests record it and the resume plan compares it
+    (`functrain.checkpoint.describe`)."""
+    r = built.recipe
+    return checkpoint.describe(
+        recipe=to_dict(r),
+        data=built.fingerprint,
+        device=built.device.type,
+        world_size=built.context.world_size,
+        world_size_exact=world_size_exact(r, built.context.world_size, built.parts),
+        determinism=built.determinism,
+    )
 
 
 def sharded(recipe: Recipe, world_size: int) -> bool:
@@ -145,7 +213,8 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
             f"data.batch_size ({recipe.data.batch_size}) is the global batch and must be "
             f"divisible by the number of processes ({ctx.world_size})"
         )
-    _check_canonical(recipe, ctx.world_size)
+    parts = step_parts(recipe)
+    _check_canonical(recipe, ctx.world_size, parts)
     device = resolve_device(recipe.device, ctx.rank)
     exactness = determinism.configure(device, compiled=recipe.compile.enabled)
     splits = _make("data.dataset", recipe.data.dataset)
@@ -182,7 +251,7 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
         loss=_make("loss", recipe.loss),
         optimizer=_make("optim", recipe.optim),
         schedule=_make("schedule", recipe.schedule),
-        transforms=_transforms(recipe, ctx, sharding is not None),
+        transforms=_with_reduction(parts, ctx, sharding is not None),
         seed=recipe.seed,
         device=device,
         placement=ctx,
@@ -205,6 +274,7 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
         device=device,
         local_batch=recipe.data.batch_size // ctx.world_size,
         sharding=sharding,
+        parts=parts,
         determinism=exactness,
     )
 
@@ -232,24 +302,28 @@ def _checkpoint_activations(model: Any, is_sharded: bool) -> None:
         raise BuildError(f"activation_checkpointing: {err}") from err
 
 
-def _transforms(recipe: Recipe, ctx: distributed.Context, is_sharded: bool) -> list:
-    transforms = [_make(f"step.{i}", c) for i, c in enumerate(recipe.step)]
-    extra = distributed.transforms(
-        ctx, sharded=is_sharded, canonical=micro_batch_size(recipe) is not None
-    )
+def _with_reduction(parts: StepParts, ctx: distributed.Context, is_sharded: bool) -> list:
+    """The step's transforms, with the gradient reduction of several processes right after
+    the one that declares `produces_grads` (the canonical tree when it declares a
+    `micro_batch_size`)."""
+    canonical_grads = parts.micro_batch_size is not None
+    extra = distributed.transforms(ctx, sharded=is_sharded, canonical=canonical_grads)
     if not extra:
-        return transforms
+        return list(parts.parts)
     try:
-        return insert_after(transforms, "forward_backward", extra)
+        return insert_after_gradients(parts.parts, extra)
     except ValueError as err:
         raise BuildError(
-            f"step: {err}. Under torchrun the gradient all-reduce goes right after it: "
-            "list functrain.steps.forward_backward in the recipe's step"
+            f"step: {err}. Under torchrun the gradient reduction goes right after the "
+            "transform that produces gradients: list functrain.steps.forward_backward, or "
+            "declare your own with Transform(..., produces_grads=True) (or wrap "
+            "forward_backward with its .wrap method, which keeps its declarations)"
         ) from err
 
 
-def train_loader(built: Built, *, start: int) -> StatefulDataLoader:
-    """This rank's training loader, positioned at `start` global samples (the state's cursor)."""
+def train_loader(built: Built, *, start: int, restored: bool = False) -> StatefulDataLoader:
+    """This rank's training loader, positioned at `start` global samples (the state's cursor);
+    `restored`: a stateful iterable already stands there (`functrain.data.restore`)."""
     r, ctx = built.recipe, built.context
     return data_lib.make_loader(
         built.train,
@@ -262,6 +336,7 @@ def train_loader(built: Built, *, start: int) -> StatefulDataLoader:
         num_workers=r.data.num_workers,
         pin_memory=built.device.type == "cuda",
         replay=r.data.replay,
+        restored=restored,
     )
 
 
@@ -306,19 +381,45 @@ def probe(built: Built) -> None:
     saved = copy.deepcopy(data_lib.data_state(built.train)) if stateful else None
     try:
         batch = to_device(next(iter(loader)), built.device)
-        run_step(built.state, batch, donate=False)
+        if built.context.world_size == 1:  # the parts are the whole step: walk them
+            _trial_parts(built, batch)
+        else:
+            run_step(built.state, batch, donate=False)
+    except (BuildError, DataError, ComponentError):
+        raise  # already names what to change
     except Exception as err:
-        if not _caused_by_values(err):
+        misfit = isinstance(err, ConfigError) or _raised_by_component(err, built.recipe)
+        if distributed.peer_failure(err) is not None or not misfit:
             raise
-        raise BuildError(
+        raise ComponentError(
             f"the recipe's parts do not fit together: a trial step on the first batch failed "
-            f"with {type(err).__name__}: {err}. Check that model, loss, data and step agree "
+            f"with {type(err).__name__}: {err} (in {_where(err)}). Check that model, loss, "
+            "data and step agree "
             "(e.g. model.block_size >= data.dataset.block_size, model.vocab_size covers the "
             "data, data.batch_size per process divides into the micro_batches of step)."
         ) from err
     finally:
         if stateful:
             built.train.load_state_dict(saved)
+
+
+def _trial_parts(built: Built, batch: Any) -> None:
+    """`step(state, batch, donate=False)` part by part, checking that the part that leaves
+    gradients in the state declares it: the reduction of a run on several processes, and
+    canonical mode, are placed by that declaration alone."""
+    state = built.state.clone()
+    for i, part in enumerate(built.parts.parts):
+        had = state.grads is not None
+        state = part.apply(state, batch)
+        if not had and state.grads is not None and not part.produces_grads:
+            raise BuildError(
+                f"step.{i} ({part.name}) leaves gradients in the state but does not declare "
+                "it, so under torchrun no reduction would follow it and canonical "
+                "micro-batches would be lost. Wrap forward_backward with its .wrap method "
+                "(which keeps its declarations), or build the transform with "
+                "Transform(..., produces_grads=True)"
+            )
+    advance(state, batch)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -1,5 +1,6 @@
-"""`functrain resume`: find the snapshot, check it against recipe, data and software, read it
-into a freshly built state, and prepare the run directory — all before a step runs.
+"""`functrain resume`: find the snapshot, check it through the one resume plan
+(`functrain.checkpoint.plan`: structure, recipe, data, init source, world size, software),
+read it into a freshly built state, and prepare the run directory — all before a step runs.
 
 Every check runs on every rank before anything is written, so a refusal leaves the run
 directory as it was and stops all ranks alike.
@@ -12,19 +13,13 @@ from pathlib import Path
 import attrs
 
 from functrain import data as data_lib
-from functrain.checkpoint import Snapshots
+from functrain.checkpoint import Snapshots, plan_resume
 from functrain.distributed import Context
 from functrain.errors import RunError
 from functrain.hashing import canonical_hash
-from functrain.recipe import Recipe, to_dict
+from functrain.recipe import Recipe
 from functrain.run import rundir
-from functrain.run.build import (
-    Built,
-    build_and_probe,
-    micro_batch_size,
-    sharded,
-    world_size_exact,
-)
+from functrain.run.build import Built, build_and_probe, description, sharded
 from functrain.state import TrainState
 
 __all__ = ["Resumed", "prepare"]
@@ -39,6 +34,7 @@ class Resumed:
     run_dir: Path
     snapshot: Path
     meta: dict  # manifest entries of every later snapshot: parent, allowed changes, lineage
+    data_restored: bool  # a stateful iterable stands at the cursor already (nothing to skip)
 
 
 def prepare(
@@ -66,8 +62,13 @@ def prepare(
     ctx.agree("snapshot (step, manifest digest)", (manifest["step"], canonical_hash(manifest)))
     built = build_and_probe(recipe, ctx)
     ctx.agree("data fingerprint", canonical_hash(built.fingerprint))
-    allowed = _check(built, manifest, snap, allow)
-    step = manifest["step"]
+    plan = plan_resume(
+        snap, manifest, description(built), allow=allow, like=built.state, tensors=tensors
+    )
+    for warning in plan.warnings:
+        ctx.warn(warning)
+    step = plan.step
+    _nothing_to_do(snap, step, recipe)
     if until is not None and not step < until <= recipe.steps:
         raise RunError(
             f"--until {until}: give a step after the snapshot's ({step}) and at most the "
@@ -75,66 +76,49 @@ def prepare(
         )
     branching = target.resolve() != snap.parent.resolve()
     newer = _newer_snapshots(target, snap, step, source) if not branching else []
-    state = Snapshots.load_into(snap, tensors, manifest, built.state)
+    state = Snapshots.place(snap, tensors, manifest, built.state)
     ctx.agree("loaded step", int(state.step))
     r = recipe.data
     samples = int(state.data["samples"])
 
-    def place_data() -> None:  # a plain iterable cannot restart at the cursor: refuse early
-        data_lib.restore(built.train, manifest.get("data_state"), samples, replay=r.replay)
-        data_lib.check_start(built.train, samples, replay=r.replay, num_workers=r.num_workers)
+    def place_data() -> bool:  # a plain iterable cannot restart at the cursor: refuse early
+        placed = data_lib.restore(built.train, manifest.get("data_state"), samples, replay=r.replay)
+        data_lib.check_start(
+            built.train, samples, replay=r.replay, num_workers=r.num_workers, restored=placed
+        )
+        return placed
 
-    ctx.all_ok(place_data)
+    data_restored = ctx.all_ok(place_data)
     ctx.all_ok(lambda: _prepare_target(ctx, recipe, target, snap, step, newer, branching))
     event = {  # one per resume, kept by every later snapshot: `functrain inspect` shows them
         "kind": "branch" if branching else "resume",
         "step": step,
         "from": str(snap.resolve()),
         "world_size": [manifest.get("world_size", 1), ctx.world_size],
-        "changes": allowed,
+        "changes": plan.allowed,
     }
     meta = {
         "parent": str(snap.resolve()) if branching else manifest.get("parent"),
-        "allowed_changes": list(manifest.get("allowed_changes", [])) + allowed,
+        "allowed_changes": list(manifest.get("allowed_changes", [])) + plan.allowed,
         "lineage": list(manifest.get("lineage", [])) + [event],
     }
-    return Resumed(built=built, state=state, run_dir=target, snapshot=snap, meta=meta)
-
-
-def _check(built: Built, manifest: dict, snap: Path, allow: list[str]) -> list[str]:
-    """Refuse a changed recipe or data; warn of other software or world size. Returns the
-    recipe changes `--allow-change` accepted."""
-    ctx, recipe = built.context, built.recipe
-    wrote = manifest.get("world_size", 1)
-    if wrote != ctx.world_size and not world_size_exact(recipe, ctx.world_size):
-        why = (
-            "parallel: fsdp reduces gradients in its own order"
-            if micro_batch_size(recipe)
-            else "gradients are reduced in another order and dropout masks are drawn per "
-            "rank; give forward_backward a micro_batch_size for bits that do not depend on "
-            "the world size"
-        )
-        ctx.warn(
-            f"{snap} was written by {wrote} process(es), this run has {ctx.world_size}: the "
-            "samples and LR of every step stay the same, but params will be close to, not "
-            f"bitwise equal to, an unbroken run ({why})"
-        )
-    allowed, env_warnings = rundir.check_resume(
-        manifest,
-        recipe=to_dict(recipe),
-        fingerprint=built.fingerprint,
-        allow=allow,
-        environment=rundir.environment(built.device.type),
+    return Resumed(
+        built=built,
+        state=state,
+        run_dir=target,
+        snapshot=snap,
+        meta=meta,
+        data_restored=data_restored,
     )
-    for w in env_warnings:
-        ctx.warn(w)
-    if manifest["step"] >= recipe.steps:
+
+
+def _nothing_to_do(snap: Path, step: int, recipe: Recipe) -> None:
+    if step >= recipe.steps:
         raise RunError(
-            f"snapshot {snap} is at step {manifest['step']} and the recipe trains "
-            f"{recipe.steps} steps: nothing to do. To train longer, pass steps=N with "
-            "--allow-change steps --allow-change schedule (the schedule's length follows steps)."
+            f"snapshot {snap} is at step {step} and the recipe trains {recipe.steps} steps: "
+            "nothing to do. To train longer, pass steps=N with --allow-change steps "
+            "--allow-change schedule (the schedule's length follows steps)."
         )
-    return allowed
 
 
 def _newer_snapshots(target: Path, snap: Path, step: int, source: str) -> list[Path]:

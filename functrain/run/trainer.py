@@ -22,9 +22,9 @@ import torch
 from functrain import data as data_lib
 from functrain import distributed
 from functrain.checkpoint import Policy, Snapshots
-from functrain.recipe import CheckpointConfig, recipe_hash, to_dict
+from functrain.recipe import CheckpointConfig
 from functrain.run import preempt, rundir, sinks
-from functrain.run.build import Built, micro_batch_size, to_device, train_loader, val_loader
+from functrain.run.build import Built, description, to_device, train_loader, val_loader
 from functrain.run.progress import Progress, append_metrics, tokens_per_sample
 from functrain.state import TrainState
 from functrain.steps import split
@@ -101,23 +101,17 @@ class Trainer:
         resumed_from: Path | None = None,
         until: int | None = None,
         recipe_path: str = "<recipe>",
+        data_restored: bool = False,
     ) -> None:
         """`meta` goes into every manifest beside the recipe, data fingerprint and device;
         retention spares `resumed_from`. With `until`, training stops after that step (a
-        snapshot of it is written) and `run` returns 0; `recipe_path` is what messages name."""
+        snapshot of it is written) and `run` returns 0; `recipe_path` is what messages name;
+        `data_restored`: a stateful iterable stands at the state's cursor already."""
         self.built, self.recipe, self.ctx = built, built.recipe, built.context
         self.state, self.run_dir = state, run_dir
         self.until, self.recipe_path = until or built.recipe.steps, recipe_path
-        manifest_meta = {
-            "recipe": to_dict(self.recipe),
-            "recipe_hash": recipe_hash(self.recipe),
-            "data": built.fingerprint,
-            "device": built.device.type,
-            "cpu_threads": torch.get_num_threads(),
-            "determinism": built.determinism,
-            "world_size": self.ctx.world_size,
-            **(meta or {}),
-        }
+        self.data_restored = data_restored
+        manifest_meta = {**description(built), **(meta or {})}
         self.snapshots = Snapshots(
             run_dir,
             policy(self.recipe.checkpoint),
@@ -195,7 +189,7 @@ class Trainer:
         return state
 
     def _batches(self, start: int) -> Iterator[Any]:
-        loader = train_loader(self.built, start=start)
+        loader = train_loader(self.built, start=start, restored=self.data_restored)
         indices = getattr(loader.sampler, "batch_indices", None)  # none for iterables
         return distributed.traced(
             iter(loader), self.ctx, start, self.recipe.data.batch_size, indices
@@ -238,8 +232,7 @@ class Trainer:
         canonical run, the mean of every micro-batch's loss in global order, the same bits
         on any number of processes."""
         batches = iter(val_loader(self.built))
-        found = micro_batch_size(self.recipe)
-        size = found[1] if found else None
+        size = self.built.parts.micro_batch_size
         loss = evaluate(state, batches, self.recipe.eval.batches, self.built.device, size)
         if size is None:
             return self.ctx.mean(loss)

@@ -1,0 +1,245 @@
+"""The one resume plan: does a snapshot fit the run that wants to continue from it?
+
+A run is described by the manifest entries it writes into every snapshot (`describe`:
+recipe, data fingerprint, device, world size, CPU threads, determinism, init source).
+Resuming compares the snapshot's description with the description of the run now:
+
+    structure      keys, shapes, dtypes of every entry             refused (`like` given)
+    recipe         every key but the free ones (FREE_KEYS)         refused unless allowed
+    data           the data fingerprint, field by field            refused
+    init_from      the weights the run started from                refused
+    world size     other process count, unless bits cannot change  warned: what still holds
+    environment    torch / functrain / Python versions, device,    warned
+                   CPU threads
+
+The CLI's `resume`, `Snapshots.restore` and `functrain check` (through the CLI) all decide
+here. What `now` does not describe is not compared: a custom loop that records no recipe
+is checked on what it does record.
+
+>>> plan = plan_resume(path, manifest, describe(recipe=r, data=fp), allow=["optim.lr"])  # doctest: +SKIP
+>>> plan.allowed, plan.warnings                                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import torch
+from tensordict import TensorDict
+
+from functrain import names
+from functrain.checkpoint import dcp
+from functrain.checkpoint.manifest import versions
+from functrain.data import fingerprint_changes
+from functrain.errors import MismatchError
+from functrain.hashing import ABSENT, canonical_hash, diff
+from functrain.state import TrainState
+
+__all__ = ["FREE_KEYS", "Plan", "describe", "environment", "plan_resume"]
+
+#: Recipe keys that change no bit of training: they may differ on resume without --allow-change.
+FREE_KEYS = (
+    "name", "out_dir", "checkpoint", "log_every", "log", "data.num_workers", "data.replay"
+)  # fmt: skip
+
+#: torch's intra-op threads split CPU reductions (a bias's gradient, a norm) into as many
+#: partial sums, so their count is part of what a CPU run's bits depend on. torchrun sets
+#: OMP_NUM_THREADS=1 for several processes per node, a plain process uses every core.
+THREADS = "CPU threads (OMP_NUM_THREADS)"
+
+
+def describe(
+    *,
+    recipe: Mapping | None = None,
+    data: Mapping | None = None,
+    device: str | None = None,
+    world_size: int = 1,
+    world_size_exact: bool = False,
+    determinism: Mapping | None = None,
+    init_from: Mapping | None = None,
+) -> dict[str, Any]:
+    """The manifest entries that say what a run is: written into each of its snapshots
+    (with `versions`, which the manifest always has), compared by `plan_resume`.
+
+    `world_size_exact`: the run's bits do not depend on its number of processes
+    (canonical micro-batches, unsharded). `init_from`: the source and content hash of the
+    weights it started from."""
+    out: dict[str, Any] = {}
+    if recipe is not None:
+        out["recipe"] = dict(recipe)
+        out["recipe_hash"] = canonical_hash(dict(recipe))
+    if data is not None:
+        out["data"] = dict(data)
+    if device is not None:
+        out["device"] = device
+        out["cpu_threads"] = torch.get_num_threads()
+    if determinism is not None:
+        out["determinism"] = dict(determinism)
+    if init_from is not None:
+        out["init_from"] = dict(init_from)
+    out["world_size"] = world_size
+    out["world_size_exact"] = world_size_exact
+    return out
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """A snapshot that fits: what to load, and what differs but was allowed or warned of."""
+
+    snapshot: Path
+    step: int
+    allowed: list[str]  # recipe changes accepted ("key: old -> new"), recorded in lineage
+    warnings: list[str]  # what may make the bits differ from an unbroken run
+
+    @property
+    def bitwise(self) -> bool:
+        """Whether the resumed run is promised the bits of an unbroken one (no warning)."""
+        return not self.warnings
+
+
+def plan_resume(
+    snapshot: str | Path,
+    manifest: Mapping[str, Any],
+    now: Mapping[str, Any],
+    *,
+    allow: Iterable[str] = (),
+    like: TrainState | None = None,
+    tensors: TensorDict | None = None,
+) -> Plan:
+    """Decide whether `snapshot` (its `manifest`) fits the run described by `now` (what
+    `describe` gives), or raise a MismatchError naming what does not, before anything is
+    loaded. `allow`: recipe keys (or prefixes) whose change is accepted. `like`: a state
+    of this run, whose structure the snapshot's `tensors` (or, for a sharded snapshot, the
+    shapes its manifest lists) must match."""
+    path = Path(snapshot)
+    if like is not None:
+        _check_structure(path, manifest, like, tensors)
+    allowed = _check_recipe(manifest, now, list(allow))
+    _check_data(manifest, now)
+    _check_init(manifest, now)
+    warnings = _world_size(path, manifest, now) + _environment(manifest, now)
+    return Plan(snapshot=path, step=int(manifest["step"]), allowed=allowed, warnings=warnings)
+
+
+def _check_structure(
+    path: Path, manifest: Mapping, like: TrainState, tensors: TensorDict | None
+) -> None:
+    theirs = tensors if tensors is not None else dcp.skeleton(dict(manifest))
+    try:
+        like.check_fits(theirs)
+    except ValueError as err:
+        raise MismatchError(
+            f"{path}: {err}. Resume with the recipe the run was trained with.", what="structure"
+        ) from err
+
+
+def _is_under(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in prefixes)
+
+
+def _check_recipe(manifest: Mapping, now: Mapping, allow: list[str]) -> list[str]:
+    if "recipe" not in manifest or "recipe" not in now:
+        return []
+    theirs = names.current_plain(manifest["recipe"])  # paths that moved are no change
+    changes = [c for c in diff(theirs, now["recipe"]) if not _is_under(c[0], FREE_KEYS)]
+    refused = [c for c in changes if not _is_under(c[0], allow)]
+    if refused:
+        problems = "\n".join(f"  {k}: {_show(old)} -> {_show(new)}" for k, old, new in refused)
+        raise MismatchError(
+            "the recipe differs from the snapshot's, which would break exact resume:\n"
+            f"{problems}\nRestore those values, or accept each change with --allow-change KEY "
+            f"(e.g. --allow-change {refused[0][0]}).",
+            what="recipe",
+        )
+    return [f"{k}: {_show(old)} -> {_show(new)}" for k, old, new in changes]
+
+
+def _check_data(manifest: Mapping, now: Mapping) -> None:
+    if "data" not in now:
+        return
+    if "data" not in manifest:
+        raise MismatchError(
+            "the snapshot records no data fingerprint, so its data cannot be checked; "
+            "resume it without one (a loop of your own), or start a new run",
+            what="data",
+        )
+    changes = fingerprint_changes(manifest["data"], dict(now["data"]))
+    if changes:
+        raise MismatchError(
+            "the training data differs from the snapshot's:\n  "
+            + "\n  ".join(changes)
+            + "\nResume with the data the run was trained on (data.dataset in the recipe).",
+            what="data",
+        )
+
+
+def _check_init(manifest: Mapping, now: Mapping) -> None:
+    theirs, ours = manifest.get("init_from"), now.get("init_from")
+    if theirs is None and ours is None:
+        return
+    if theirs != ours:
+        raise MismatchError(
+            f"the weights the run started from differ: the snapshot's init_from is "
+            f"{_show(theirs)}, this run's {_show(ours)}. Resume with the same init_from "
+            "file, unchanged.",
+            what="init_from",
+        )
+
+
+def _world_size(path: Path, manifest: Mapping, now: Mapping) -> list[str]:
+    wrote, running = manifest.get("world_size", 1), now.get("world_size", 1)
+    if wrote == running or now.get("world_size_exact"):
+        return []
+    return [
+        f"{path} was written by {wrote} process(es), this run has {running}: the samples "
+        "and LR of every step stay the same, but params will be close to, not bitwise equal "
+        "to, an unbroken run (gradients are reduced in another order and dropout masks are "
+        "drawn per rank, or parallel: fsdp reduces in its own order; give forward_backward "
+        "a micro_batch_size, with parallel: ddp, for bits that do not depend on the world "
+        "size)"
+    ]
+
+
+def environment(device: str | None = None) -> dict[str, Any]:
+    """This process's versions, device and CPU threads, in the terms `_environment` uses."""
+    v = versions()
+    found = {
+        "torch version": v["torch"],
+        "functrain version": v["functrain"],
+        "python version": v["python"],
+    }
+    if device is not None:
+        found["device"] = device
+    found[THREADS] = torch.get_num_threads()
+    return found
+
+
+def _environment(manifest: Mapping, now: Mapping) -> list[str]:
+    v = manifest.get("versions", {})
+    theirs = {
+        "torch version": v.get("torch"),
+        "functrain version": v.get("functrain"),
+        "python version": v.get("python"),
+    }
+    if "device" in now:
+        theirs["device"] = manifest.get("device")
+    if manifest.get("device") == "cpu" and now.get("device") == "cpu" and "cpu_threads" in manifest:
+        theirs[THREADS] = manifest["cpu_threads"]
+    ours = environment(now.get("device"))
+    return [
+        f"{what} differs: snapshot {value} vs now {ours[what]}; results may not be bitwise "
+        "identical to an unbroken run"
+        + (f" (run with OMP_NUM_THREADS={value} for the same bits)" if what == THREADS else "")
+        for what, value in theirs.items()
+        if value != ours[what]
+    ]
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str) or value is ABSENT:
+        return str(value)
+    return orjson.dumps(value, default=repr).decode()
