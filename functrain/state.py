@@ -92,7 +92,7 @@ class TrainState:
 
     def __repr__(self) -> str:
         if self._consumed is not None:
-            return f"TrainState(<consumed at step {self._consumed}>)"
+            return f"TrainState(<consumed at step {self._consumed[0]}>)"
         return f"TrainState(step={int(self._entries['step'])}, entries={list(ENTRIES)})"
 
     @property
@@ -174,17 +174,27 @@ class TrainState:
         self._check_live()
         return TrainState({k: _clone(v) for k, v in self._entries.items()}, self._static)
 
-    def consume(self) -> None:
-        """Mark this state as donated: any later use raises `ConsumedStateError`."""
-        object.__setattr__(self, "_consumed", int(self._entries["step"]))
+    def consume(self, *, failed: bool = False) -> None:
+        """Mark this state as donated (`failed`: to a step that raised part-way): any later
+        use raises `ConsumedStateError`."""
+        object.__setattr__(self, "_consumed", (int(self._entries["step"]), failed))
 
     def _check_live(self) -> None:
-        if self._consumed is not None:
+        if self._consumed is None:
+            return
+        step, failed = self._consumed
+        if failed:
             raise ConsumedStateError(
-                f"this TrainState (step {self._consumed}) was donated to step() and its "
-                "buffers now belong to the state step() returned. Use that state, or call "
-                "step(state, batch, donate=False) to keep the input intact."
+                f"this TrainState (step {step}) was donated to a step() that failed part-way: "
+                "its buffers may hold half an update, so it is gone. Restore the last "
+                "snapshot, or call step(state, batch, donate=False) where a step may fail, "
+                "which leaves its input intact."
             )
+        raise ConsumedStateError(
+            f"this TrainState (step {step}) was donated to step() and its "
+            "buffers now belong to the state step() returned. Use that state, or call "
+            "step(state, batch, donate=False) to keep the input intact."
+        )
 
 
 def weights(tensors: TensorDict, *, ema: bool = False) -> dict[str, torch.Tensor]:

@@ -42,12 +42,19 @@ def step(state: TrainState, batch: Any, *, donate: bool = True) -> TrainState:
 
     With `donate=True` (default) the returned state reuses the input's storage, updated in
     place, and the input is marked consumed. `donate=False` works on a copy and leaves the
-    input bitwise untouched. Both give bitwise the same result.
+    input bitwise untouched. Both give bitwise the same result. A donating step that raises
+    marks its input consumed too (it may hold half an update): using it raises a
+    ConsumedStateError that says so; with `donate=False` the input stays usable.
 
     >>> state = step(state, batch)                     # doctest: +SKIP
     """
-    new = state.static.transform(state if donate else state.clone(), batch)
-    new = advance(new, batch)
+    try:
+        new = state.static.transform(state if donate else state.clone(), batch)
+        new = advance(new, batch)
+    except BaseException:
+        if donate:  # part of the update may already be in its buffers: never use it again
+            state.consume(failed=True)
+        raise
     if donate:
         state.consume()
     return new
@@ -66,14 +73,12 @@ def advance(state: TrainState, batch: Any) -> TrainState:
     (all ranks), and track the loss EMA."""
     global_batch = _batch_size(batch) * state.static.placement.world_size
     with torch.no_grad():
-        stats = state.stats
-        loss = state.metrics["loss"]
-        first = torch.isnan(stats["loss_ema"])
-        ema = torch.where(first, loss, stats["loss_ema"].lerp(loss, 1 - _LOSS_EMA_DECAY))
-        stats["loss_ema"].copy_(ema)
+        loss, before = state.metrics["loss"], state.stats["loss_ema"]
+        ema = torch.where(torch.isnan(before), loss, before.lerp(loss, 1 - _LOSS_EMA_DECAY))
     return state.replace(
         step=state.step + 1,
         data=state.data.replace(samples=state.data["samples"] + global_batch),
+        stats=state.stats.replace(loss_ema=ema),
     )
 
 

@@ -264,3 +264,14 @@ def test_lint_and_format_see_every_tracked_python_file():
     tracked = _tracked_python_files()
     assert tracked, "git lists no Python files"
     assert tracked - seen == set(), "ruff skips tracked Python files"
+
+
+def test_one_load_into():
+    """A snapshot's or a state's weights go into a module one way: `functrain.load_into`."""
+    defined = [
+        module_name(p)
+        for p in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "load_into"
+    ]
+    assert defined == ["functrain.state"]

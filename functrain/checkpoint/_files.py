@@ -10,6 +10,7 @@ snapshot by renaming it away first, so a listing never shows it half-deleted.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import secrets
@@ -29,7 +30,6 @@ from functrain.errors import SnapshotError
 
 _SNAPSHOT = re.compile(r"state_(\d+)")
 _TMP = re.compile(r"\.tmp-.+-(\d+)-[0-9a-f]{8}")
-_ACTIVE: set[str] = set()  # temp dirs this process is writing right now
 
 
 # ---------------------------------------------------------------- names
@@ -88,31 +88,53 @@ def make_dir(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def publishing(tmp: Path, final: Path, owner: bool = True) -> Iterator[None]:
-    """Around the writing of `tmp`: on any failure it is removed (by its `owner`) and nothing
-    is published; an OSError becomes a SnapshotError naming the snapshot."""
-    with _in_flight(tmp):
-        try:
+def publishing(tmp: Path, final: Path, owner: bool = True, create: bool = False) -> Iterator[None]:
+    """Around the writing of `tmp` (made first, with `create`): on any failure it is removed
+    (by its `owner`) and nothing is published; an OSError becomes a SnapshotError naming
+    the snapshot."""
+    try:
+        if create:
+            make_dir(tmp, final)
+        with _in_flight(tmp):
             yield
-        except BaseException as e:
-            if owner:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError):
-                raise SnapshotError(
-                    f"could not write snapshot {final}: {e}; nothing was published — "
-                    "free space or fix the directory, then save again"
-                ) from e
-            raise
+    except BaseException as e:
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise SnapshotError(
+                f"could not write snapshot {final}: {e}; nothing was published — "
+                "free space or fix the directory, then save again"
+            ) from e
+        raise
 
 
 @contextlib.contextmanager
-def _in_flight(tmp: Path) -> Iterator[None]:
-    """Mark `tmp` as being written by this process, so `clean_partial` leaves it alone."""
-    _ACTIVE.add(os.path.abspath(tmp))
+def _in_flight(path: Path) -> Iterator[None]:
+    """Hold a shared lock on the directory `path` (a temp dir being written, or a snapshot
+    about to become one) while the body runs, so `clean_partial`, in this process or
+    another, leaves it alone. The lock follows the directory through a rename and goes
+    with the process: no registry of writes to keep."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
         yield
     finally:
-        _ACTIVE.discard(os.path.abspath(tmp))
+        os.close(fd)
+
+
+def _being_written(path: Path) -> bool:
+    """Whether some `_in_flight` holds `path` (any process, this one too)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return True  # gone or unreadable: not ours to remove
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def rename_into_place(tmp: Path, final: Path) -> None:
@@ -202,9 +224,9 @@ def clean_partial(run_dir: str | os.PathLike) -> list[Path]:
     removed = []
     for child in sorted(root.iterdir()):
         match = _TMP.fullmatch(child.name)
-        if not match or not child.is_dir() or os.path.abspath(child) in _ACTIVE:
+        if not match or not child.is_dir() or _being_written(child):
             continue
-        pid = int(match.group(1))  # our own saves in flight are in _ACTIVE: the rest is left over
+        pid = int(match.group(1))  # saves in flight hold a lock: the rest is left over
         if pid != os.getpid() and process_alive(pid):
             continue
         shutil.rmtree(child)
@@ -218,7 +240,7 @@ def remove(path: str | os.PathLike) -> None:
     if not (final / MANIFEST).is_file():
         raise SnapshotError(f"{final} is not a snapshot (no {MANIFEST}); refusing to delete it")
     tmp = tmp_name(final)
-    with _in_flight(tmp):
+    with _in_flight(final):  # the lock goes with the directory to its temp name
         try:
             os.rename(final, tmp)
             fsync_dir(final.parent)

@@ -53,8 +53,7 @@ def save(path: str | os.PathLike, tensors: TensorDict, meta: Mapping[str, Any]) 
     meta = check_meta(meta)
     _files.refuse_existing(final)
     tmp = _files.tmp_name(final)
-    with _files.publishing(tmp, final):
-        _files.make_dir(tmp, final)
+    with _files.publishing(tmp, final, create=True):
         _write_snapshot(tmp, plan, meta)
         _files.rename_into_place(tmp, final)
     return final

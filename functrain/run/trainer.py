@@ -179,9 +179,13 @@ class Trainer:
             batch = next(batches)
             if not counted:
                 self.progress.tokens, counted = tokens_per_sample(batch), True
-            state = run_step(state, to_device(batch, device))
+            try:
+                state = run_step(state, to_device(batch, device))
+            except Exception:
+                self._step_failed(now + 1)
+                raise
             now += 1
-            self._log(state, now)
+            state = self._log(state, now)
             stop = now < steps and self._should_stop()
             self.snapshots.maybe_save(state, last=stop or now == steps)
             if stop:
@@ -195,14 +199,35 @@ class Trainer:
             iter(loader), self.ctx, start, self.recipe.data.batch_size, indices
         )
 
-    def _log(self, state: TrainState, now: int) -> None:
-        """On log and eval steps: the metrics (one host sync), the eval loss, one record."""
+    def _step_failed(self, step: int) -> None:
+        """Say, before the error goes up, that the state in memory is gone and where the
+        run can go on from: the step donated it (its buffers may hold half an update), so
+        nothing of it is saved."""
+        try:
+            self.snapshots.wait_until_finished()  # a write in flight is of an earlier state
+        except Exception as err:
+            self.ctx.warn(f"the snapshot being written failed too: {err}")
+        latest = self.snapshots.latest()
+        where = (
+            f"the newest snapshot is {latest}: fix the cause, then continue with: "
+            f"functrain resume {self.recipe_path} --from latest"
+            if latest is not None
+            else "the run has no snapshot yet: fix the cause and start it again"
+        )
+        self.ctx.warn(
+            f"step {step} failed, and the state it was given is gone (a step updates it in "
+            f"place); nothing of it is saved. {where}"
+        )
+
+    def _log(self, state: TrainState, now: int) -> TrainState:
+        """On log and eval steps: the metrics (one host sync), the eval loss, one record;
+        returns the state with `stats.best_eval` updated on eval steps."""
         r = self.recipe
         eval_now = bool(r.eval.every and self.built.val is not None) and (
             now % r.eval.every == 0 or now == r.steps
         )
         if not (now % r.log_every == 0 or now == r.steps or eval_now):
-            return
+            return state
         samples, t = int(state.data["samples"]), time.perf_counter()
         t_last, samples_last = self._last_log
         self._last_log = (t, samples)
@@ -218,14 +243,15 @@ class Trainer:
                 record[name] = state.stats[name].item()
         if eval_now:
             value = self._eval_loss(state)
-            best = state.stats["best_eval"]
-            best.copy_(torch.minimum(best, value))
+            best = torch.minimum(state.stats["best_eval"], value)
+            state = state.replace(stats=state.stats.replace(best_eval=best))
             record["eval_loss"] = value.item()
         if self.progress is not None:
             append_metrics(self.run_dir / rundir.METRICS_FILE, record)
             for sink in self.sinks:
                 sink.write(record)
             self.progress.update(record)
+        return state
 
     def _eval_loss(self, state: TrainState) -> torch.Tensor:
         """The mean validation loss over the recipe's eval batches and all ranks; of a

@@ -1,0 +1,45 @@
+"""Step transforms that wrap `forward_backward`, for tests/test_seams.py to name from recipes
+(tests/ on PYTHONPATH): one keeps the declarations, one hides them, one fails."""
+
+from __future__ import annotations
+
+from functrain.steps import forward_backward
+from functrain.transform import Transform
+
+
+def declared_wrapper(micro_batches: int = 1, micro_batch_size: int | None = None) -> Transform:
+    """`forward_backward` under another name, wrapped with `.wrap`: declarations kept."""
+    inner = forward_backward(micro_batches, micro_batch_size=micro_batch_size)
+    wrapped = inner.wrap(lambda apply, state, batch: apply(state, batch))
+    return Transform(
+        name="my_grads",
+        apply=wrapped.apply,
+        produces_grads=True,
+        micro_batch_size=wrapped.micro_batch_size,
+    )
+
+
+def hidden_wrapper(micro_batches: int = 1, micro_batch_size: int | None = None):
+    """`forward_backward` inside a plain function: it says nothing of its gradients."""
+    inner = forward_backward(micro_batches, micro_batch_size=micro_batch_size)
+
+    def my_grads(state, batch):
+        return inner(state, batch)
+
+    return my_grads
+
+
+def fail_at(step: int):
+    """A transform that raises at `step` (after the optimizer has updated in place)."""
+
+    def fail(state, batch):
+        if int(state.step) + 1 == step:
+            raise RuntimeError(f"injected failure at step {step}")
+        return state
+
+    return fail
+
+
+def broken_model(**kwargs):
+    """A component whose own code raises: the recipe's to fix, named by field and line."""
+    raise ValueError(f"this model cannot be built with vocab_size={kwargs['vocab_size']}")
