@@ -209,15 +209,22 @@ def test_the_old_step_path_is_read_as_the_new_one_with_a_deprecation_message(cap
 # ---------------------------------------------------------------- user errors, no registries
 
 
-def test_a_component_that_raises_is_a_user_error_naming_field_and_line(tmp_path):
+def test_a_shipped_component_refusing_a_value_is_a_user_error_naming_field_and_line(tmp_path):
+    res = cli("run", TINY, f"out_dir={tmp_path}", "model.n_head=3", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "model (functrain.models.GPT): n_embd (32) must be divisible by n_head (3)" in res.stderr
+    res = cli("run", TINY, f"out_dir={tmp_path}", "model.n_embd=-4", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "model (functrain.models.GPT) raised RuntimeError" in res.stderr
+    assert "(in gpt.py:" in res.stderr and not (tmp_path / "tiny").exists()
+
+
+def test_a_users_component_that_raises_keeps_its_traceback(tmp_path):
     res = cli("run", TINY, f"out_dir={tmp_path}", "model._component_=_seam_components.broken_model",
               check=False, env=ON_PATH)  # fmt: skip
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert (
-        "model (_seam_components.broken_model) raised ValueError: this model cannot be built"
-        in res.stderr
-    )
-    assert "_seam_components.py:" in res.stderr and "in broken_model" in res.stderr
+    assert res.returncode == 1 and "Traceback" in res.stderr
+    assert "in broken_model" in res.stderr and "this model cannot be built" in res.stderr
+    assert not (tmp_path / "tiny").exists()
 
 
 def test_a_bug_in_functrain_keeps_its_traceback(tmp_path, monkeypatch):

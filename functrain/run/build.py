@@ -79,19 +79,25 @@ def resolve_device(name: str, rank: int = 0) -> torch.device:
 
 
 def _make(field: str, component: Component, **extra: Any) -> Any:
-    """Instantiate a component. What its call raises is the recipe's business (its values,
-    or the component's own code): a ComponentError naming the field and where it was raised,
-    the cause chained. A lost peer under torchrun stays what it is."""
+    """Instantiate a component. When functrain's own component (or torch, called from it)
+    refuses the recipe's values, a ComponentError names the field and where it was raised,
+    the cause chained. What a user's own code raises is theirs to debug: it keeps its
+    traceback, as does a lost peer under torchrun."""
     try:
         return instantiate(component, **extra)
     except UserError as err:
         raise ComponentError(f"{field} ({component.target}): {err}") from err
     except Exception as err:
-        if distributed.peer_failure(err) is not None:
+        if distributed.peer_failure(err) is not None or _raised_in_user_code(err):
             raise
         raise ComponentError(
             f"{field} ({component.target}) raised {type(err).__name__}: {err} (in {_where(err)})"
         ) from err
+
+
+def _raised_in_user_code(err: BaseException) -> bool:
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not _in(f.filename, _TORCH)]
+    return bool(frames) and not _in(frames[-1].filename, _PACKAGE)
 
 
 def _where(err: BaseException) -> str:
