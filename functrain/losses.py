@@ -4,7 +4,13 @@ Each takes the batch in the common shapes: a pair `(x, y)` (a `TensorDataset`'s,
 file's), or a mapping with named fields (what Hugging Face datasets and most `__getitem__`s
 return) — the input under `input` and the target under `target` when the recipe names them,
 else the first present of `input_ids`, `x`, `inputs`, `input` and of `labels`, `y`,
-`targets`, `target`. Any other batch is refused with its structure named.
+`targets`, `target`. Any other batch is refused with its structure named. The model may
+return logits, or an output holding them (`.logits`, `["logits"]`, or a tuple's first item:
+a `transformers` model's `ModelOutput`). A target of -100 is ignored, as in torch's
+`cross_entropy`.
+
+`model_loss` is for a model that computes its own loss (`transformers`, timm's wrappers):
+it calls `model(**batch)` and takes the output's loss.
 """
 
 from __future__ import annotations
@@ -22,27 +28,99 @@ INPUT_KEYS = ("input_ids", "x", "inputs", "input")
 TARGET_KEYS = ("labels", "y", "targets", "target")
 
 
+#: The target value the losses skip (torch's `cross_entropy` default, `transformers`' too).
+IGNORE_INDEX = -100
+
+
 def cross_entropy(input: str | None = None, target: str | None = None) -> Loss:
     """Classification: `model(x)` gives logits `[B, C]` for targets `y` `[B]`.
     `input`, `target`: the field names of a mapping batch (module docstring)."""
 
     def loss(model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = fields(batch, input, target, "cross_entropy")
-        return F.cross_entropy(model(x), y)
+        return F.cross_entropy(logits_of(model(x), "cross_entropy"), y, ignore_index=IGNORE_INDEX)
 
     return loss
 
 
-def next_token_cross_entropy(input: str | None = None, target: str | None = None) -> Loss:
-    """Language modelling: token ids `x` and `y` `[B, T]`, `model(x)` gives logits
-    `[B, T, V]`. `input`, `target`: the field names of a mapping batch."""
+def next_token_cross_entropy(
+    input: str | None = None, target: str | None = None, shift: bool = False
+) -> Loss:
+    """Language modelling: token ids `x` and targets `y` `[B, T]`, `model(x)` gives logits
+    `[B, T, V]`. `input`, `target`: the field names of a mapping batch.
+
+    `shift: false` (the default): `y` is already the next token of each position (functrain's
+    datasets give `y = x` moved by one). `shift: true`: `y` is aligned with `x`, as
+    `transformers` takes `labels == input_ids`, and the loss predicts `y[:, 1:]` from the
+    logits at `[:, :-1]`. Targets of -100 are ignored either way."""
 
     def loss(model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = fields(batch, input, target, "next_token_cross_entropy")
-        logits = model(x)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        logits = logits_of(model(x), "next_token_cross_entropy")
+        if shift:
+            logits, y = logits[:, :-1], y[:, 1:]
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX
+        )
 
     return loss
+
+
+def model_loss() -> Loss:
+    """The model computes its own loss: `model(**batch)` for a mapping batch, `model(*batch)`
+    for a tuple or list, `model(batch)` otherwise; the loss is the output's `.loss`, its
+    `["loss"]`, or its first item (a tuple's). A `transformers` model returns one when the
+    batch holds `labels`."""
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        if isinstance(batch, Mapping):
+            out = model(**batch)
+        elif isinstance(batch, (tuple, list)):
+            out = model(*batch)
+        else:
+            out = model(batch)
+        found = _loss_of(out)
+        if found is None:
+            raise TypeError(
+                f"model_loss: the model returned {structure(out)}, which holds no loss (no "
+                "`.loss`, no ['loss'], no tensor first); a transformers model computes one "
+                "only when the batch holds `labels`. For logits, use "
+                "functrain.losses.next_token_cross_entropy or cross_entropy instead"
+            )
+        return found
+
+    return loss
+
+
+def _loss_of(out: Any) -> torch.Tensor | None:
+    found = getattr(out, "loss", None)
+    if found is None and isinstance(out, Mapping):
+        found = out.get("loss")
+    if found is None and isinstance(out, (tuple, list)) and out:
+        found = out[0]
+    if found is None and isinstance(out, torch.Tensor):
+        found = out
+    is_scalar = isinstance(found, torch.Tensor) and found.dim() == 0
+    return found if is_scalar else None
+
+
+def logits_of(out: Any, loss: str) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, `.logits`, `["logits"]`, or a
+    tuple's first item."""
+    if isinstance(out, torch.Tensor):
+        return out
+    found = getattr(out, "logits", None)
+    if found is None and isinstance(out, Mapping):
+        found = out.get("logits")
+    if found is None and isinstance(out, (tuple, list)) and out:
+        found = out[0]
+    if not isinstance(found, torch.Tensor):
+        raise TypeError(
+            f"{loss}: the model returned {structure(out)}, with no logits (a tensor, "
+            "`.logits`, ['logits'] or a tuple's first item); for a model that computes its "
+            "own loss use functrain.losses.model_loss"
+        )
+    return found
 
 
 def fields(batch: Any, input: str | None, target: str | None, loss: str) -> tuple[Any, Any]:

@@ -17,15 +17,19 @@ from tensordict import TensorDict
 from torch import nn
 
 from functrain import rng
-from functrain.errors import ConsumedStateError
+from functrain.errors import ConfigError, ConsumedStateError
 from functrain.optim import Optimizer
 from functrain.parallel import UNSHARDED, Placement, Sharding, aliases
 from functrain.precision import Precision
 from functrain.schedule import Schedule, constant
 from functrain.transform import Transform, compose
 
-#: The entries a snapshot holds, in order.
-ENTRIES = ("step", "params", "buffers", "opt", "rng", "data", "stats", "ema", "metrics")
+#: The entries a snapshot holds, in order. `params` are the trainable parameters; `frozen`
+#: the others (`requires_grad=False`, or a recipe's `freeze:`): bound into the model like
+#: params, but no gradient, optimizer state, weight decay or reduction ever touches them.
+ENTRIES = ("step", "params", "frozen", "buffers", "opt", "rng", "data", "stats", "ema", "metrics")
+#: Entries a snapshot written before they existed may lack; they are then empty.
+_ADDED_LATER = ("frozen",)
 #: Entries that live between transforms of one step only (gradients), never saved.
 TRANSIENT = ("grads",)
 
@@ -121,7 +125,8 @@ class TrainState:
         self.check_fits(tensors)
         tensors = self._static.sharding.localize(tensors)  # e.g. this rank's rows of each shard
         mine = self._entries
-        new = {k: _like(mine[k], tensors[k]) for k in ENTRIES}
+        new = {k: _like(mine[k], _entry(tensors, k)) for k in ENTRIES if k != "metrics"}
+        new["metrics"] = _metrics_like(mine["metrics"], tensors["metrics"])
         return TrainState(new, self._static)
 
     def check_fits(self, tensors: TensorDict) -> None:
@@ -129,7 +134,8 @@ class TrainState:
         state in keys, shapes or dtypes. A sharded state is compared by its whole shapes."""
         self._check_live()
         mine = self._static.sharding.global_meta(self.tensors())
-        problems = _structure_mismatches(mine, tensors)
+        # `metrics` holds the last step's values, whatever transforms put there: no structure
+        problems = _structure_mismatches(mine.exclude("metrics"), tensors.exclude("metrics"))
         if problems:
             raise ValueError(
                 "the snapshot does not fit this model and recipe: " + "; ".join(_few(problems))
@@ -144,7 +150,8 @@ class TrainState:
         """
         self._check_live()
         model = self._static.model
-        with self._static.sharding.bind(model, self.params), self.buffers.to_module(model):
+        params = _with_frozen(self.params, self.frozen)
+        with self._static.sharding.bind(model, params), self.buffers.to_module(model):
             yield model
 
     def state_dict(self, *, ema: bool = False) -> dict[str, torch.Tensor]:
@@ -164,9 +171,7 @@ class TrainState:
         out = weights(self.tensors(), ema=ema)
         model = self._static.model
         alias = aliases(model)  # and the ties `to("meta")` undid in the skeleton:
-        alias.update(
-            {".".join(a): ".".join(f) for a, f in model.__dict__.get("_functrain_tied", [])}
-        )
+        alias.update(tied_names(model))
         return {k: out[alias[k]] for k in state_dict_keys(model) if alias.get(k) in out}
 
     def clone(self) -> TrainState:
@@ -198,16 +203,41 @@ class TrainState:
 
 
 def weights(tensors: TensorDict, *, ema: bool = False) -> dict[str, torch.Tensor]:
-    """Params (or EMA) and buffers of a state's `tensors()` (or a snapshot's), keyed as
-    `model.state_dict()` is."""
+    """Params (or their EMA), frozen params and buffers of a state's `tensors()` (or a
+    snapshot's), keyed as `model.state_dict()` is."""
     source = tensors["ema"] if ema else tensors["params"]
     if ema and not list(source.keys()):
         raise ValueError("the state has no EMA: its step has no functrain.steps.ema transform")
     out = {}
-    for td in (source, tensors["buffers"]):
+    for td in (source, _entry(tensors, "frozen"), tensors["buffers"]):
         for key, t in td.items(include_nested=True, leaves_only=True):
             out[key if isinstance(key, str) else ".".join(key)] = t.detach()
     return out
+
+
+def _entry(tensors: TensorDict, name: str) -> TensorDict:
+    """`tensors[name]`; an entry a snapshot of an older format lacks (`_ADDED_LATER`) is
+    empty."""
+    if name in _ADDED_LATER and name not in tensors.keys():  # noqa: SIM118 -- a TensorDict
+        return TensorDict({}, batch_size=[])
+    return tensors[name]
+
+
+def _with_frozen(params: TensorDict, frozen: TensorDict) -> TensorDict:
+    """The trainable and the frozen params in one tree, as the model names them (a new
+    tree: neither input changes)."""
+    if next(iter(frozen.keys(True, True)), None) is None:
+        return params
+    flat = dict(params.flatten_keys(".").items())
+    flat.update(frozen.flatten_keys(".").items())
+    return TensorDict(flat, batch_size=[]).unflatten_keys(".")
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """Of a model `create` took over: each other name of a tied weight -> the name the state
+    keeps it under (`head.weight` -> `emb.weight`)."""
+    tied = model.__dict__.get("_functrain_tied", [])
+    return {".".join(alias): ".".join(first) for alias, first in tied}
 
 
 def state_dict_keys(model: nn.Module) -> list[str]:
@@ -256,6 +286,17 @@ def _like(mine: Any, theirs: Any) -> Any:
     )
 
 
+def _metrics_like(mine: TensorDict, theirs: TensorDict) -> TensorDict:
+    """A snapshot's `metrics` (any keys a transform added) on this state's devices: a key
+    this state has keeps its device, a new one takes the loss's."""
+    out = {}
+    for key, t in theirs.items(include_nested=True, leaves_only=True):
+        ref = mine.get(key, None)
+        device = ref.device if ref is not None else mine["loss"].device
+        out[key if isinstance(key, str) else ".".join(key)] = t.to(device, copy=True)
+    return TensorDict(out, batch_size=[]).unflatten_keys(".")
+
+
 def _few(problems: list[str]) -> list[str]:
     """The first few problems of each kind (missing, unexpected, other shape or dtype)."""
     kinds: dict[str, list[str]] = {}
@@ -273,8 +314,10 @@ def _few(problems: list[str]) -> list[str]:
 def _structure_mismatches(mine: TensorDict, theirs: TensorDict) -> list[str]:
     ours = dict(mine.items(include_nested=True, leaves_only=True))
     other = dict(theirs.items(include_nested=True, leaves_only=True))
-    problems = [f"missing {'/'.join(k)}" for k in ours if k not in other]
-    problems += [f"unexpected {'/'.join(k)}" for k in other if k not in ours]
+    moved = _trainability_changes(ours.keys() - other.keys(), other.keys() - ours.keys())
+    problems = [f"missing {'/'.join(k)}" for k in ours if k not in other and k not in moved]
+    problems += [f"unexpected {'/'.join(k)}" for k in other if k not in ours and k not in moved]
+    problems += sorted(set(moved.values()))
     for k in ours.keys() & other.keys():
         a, b = ours[k], other[k]
         if a.shape != b.shape or a.dtype != b.dtype:
@@ -282,6 +325,40 @@ def _structure_mismatches(mine: TensorDict, theirs: TensorDict) -> list[str]:
                 f"{'/'.join(k)} is {b.dtype} {list(b.shape)}, expected {a.dtype} {list(a.shape)}"
             )
     return sorted(problems)
+
+
+def _split_frozen(
+    params: TensorDict, names: list[tuple[str, ...]]
+) -> tuple[TensorDict, TensorDict]:
+    """(trainable, frozen): the params named in `names` move to a tree of their own, with no
+    `requires_grad`."""
+    if not names:
+        return params, TensorDict({}, batch_size=[])
+    if len(names) == len(list(params.keys(include_nested=True, leaves_only=True))):
+        raise ConfigError(
+            "every parameter of the model is frozen (requires_grad=False, or matched by the "
+            "recipe's freeze:): there is nothing to train"
+        )
+    frozen = params.select(*names).apply(lambda t: t.detach().requires_grad_(False))
+    return params.exclude(*names), frozen
+
+
+def _trainability_changes(missing: set, unexpected: set) -> dict[tuple, str]:
+    """Keys of params that are trainable on one side and frozen on the other (each of the
+    pair -> the one problem that names it)."""
+    out = {}
+    for key in missing:
+        entry, rest = key[0], key[1:]
+        other = {"params": "frozen", "frozen": "params"}.get(entry)
+        if other and (other, *rest) in unexpected:
+            name, now = ".".join(rest), "trainable" if entry == "params" else "frozen"
+            was = "frozen" if now == "trainable" else "trainable"
+            problem = (
+                f"param {name} is {now} now but {was} in the snapshot (which params are "
+                "trainable is part of the state: keep the freeze: list and requires_grad)"
+            )
+            out[key] = out[(other, *rest)] = problem
+    return out
 
 
 def create(
@@ -299,7 +376,9 @@ def create(
 ) -> TrainState:
     """The state at step 0: params and buffers taken from `model`, optimizer state, key.
 
-    The model becomes the skeleton: its own tensors move to the meta device (no memory),
+    Parameters with `requires_grad=False` are frozen: they go to the state's `frozen` entry
+    and get no gradient, no optimizer state, no weight decay and no reduction; their bits
+    never change. The model becomes the skeleton: its own tensors move to the meta device (no memory),
     and the state's tensors are swapped in for each forward pass. So `create` takes the
     module over: a forward pass or `state_dict()` on it outside `state.bind()` raises,
     saying so; get the weights with `state.state_dict()` or `functrain.load_into(fresh,
@@ -317,7 +396,9 @@ def create(
             "sharding=functrain.distributed.fsdp.Sharding.of(model) to create()"
         )
     sharding = sharding or UNSHARDED
+    frozen_names = [tuple(k.split(".")) for k, p in model.named_parameters() if not p.requires_grad]
     params, buffers = sharding.split(model, device)
+    params, frozen = _split_frozen(params, frozen_names)
     model.train()
     transform = compose(*transforms)
     static = Static(
@@ -334,6 +415,7 @@ def create(
     entries = {
         "step": torch.zeros((), dtype=torch.int64),
         "params": params,
+        "frozen": frozen,
         "buffers": buffers,
         "opt": optimizer.init(params),
         "rng": rng.key(seed),

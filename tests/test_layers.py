@@ -32,6 +32,7 @@ CORE = {
     "functrain.schedule",
     "functrain.rng",
     "functrain.losses",
+    "functrain.metrics",
     "functrain.recompute",
     "functrain.precision",
     "functrain.determinism",

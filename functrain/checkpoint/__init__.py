@@ -6,6 +6,8 @@
     describe / plan_resume / Plan             what a run is (its manifest entries), and the
                                               one resume plan: does a snapshot fit it
     AsyncWriter                               stage a copy, write it in the background
+    init_from / read_weights                  weights a run starts from: safetensors, a
+                                              save_pretrained directory, a snapshot
 
 The modules below: `raw` (functrain's own layout: one file per entry), `dcp` (sharded
 states through torch.distributed.checkpoint), `manifest` (what a manifest holds and the
@@ -32,6 +34,7 @@ from functrain.checkpoint.async_writer import AsyncWriter
 from functrain.checkpoint.manager import Policy, Snapshots
 from functrain.checkpoint.manifest import FORMAT_VERSION, MANIFEST, read_manifest, versions
 from functrain.checkpoint.plan import FREE_KEYS, Plan, describe, plan_resume
+from functrain.checkpoint.pretrained import init_from, read_weights
 from functrain.checkpoint.snapshot import check, digests, load, save, verify
 from functrain.errors import SnapshotError
 
@@ -49,12 +52,14 @@ __all__ = [
     "clean_partial",
     "dcp",
     "digests",
+    "init_from",
     "list_snapshots",
     "plan_resume",
     "load",
     "process_alive",
     "raw",
     "read_manifest",
+    "read_weights",
     "remove",
     "save",
     "snapshot_path",

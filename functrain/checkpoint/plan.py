@@ -43,7 +43,8 @@ __all__ = ["FREE_KEYS", "Plan", "describe", "environment", "plan_resume"]
 
 #: Recipe keys that change no bit of training: they may differ on resume without --allow-change.
 FREE_KEYS = (
-    "name", "out_dir", "checkpoint", "log_every", "log", "data.num_workers", "data.replay"
+    "name", "out_dir", "checkpoint", "log_every", "log", "data.num_workers", "data.replay",
+    "init_from",  # its path may move: the content hash in the manifest is what is compared
 )  # fmt: skip
 
 #: torch's intra-op threads split CPU reductions (a bias's gradient, a norm) into as many
@@ -61,13 +62,15 @@ def describe(
     world_size_exact: bool = False,
     determinism: Mapping | None = None,
     init_from: Mapping | None = None,
+    tied: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The manifest entries that say what a run is: written into each of its snapshots
     (with `versions`, which the manifest always has), compared by `plan_resume`.
 
     `world_size_exact`: the run's bits do not depend on its number of processes
     (canonical micro-batches, unsharded). `init_from`: the source and content hash of the
-    weights it started from."""
+    weights it started from. `tied`: the other names of tied weights (`lm_head.weight` ->
+    `transformer.wte.weight`), which the state keeps once and an export writes under each."""
     out: dict[str, Any] = {}
     if recipe is not None:
         out["recipe"] = dict(recipe)
@@ -81,6 +84,8 @@ def describe(
         out["determinism"] = dict(determinism)
     if init_from is not None:
         out["init_from"] = dict(init_from)
+    if tied:
+        out["tied"] = dict(tied)
     out["world_size"] = world_size
     out["world_size_exact"] = world_size_exact
     return out
@@ -118,8 +123,8 @@ def plan_resume(
     path = Path(snapshot)
     if like is not None:
         _check_structure(path, manifest, like, tensors)
-    allowed = _check_recipe(manifest, now, list(allow))
-    _check_data(manifest, now)
+    allow = list(allow)
+    allowed = _check_recipe(manifest, now, allow) + _check_data(manifest, now, allow)
     _check_init(manifest, now)
     warnings = _world_size(path, manifest, now) + _environment(manifest, now)
     return Plan(snapshot=path, step=int(manifest["step"]), allowed=allowed, warnings=warnings)
@@ -158,34 +163,62 @@ def _check_recipe(manifest: Mapping, now: Mapping, allow: list[str]) -> list[str
     return [f"{k}: {_show(old)} -> {_show(new)}" for k, old, new in changes]
 
 
-def _check_data(manifest: Mapping, now: Mapping) -> None:
+#: Which recipe key changes each field of a data fingerprint (`functrain.data.fingerprint`);
+#: the sample order's version is no recipe key, and never allowed to change.
+_DATA_KEYS = {
+    "size": "data.dataset", "content": "data.dataset", "batch_size": "data.batch_size",
+    "shuffle": "data.shuffle", "seed": "seed",
+}  # fmt: skip
+
+
+def _check_data(manifest: Mapping, now: Mapping, allow: list[str]) -> list[str]:
+    """Refuse other data, unless each changed fingerprint field follows a recipe change that
+    `allow` accepts (`data`, `data.dataset`, `data.dataset.path`, `data.batch_size`, ...):
+    returns those, as `data: what changed`."""
     if "data" not in now:
-        return
+        return []
     if "data" not in manifest:
         raise MismatchError(
             "the snapshot records no data fingerprint, so its data cannot be checked; "
             "resume it without one (a loop of your own), or start a new run",
             what="data",
         )
-    changes = fingerprint_changes(manifest["data"], dict(now["data"]))
-    if changes:
+    old, new = manifest["data"], dict(now["data"])
+    refused, allowed = [], []
+    for field in sorted(set(old) | set(new)):
+        change = fingerprint_changes({field: old.get(field)}, {field: new.get(field)})
+        if not change:
+            continue
+        key = _DATA_KEYS.get(field)
+        ok = key is not None and (_is_under(key, allow) or any(_is_under(a, [key]) for a in allow))
+        (allowed if ok else refused).append((field, change[0]))
+    if refused:
+        keys = sorted({_DATA_KEYS[f] for f, _ in refused if f in _DATA_KEYS})
+        branch = (
+            ", or, to go on with other data (a fine-tuning branch), accept the change with "
+            + " ".join(f"--allow-change {k}" for k in keys)
+            if keys
+            else ""
+        )
         raise MismatchError(
             "the training data differs from the snapshot's:\n  "
-            + "\n  ".join(changes)
-            + "\nResume with the data the run was trained on (data.dataset in the recipe).",
+            + "\n  ".join(text for _, text in refused)
+            + f"\nResume with the data the run was trained on (data.dataset in the recipe){branch}.",
             what="data",
         )
+    return [f"data: {text}" for _, text in allowed]
 
 
 def _check_init(manifest: Mapping, now: Mapping) -> None:
     theirs, ours = manifest.get("init_from"), now.get("init_from")
     if theirs is None and ours is None:
         return
-    if theirs != ours:
+    if (theirs or {}).get("sha256") != (ours or {}).get("sha256"):
+        was = f"{theirs['path']} (sha256 {theirs['sha256'][:12]}...)" if theirs else "none"
+        now_ = f"{ours['path']} (sha256 {ours['sha256'][:12]}...)" if ours else "none"
         raise MismatchError(
-            f"the weights the run started from differ: the snapshot's init_from is "
-            f"{_show(theirs)}, this run's {_show(ours)}. Resume with the same init_from "
-            "file, unchanged.",
+            f"the weights the run started from differ: the snapshot's init_from is {was}, "
+            f"this run's {now_}. Resume with the init_from the run started from, unchanged.",
             what="init_from",
         )
 

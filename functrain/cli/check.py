@@ -39,7 +39,9 @@ __all__ = ["Difference", "check", "first_difference"]
 
 #: The order in which the entries of a differing step are named: the first is the "first
 #: entry that differs" (data before what is computed from it).
-_ENTRY_ORDER = ("data", "step", "rng", "params", "buffers", "opt", "stats", "metrics")
+_ENTRY_ORDER = (
+    "data", "step", "rng", "params", "frozen", "buffers", "opt", "stats", "metrics"
+)  # fmt: skip
 #: Exit status of a check that found a difference.
 EXIT_DIFFERS = 1
 
@@ -340,7 +342,7 @@ def _cause(entries: list[str], batch_step: int | None, order: bool, step: int) -
         )
     if entries and entries[0] == "data":
         return "the data cursor differs: the loader's position was not restored; please report it"
-    if entries and entries[0] in ("params", "buffers", "opt"):
+    if entries and entries[0] in ("params", "frozen", "buffers", "opt"):
         return (
             "the batches are identical, so the model's computation differs: state kept "
             "outside the TrainState (a module attribute changed in forward), randomness drawn "

@@ -1,7 +1,9 @@
 """`functrain export SNAPSHOT --out model.safetensors [--ema]`: a snapshot's weights for the
 plain `nn.Module`, in the safetensors format (the optional extra `functrain[safetensors]`).
 
-The file holds the params (or their EMA) and buffers keyed as `model.state_dict()` is, and
+The file holds the params (or their EMA), frozen params and buffers keyed as
+`model.state_dict()` is — a tied weight under each of its names, as a strict
+`load_state_dict` needs — and
 in its metadata the snapshot's step, the functrain version and the recipe's `model`
 component with its arguments (JSON), so the module can be rebuilt without functrain's loop.
 It is written under a temporary name and renamed; an existing file is never overwritten.
@@ -10,6 +12,7 @@ It is written under a temporary name and renamed; an existing file is never over
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import orjson
@@ -18,7 +21,7 @@ from functrain import checkpoint
 from functrain.errors import RunError
 from functrain.state import weights
 
-__all__ = ["export"]
+__all__ = ["export", "export_pretrained"]
 
 
 def export(snapshot: Path, out: Path, *, ema: bool = False) -> dict[str, str]:
@@ -44,6 +47,9 @@ def export(snapshot: Path, out: Path, *, ema: bool = False) -> dict[str, str]:
         "weights": "ema" if ema else "params",
         "model": orjson.dumps(manifest.get("recipe", {}).get("model")).decode(),
     }
+    for alias, first in manifest.get("tied", {}).items():  # strict loads need every name
+        if first in found and alias not in found:
+            found[alias] = found[first]
     plain = {k: v.detach().cpu().contiguous().clone() for k, v in found.items()}
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -53,3 +59,34 @@ def export(snapshot: Path, out: Path, *, ema: bool = False) -> dict[str, str]:
     finally:
         tmp.unlink(missing_ok=True)
     return meta
+
+
+def export_pretrained(snapshot: Path, out: Path, *, ema: bool = False) -> Path:
+    """For a `transformers` model: rebuild it from the snapshot's recipe, give it the
+    snapshot's weights (strictly) and `save_pretrained(out)`, a directory its
+    `from_pretrained` loads (config included, tied weights as transformers keeps them)."""
+    from functrain.cli.sample import rebuild_model
+    from functrain.state import load_into
+
+    if out.exists():
+        raise RunError(f"{out} already exists; export --hf writes a new directory")
+    tensors, manifest = checkpoint.load(snapshot)
+    model = rebuild_model(snapshot, manifest)
+    if not callable(getattr(model, "save_pretrained", None)):
+        target = (manifest.get("recipe", {}).get("model") or {}).get("_component_")
+        raise RunError(
+            f"{snapshot}: export --hf needs a transformers model (one with save_pretrained); "
+            f"{target} is a {type(model).__name__}: export it with --out FILE.safetensors"
+        )
+    try:
+        load_into(model, tensors, ema=ema)
+    except (ValueError, RuntimeError) as err:
+        raise RunError(f"{snapshot}: its weights do not fit the recipe's model: {err}") from err
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -24,7 +24,7 @@ import orjson
 
 from functrain import checkpoint, distributed
 from functrain.cli.check import check
-from functrain.cli.export import export
+from functrain.cli.export import export, export_pretrained
 from functrain.cli.plot import plot
 from functrain.cli.report import inspect
 from functrain.cli.sample import sample
@@ -200,7 +200,15 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
         "export", "write a snapshot's weights as safetensors, for the plain nn.Module", cmd_export
     )
     exp.add_argument("snapshot", type=Path, help="a snapshot directory (state_N)")
-    exp.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
+    target = exp.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path, help="the .safetensors file to write")
+    target.add_argument(
+        "--hf",
+        type=Path,
+        metavar="DIR",
+        help="a transformers model: the save_pretrained directory to write (from_pretrained "
+        "loads it)",
+    )
     exp.add_argument("--ema", action="store_true", help="the EMA of the params instead")
     smp = command(
         "sample", "text from a language-model snapshot, deterministic per seed", cmd_sample
@@ -323,6 +331,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.hf is not None:
+        out = export_pretrained(args.snapshot, args.hf, ema=args.ema)
+        print(f"wrote {out}: a save_pretrained directory", file=sys.stderr)
+        return 0
     meta = export(args.snapshot, args.out, ema=args.ema)
     print(f"wrote {args.out}: {meta['weights']} of step {meta['step']}", file=sys.stderr)
     return 0

@@ -67,6 +67,9 @@ def _print_snapshot(r: dict) -> None:
         if m.get(key) is not None:
             print(f"{key:<9} {m[key]}")
     print("versions  " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    if m.get("init_from"):
+        init = m["init_from"]
+        print(f"init from {init['path']} ({init['format']}, sha256 {init['sha256']})")
     for change in m.get("allowed_changes", []):
         print(f"allowed   {change}")
     for event in m.get("lineage", []):

@@ -17,10 +17,11 @@ import torch
 
 from functrain import checkpoint
 from functrain.errors import RecipeError, RunError
+from functrain.losses import logits_of, structure
 from functrain.recipe import Component, instantiate
 from functrain.state import load_into
 
-__all__ = ["sample"]
+__all__ = ["rebuild_model", "sample"]
 
 
 def sample(
@@ -37,27 +38,51 @@ def sample(
     if tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
         raise RunError("--tokens and --temperature must be >= 0, --top-k >= 1")
     tensors, manifest = checkpoint.load(snapshot)
-    model = _model(snapshot, manifest)
+    model = rebuild_model(snapshot, manifest)
     try:
         load_into(model, tensors, ema=ema)
     except (ValueError, RuntimeError) as err:
         raise RunError(f"{snapshot}: its weights do not fit the recipe's model: {err}") from err
     model.eval()
-    vocab = model.tok.num_embeddings if hasattr(model, "tok") else 256
-    if vocab != 256:
-        raise RunError(
-            f"{snapshot}: the model's vocabulary has {vocab} tokens; sample speaks bytes "
-            "(256) only, so decode this model's ids with its own tokenizer"
-        )
     ids = list(prompt.encode("utf-8")) or [10]
-    block = getattr(model, "block_size", len(ids) + tokens)
+    block = getattr(model, "block_size", None) or _positions(model) or len(ids) + tokens
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        _check_generative(snapshot, model, manifest)
         for _ in range(tokens):
             context = torch.tensor([ids[-block:]])
-            logits = model(context)[0, -1].double()
+            logits = logits_of(model(context), "sample")[0, -1].double()
             ids.append(_draw(logits, temperature, top_k, g))
     return bytes(ids).decode("utf-8", errors="replace")
+
+
+def _positions(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)  # a transformers model's context length
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def _check_generative(snapshot: Path, model: torch.nn.Module, manifest: dict) -> None:
+    """Refuse, by name, a model that does not map token ids [1, T] to logits [1, T, 256]."""
+    target = (manifest.get("recipe", {}).get("model") or {}).get("_component_", "the model")
+    try:
+        out = model(torch.tensor([[10, 10]]))
+        logits = logits_of(out, "sample")
+    except Exception as err:
+        raise RunError(
+            f"{snapshot}: sample needs a language model that maps token ids [batch, tokens] "
+            f"to logits [batch, tokens, vocab]; {target} failed on token ids: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if logits.dim() != 3 or logits.shape[:2] != (1, 2):
+        raise RunError(
+            f"{snapshot}: sample needs a language model that maps token ids [batch, tokens] "
+            f"to logits [batch, tokens, vocab]; {target} returned {structure(out)}"
+        )
+    if logits.shape[-1] != 256:
+        raise RunError(
+            f"{snapshot}: the model's vocabulary has {logits.shape[-1]} tokens; sample speaks "
+            "bytes (256) only, so decode this model's ids with its own tokenizer"
+        )
 
 
 def _draw(logits: torch.Tensor, temperature: float, top_k: int | None, g) -> int:
@@ -70,7 +95,8 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int | None, g) -> int
     return int(torch.multinomial(probs, 1, generator=g))
 
 
-def _model(snapshot: Path, manifest: dict) -> torch.nn.Module:
+def rebuild_model(snapshot: Path, manifest: dict) -> torch.nn.Module:
+    """The recipe's model, as the snapshot's manifest names it (weights not loaded)."""
     spec = dict(manifest.get("recipe", {}).get("model") or {})
     target = spec.pop("_component_", None)
     if not isinstance(target, str):

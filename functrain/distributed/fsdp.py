@@ -34,7 +34,7 @@ from functrain.recompute import blocks
 # they add ~0.25 s to every CLI start, and only `parallel: fsdp` runs need them.
 
 #: The saved entries that may hold shards: leaves there that mirror a param are sharded.
-SHARDED_ENTRIES = ("params", "opt", "ema")
+SHARDED_ENTRIES = ("params", "frozen", "opt", "ema")
 
 Key = tuple[str, ...]
 

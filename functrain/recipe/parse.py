@@ -198,8 +198,13 @@ def _field_value(
         return component(
             _filled(raw, fill), path, problems, provided=set(f.metadata.get("fill", ()))
         )
+    if typing.get_origin(f.type) is list and typing.get_args(f.type) == (str,):
+        if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
+            problems.append(f"{path}: got {show(raw)}; expected {expected(f)}")
+            return None
+        return list(raw)
     if typing.get_origin(f.type) is list:
-        if not isinstance(raw, list) or not raw:
+        if not isinstance(raw, list) or not (raw or f.metadata.get("empty")):
             problems.append(f"{path}: got {show(raw)}; expected {expected(f)}")
             return None
         return [component(item, f"{path}.{i}", problems) for i, item in enumerate(raw)]

@@ -184,6 +184,28 @@ class Recipe:
     loss_scale: LossScaleConfig = attrs.field(factory=LossScaleConfig)
     compile: CompileConfig = attrs.field(factory=lambda: CompileConfig(enabled=False))
     model: Component
+    init_from: str | None = _field(
+        default=None,
+        expect="null, or the weights to start from: a .safetensors file, a save_pretrained "
+        "directory, or a functrain snapshot (state_N; its weights only)",
+        check=bool,
+    )
+    init_from_map: dict = _field(
+        factory=dict,
+        expect="a mapping of key prefixes in the init_from file to the model's ({'model.': ''})",
+        check=lambda v: (
+            isinstance(v, dict)
+            and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+        ),
+    )
+    freeze: list[str] = attrs.field(
+        factory=list,
+        metadata={
+            "expect": "a list of parameter name patterns ('transformer.wte.*', "
+            "'*.bias'): the matching parameters are frozen (no gradient, no optimizer "
+            "state, never changed)"
+        },
+    )
     loss: Component
     data: DataConfig
     optim: Component
@@ -193,6 +215,14 @@ class Recipe:
         metadata={"fill": {"total_steps": "steps"}},
     )
     step: list[Component] = attrs.field(metadata={"expect": "a non-empty list of components"})
+    metrics: list[Component] = attrs.field(
+        factory=list,
+        metadata={
+            "expect": "a list of metric components (functrain.metrics.accuracy, "
+            "functrain.metrics.perplexity, or your own), computed at eval",
+            "empty": True,
+        },
+    )
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
     log_every: int = _field(default=10, expect="an integer > 0", check=_positive)
     log: LogConfig = attrs.field(factory=LogConfig)

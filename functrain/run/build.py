@@ -8,6 +8,7 @@ seed, not from the global RNG.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import sys
 import traceback
 from pathlib import Path
@@ -22,10 +23,11 @@ from functrain import canonical, checkpoint, determinism, distributed, recompute
 from functrain import data as data_lib
 from functrain.distributed import fsdp
 from functrain.errors import BuildError, ComponentError, ConfigError, DataError, UserError
+from functrain.metrics import Metric, as_metric
 from functrain.precision import Precision
 from functrain.recipe import Component, Recipe, instantiate, resolve, to_dict
 from functrain.run import sinks
-from functrain.state import TrainState, create
+from functrain.state import TrainState, create, tied_names
 from functrain.steps import advance
 from functrain.steps import step as run_step
 from functrain.transform import Transform, as_transform, gradient_source, insert_after_gradients
@@ -60,6 +62,8 @@ class Built:
     local_batch: int  # per-rank batch size
     sharding: fsdp.Sharding | None  # FSDP2: every rank holds (and writes) its shards
     parts: StepParts  # the recipe's step transforms, before the reduction goes in
+    metrics: tuple[Metric, ...]  # the recipe's eval metrics
+    init_from: dict | None  # the weights the run started from: path, format, sha256
     determinism: dict  # the settings `functrain.determinism.configure` made, for manifests
 
 
@@ -200,6 +204,8 @@ def description(built: Built) -> dict:
         world_size=built.context.world_size,
         world_size_exact=world_size_exact(r, built.context.world_size, built.parts),
         determinism=built.determinism,
+        init_from=built.init_from,
+        tied=tied_names(built.state.static.model),
     )
 
 
@@ -231,6 +237,10 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
         )
     with rng.seeded(rng.init_seed(recipe.seed)):  # the global RNG is left as it was
         model = _make("model", recipe.model)
+    init = None
+    if recipe.init_from is not None:  # before freezing and sharding: the whole model
+        init = checkpoint.init_from(model, recipe.init_from, recipe.init_from_map)
+    _freeze(model, recipe.freeze)
     if recipe.activation_checkpointing:
         _checkpoint_activations(model, sharded(recipe, ctx.world_size))
     precision = _precision(recipe)
@@ -281,8 +291,28 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
         local_batch=recipe.data.batch_size // ctx.world_size,
         sharding=sharding,
         parts=parts,
+        metrics=tuple(as_metric(_make(f"metrics.{i}", c)) for i, c in enumerate(recipe.metrics)),
+        init_from=init,
         determinism=exactness,
     )
+
+
+def _freeze(model: Any, patterns: list[str]) -> None:
+    """`requires_grad_(False)` on the parameters whose names match one of `patterns`
+    (`fnmatch`: `*` spans dots too); a pattern that matches none is refused by name."""
+    if not patterns:
+        return
+    named = dict(model.named_parameters())
+    for pattern in patterns:
+        hits = [name for name in named if fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            shown = ", ".join(list(named)[:8]) + (", ..." if len(named) > 8 else "")
+            raise BuildError(
+                f"freeze: {pattern!r} matches no parameter of the model; its parameters "
+                f"are named like: {shown}"
+            )
+        for name in hits:
+            named[name].requires_grad_(False)
 
 
 def _precision(recipe: Recipe) -> Precision:

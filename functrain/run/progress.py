@@ -42,6 +42,11 @@ class Progress:
         parts = [f"loss {record['loss']:.4f}"]
         if "eval_loss" in record:
             parts.append(f"eval {record['eval_loss']:.4f}")
+            parts += [
+                f"{k.removeprefix('eval_')} {v:.4g}"
+                for k, v in record.items()
+                if k.startswith("eval_") and k != "eval_loss"
+            ]
         parts += [f"lr {record['lr']:.3g}", f"{record['samples_per_s']:.1f} samples/s"]
         if self.tokens:
             parts.append(f"{record['samples_per_s'] * self.tokens:,.0f} tokens/s")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from functrain import data as data_lib
 from functrain import distributed
 from functrain.checkpoint import Policy, Snapshots
+from functrain.metrics import Metric, finish, measure
 from functrain.recipe import CheckpointConfig
 from functrain.run import preempt, rundir, sinks
 from functrain.run.build import Built, description, to_device, train_loader, val_loader
@@ -62,14 +63,20 @@ def evaluate(
     n: int,
     device: torch.device,
     micro_batch_size: int | None = None,
-) -> torch.Tensor:
-    """Mean loss over `n` batches, model in eval mode, no RNG drawn, state unchanged; in
-    the state's precision (autocast), as training computes it. With `micro_batch_size`, the
-    loss of each micro-batch of each batch instead, shape (n, micro-batches per batch),
-    for `Trainer._eval_loss` to average in global order."""
+    metrics: Sequence[Metric] = (),
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, metric totals) over `n` batches: the model in eval mode (dropout off, running
+    statistics used and left as they are), no RNG drawn, state unchanged; in the state's
+    precision (autocast), as training computes it.
+
+    The loss is the mean over the batches; with `micro_batch_size`, the loss of each
+    micro-batch of each batch instead, shape (n, micro-batches per batch), for
+    `Trainer._eval` to average in global order. The totals are each metric's (sum, count)
+    over the batches (`functrain.metrics`), float64 [len(metrics), 2], or None."""
     model = state.static.model
     model.eval()
     losses = []
+    totals = torch.zeros((len(metrics), 2), dtype=torch.float64, device=device)
     try:
         with state.bind() as model, state.static.precision.autocast(device):
             for _ in range(n):
@@ -78,14 +85,18 @@ def evaluate(
                     [batch] if micro_batch_size is None else split(batch, micro_batch_size)
                 ):
                     losses.append(state.static.loss(model, micro).float())
+                if metrics:
+                    totals += measure(metrics, model, batch)
     finally:
         model.train()
     if micro_batch_size is None:
         total = torch.zeros((), device=device)
         for loss in losses:
             total += loss
-        return total / n
-    return torch.stack(losses).view(n, -1)
+        loss = total / n
+    else:
+        loss = torch.stack(losses).view(n, -1)
+    return loss, totals if metrics else None
 
 
 class Trainer:
@@ -238,14 +249,19 @@ class Trainer:
             "grad_norm": state.metrics["grad_norm"].item(),
             "samples_per_s": (samples - samples_last) / max(t - t_last, 1e-9),
         }
+        for key, value in state.metrics.items(include_nested=True, leaves_only=True):
+            name = key if isinstance(key, str) else "/".join(key)
+            if name not in record and value.numel() == 1:  # what a transform of yours adds
+                record[name] = value.item()
         for name in _SCALER_STATS:  # fp16's loss scaler, when the state has one
             if name in state.stats:
                 record[name] = state.stats[name].item()
         if eval_now:
-            value = self._eval_loss(state)
+            value, metrics = self._eval(state)
             best = torch.minimum(state.stats["best_eval"], value)
             state = state.replace(stats=state.stats.replace(best_eval=best))
             record["eval_loss"] = value.item()
+            record.update({f"eval_{name}": v for name, v in metrics.items()})
         if self.progress is not None:
             append_metrics(self.run_dir / rundir.METRICS_FILE, record)
             for sink in self.sinks:
@@ -253,17 +269,25 @@ class Trainer:
             self.progress.update(record)
         return state
 
-    def _eval_loss(self, state: TrainState) -> torch.Tensor:
-        """The mean validation loss over the recipe's eval batches and all ranks; of a
+    def _eval(self, state: TrainState) -> tuple[torch.Tensor, dict[str, float]]:
+        """The mean validation loss over the recipe's eval batches and all ranks (of a
         canonical run, the mean of every micro-batch's loss in global order, the same bits
-        on any number of processes."""
+        on any number of processes), and each metric from its sums and counts over every
+        batch and rank."""
         batches = iter(val_loader(self.built))
         size = self.built.parts.micro_batch_size
-        loss = evaluate(state, batches, self.recipe.eval.batches, self.built.device, size)
+        metrics = self.built.metrics
+        loss, totals = evaluate(
+            state, batches, self.recipe.eval.batches, self.built.device, size, metrics
+        )
+        values = {}
+        if totals is not None:
+            every = self.ctx.gather(totals)  # (ranks, metrics, 2): summed in rank order
+            values = finish(metrics, every.sum(0))
         if size is None:
-            return self.ctx.mean(loss)
+            return self.ctx.mean(loss), values
         every = self.ctx.gather(loss)  # (ranks, batches, micro-batches per rank)
-        return every.transpose(0, 1).reshape(-1).sum() / every.numel()
+        return every.transpose(0, 1).reshape(-1).sum() / every.numel(), values
 
     def _should_stop(self) -> bool:
         """Asked on every rank after every step but the last; all get the same answer. A

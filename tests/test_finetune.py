@@ -1,0 +1,193 @@
+"""Fine-tuning: weights in from a file (`init_from`), losses for models that shift their own
+labels or compute their own loss. The `transformers` tests need the `hf` extra."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cli
+
+from functrain import checkpoint
+from functrain.errors import ConfigError
+from functrain.losses import model_loss, next_token_cross_entropy
+from functrain.models import GPT
+from functrain.recipe import load_recipe
+from functrain.run.build import build
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.yaml"
+SHORT = ["steps=8", "checkpoint.every=4", "eval.every=null", "log_every=4"]
+GPT_ARGS = {"vocab_size": 256, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32}
+
+
+def _other_gpt(seed: int = 123) -> GPT:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return GPT(**GPT_ARGS, dropout=0.1)
+
+
+def _params(td) -> dict:
+    return {".".join(k): v for k, v in td.items(include_nested=True, leaves_only=True)}
+
+
+# ---------------------------------------------------------------- init_from
+
+
+def test_init_from_a_safetensors_file_starts_from_its_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    source = _other_gpt().state_dict()
+    save_file(source, str(tmp_path / "w.safetensors"))
+    built = build(load_recipe(TINY, [f"init_from={tmp_path / 'w.safetensors'}"]))
+    got = {**_params(built.state.params), **_params(built.state.frozen)}
+    assert sorted(got) == sorted(source) and all(torch.equal(got[k], source[k]) for k in got)
+    assert built.init_from["format"] == "safetensors" and len(built.init_from["sha256"]) == 64
+    plain = build(load_recipe(TINY, []))
+    assert not torch.equal(plain.state.params["tok", "weight"], got["tok.weight"])
+
+
+def test_init_from_names_missing_and_unexpected_keys_and_renames_prefixes(tmp_path):
+    from safetensors.torch import save_file
+
+    source = {f"model.{k}": v for k, v in _other_gpt().state_dict().items()}
+    save_file(source, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ConfigError, match=r"missing 7 \(tok\.weight.*unexpected 7 \(model\.tok"):
+        build(load_recipe(TINY, [f"init_from={tmp_path / 'w.safetensors'}"]))
+    built = build(load_recipe(TINY, [f"init_from={tmp_path / 'w.safetensors'}",
+                                     "init_from_map={'model.': ''}"]))  # fmt: skip
+    assert torch.equal(built.state.params["tok", "weight"], source["model.tok.weight"])
+
+
+def test_init_from_a_snapshot_takes_its_weights_not_its_optimizer(tmp_path):
+    cli("run", TINY, f"out_dir={tmp_path}", *SHORT, "name=A", "--until", "4")
+    snap = tmp_path / "A" / "state_4"
+    built = build(load_recipe(TINY, [f"init_from={snap}", "name=B"]))
+    trained = _params(checkpoint.load(snap)[0]["params"])
+    assert all(torch.equal(v, trained[k]) for k, v in _params(built.state.params).items())
+    assert int(built.state.step) == 0
+    assert all(float(t.abs().sum()) == 0 for t in _params(built.state.opt).values())
+
+
+def test_the_manifest_records_init_from_and_a_changed_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+    save_file(_other_gpt().state_dict(), str(weights))
+    cli("run", TINY, f"out_dir={tmp_path}", *SHORT, f"init_from={weights}", "--until", "4")
+    shown = cli("inspect", tmp_path / "tiny" / "state_4").stdout
+    assert f"init from {weights} (safetensors, sha256 " in shown
+    save_file(_other_gpt(seed=7).state_dict(), str(weights))  # the file changed
+    res = cli("resume", TINY, f"out_dir={tmp_path}", *SHORT, f"init_from={weights}",
+              "--from", "latest", check=False)  # fmt: skip
+    assert res.returncode == 2 and "the weights the run started from differ" in res.stderr
+
+
+def test_init_from_a_missing_path_is_refused_by_name(tmp_path):
+    res = cli("run", TINY, f"out_dir={tmp_path}", f"init_from={tmp_path / 'nope'}", check=False)
+    assert res.returncode == 2 and "init_from:" in res.stderr and "not found" in res.stderr
+    assert not (tmp_path / "tiny").exists()
+
+
+# ---------------------------------------------------------------- losses
+
+
+class _Out(dict):
+    """A ModelOutput-like result: a mapping with attribute access."""
+
+    __getattr__ = dict.get
+
+
+def test_next_token_loss_shifts_hf_style_labels_and_ignores_minus_100():
+    model = _other_gpt().eval()
+    x = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    hf = next_token_cross_entropy(shift=True)(model, {"input_ids": x, "labels": x})
+    logits = model(x)[:, :-1]  # the same predictions, positions 0..T-2
+    want = F.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1))
+    assert torch.equal(hf, want)
+    masked = x.clone()
+    masked[:, :8] = -100  # only positions 8.. count
+    got = next_token_cross_entropy(shift=True)(model, {"input_ids": x, "labels": masked})
+    want = F.cross_entropy(logits[:, 7:].reshape(-1, 256), x[:, 8:].reshape(-1))
+    assert torch.equal(got, want)
+
+
+def test_shift_trains_next_token_prediction_where_no_shift_trains_a_copy():
+    import functrain as ft
+
+    x = torch.randint(0, 64, (256, 17), generator=torch.Generator().manual_seed(0))
+    x[:, 1::2] = (x[:, 0::2][:, : x[:, 1::2].shape[1]] + 1) % 64  # next token = this + 1
+
+    def train(shift: bool) -> GPT:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = GPT(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+        state = ft.create(model, loss=next_token_cross_entropy(shift=shift),
+                          optimizer=ft.adamw(lr=3e-3),
+                          transforms=[ft.forward_backward(), ft.apply_optimizer()])  # fmt: skip
+        for i in range(60):
+            b = x[(i * 16) % 256 : (i * 16) % 256 + 16]
+            state = ft.step(state, {"input_ids": b, "labels": b})
+        return ft.load_into(GPT(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32,
+                                dropout=0.0), state).eval()  # fmt: skip
+
+    held = x[:64]
+    right = next_token_cross_entropy(shift=True)
+    with torch.no_grad():
+        shifted = right(train(shift=True), {"input_ids": held, "labels": held})
+        copied = right(train(shift=False), {"input_ids": held, "labels": held})
+    assert shifted < copied  # trained on the next token, not on copying the input
+
+
+def test_model_loss_takes_the_loss_the_model_returns():
+    class Own(torch.nn.Module):
+        def __init__(self, returns):
+            super().__init__()
+            self.w, self.returns = torch.nn.Parameter(torch.ones(())), returns
+
+        def forward(self, input_ids, labels=None):
+            loss = (self.w * input_ids.float()).mean()
+            return {"attr": _Out(loss=loss), "dict": {"loss": loss}, "tuple": (loss, None),
+                    "logits": input_ids.float()}[self.returns]  # fmt: skip
+
+    batch = {"input_ids": torch.arange(4), "labels": torch.arange(4)}
+    for kind in ("attr", "dict", "tuple"):
+        assert model_loss()(Own(kind), batch) == 1.5
+    assert model_loss()(Own("tuple"), (torch.arange(4),)) == 1.5
+    with pytest.raises(TypeError, match=r"model_loss: the model returned Tensor\[4\] float32"):
+        model_loss()(Own("logits"), batch)
+
+
+# ---------------------------------------------------------------- transformers (extra hf)
+
+
+def _hf_gpt2(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2,
+                                     n_head=2, tie_word_embeddings=True)  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return transformers.GPT2LMHeadModel(config)
+
+
+def test_init_from_a_save_pretrained_directory_with_tied_weights(tmp_path):
+    from functrain.checkpoint import init_from
+
+    source = _hf_gpt2(seed=0)
+    source.save_pretrained(tmp_path / "gpt2")
+    model = _hf_gpt2(seed=1)
+    info = init_from(model, tmp_path / "gpt2")
+    assert info["format"] == "pretrained"
+    want = source.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+
+
+def test_hf_models_own_loss_matches_the_shifted_next_token_loss():
+    model = _hf_gpt2().eval()
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    own = model_loss()(model, {"input_ids": x, "labels": x})
+    ours = next_token_cross_entropy(shift=True)(model, {"input_ids": x, "labels": x})
+    assert torch.allclose(own, ours, rtol=1e-5)  # the same task; op order may differ
