@@ -9,7 +9,7 @@ nox.options.reuse_existing_virtualenvs = True
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     session.install(
-        "-c", "constraints.txt", "-e", ".[test,tokenizers,safetensors,tensorboard,wandb,plot]"
+        "-c", "constraints.txt", "-e", ".[test,tokenizers,safetensors,tensorboard,wandb,plot,hf]"
     )
     session.run("pytest", "-q", *session.posargs)
 

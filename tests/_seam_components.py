@@ -45,9 +45,13 @@ def broken_model(**kwargs):
     raise ValueError(f"this model cannot be built with vocab_size={kwargs['vocab_size']}")
 
 
-def add_batch_mean(state, batch):
+def add_batch_mean():
     """A user's transform that puts a metric of its own into the state: the mean input id."""
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch["input_ids"]
-    metrics = state.metrics.copy()  # shallow: the state's own tree is left as it was
-    metrics.set("batch_mean", x.float().mean())
-    return state.replace(metrics=metrics)
+
+    def batch_mean(state, batch):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch["input_ids"]
+        metrics = state.metrics.copy()  # shallow: the state's own tree is left as it was
+        metrics.set("batch_mean", x.float().mean())
+        return state.replace(metrics=metrics)
+
+    return batch_mean

@@ -131,8 +131,8 @@ def test_a_manifest_spelling_a_moved_path_is_no_change():
     "what, manifest_change, now_change",
     [
         ("data", {}, {"data": _fingerprint(batch_size=16)}),
-        ("init_from", {"init_from": {"sha256": "a"}}, {"init_from": {"sha256": "b"}}),
-        ("init_from", {}, {"init_from": {"sha256": "b"}}),
+        ("init_from", {"init_from": {"path": "w", "sha256": "a"}}, {"init_from": {"sha256": "b"}}),
+        ("init_from", {}, {"init_from": {"path": "w", "sha256": "b"}}),
     ],
 )
 def test_the_plan_refuses_other_data_or_other_initial_weights(what, manifest_change, now_change):

@@ -214,13 +214,18 @@ def _check_init(manifest: Mapping, now: Mapping) -> None:
     if theirs is None and ours is None:
         return
     if (theirs or {}).get("sha256") != (ours or {}).get("sha256"):
-        was = f"{theirs['path']} (sha256 {theirs['sha256'][:12]}...)" if theirs else "none"
-        now_ = f"{ours['path']} (sha256 {ours['sha256'][:12]}...)" if ours else "none"
+        was, now_ = _init_source(theirs), _init_source(ours)
         raise MismatchError(
             f"the weights the run started from differ: the snapshot's init_from is {was}, "
             f"this run's {now_}. Resume with the init_from the run started from, unchanged.",
             what="init_from",
         )
+
+
+def _init_source(init: Mapping | None) -> str:
+    if not init:
+        return "none"
+    return f"{init.get('path', '?')} (sha256 {str(init.get('sha256'))[:12]}...)"
 
 
 def _world_size(path: Path, manifest: Mapping, now: Mapping) -> list[str]:
