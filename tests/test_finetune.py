@@ -194,3 +194,88 @@ def test_hf_models_own_loss_matches_the_shifted_next_token_loss():
     own = model_loss()(model, {"input_ids": x, "labels": x})
     ours = next_token_cross_entropy(shift=True)(model, {"input_ids": x, "labels": x})
     assert torch.allclose(own, ours, rtol=1e-5)  # the same task; op order may differ
+
+
+# ---------------------------------------------------------------- export, sample, other data
+
+
+def _hf_recipe(tmp_path: Path) -> Path:
+    (tmp_path / "hf_models.py").write_text(
+        "import transformers\n"
+        "def gpt2():\n"
+        "    return transformers.GPT2LMHeadModel(transformers.GPT2Config(\n"
+        "        vocab_size=256, n_positions=32, n_embd=32, n_layer=1, n_head=2))\n"
+    )
+    return tmp_path
+
+
+def test_export_of_a_tied_model_loads_strictly_and_as_hf(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    env = {"PYTHONPATH": str(_hf_recipe(tmp_path))}
+    cli("run", TINY, f"out_dir={tmp_path}", *SHORT, "model={_component_: hf_models.gpt2}",
+        "--until", "4", env=env)  # fmt: skip
+    snap = tmp_path / "tiny" / "state_4"
+    assert checkpoint.read_manifest(snap)["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+    cli("export", snap, "--out", tmp_path / "w.safetensors", env=env)
+    fresh = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=256, n_positions=32, n_embd=32, n_layer=1, n_head=2))  # fmt: skip
+    fresh.load_state_dict(load_file(str(tmp_path / "w.safetensors")))  # strict: every key
+    cli("export", snap, "--hf", tmp_path / "hf", env=env)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf"))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in fresh.state_dict().items())
+    res = cli("sample", snap, "--tokens", "3", env=env)
+    assert res.returncode == 0  # an HF causal LM returns logits in its output: sample works
+
+
+def test_export_hf_and_sample_refuse_what_they_cannot_do(tmp_path):
+    cli("run", TINY, f"out_dir={tmp_path}", *SHORT, "--until", "4")
+    snap = tmp_path / "tiny" / "state_4"
+    res = cli("export", snap, "--hf", tmp_path / "hf", check=False)
+    assert res.returncode == 2 and "export --hf needs a transformers model" in res.stderr
+    import functrain as ft
+    from functrain.losses import cross_entropy
+    from functrain.models import MLP
+
+    spec = {"in_features": 2, "hidden": 4, "classes": 256}
+    state = ft.create(MLP(**spec), loss=cross_entropy(), optimizer=ft.adamw(lr=1e-3),
+                      transforms=[ft.forward_backward(), ft.apply_optimizer()])  # fmt: skip
+    recipe = {"model": {"_component_": "functrain.models.MLP", **spec}}
+    checkpoint.save(tmp_path / "mlp" / "state_1", state.tensors(), {"step": 1, "recipe": recipe})
+    res = cli("sample", tmp_path / "mlp" / "state_1", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "sample needs a language model" in res.stderr and "functrain.models.MLP" in res.stderr
+
+
+def test_a_branch_onto_other_data_is_refused_then_accepted_when_allowed(tmp_path):
+    cli("run", TINY, f"out_dir={tmp_path}", *SHORT, "--until", "4")
+    other = ["data.dataset.max_bytes=150000"]
+    res = cli("resume", TINY, f"out_dir={tmp_path}", *SHORT, *other, "--from", "latest",
+              "--name", "B", "--allow-change", "data.dataset.max_bytes", check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr  # the content change follows the allowed key
+    lineage = checkpoint.read_manifest(tmp_path / "B" / "state_8")["lineage"][-1]
+    assert any(c.startswith("data: data content changed") for c in lineage["changes"])
+    res = cli("resume", TINY, f"out_dir={tmp_path}", *SHORT, "data.batch_size=16",
+              "--from", "state_4", "--name", "C", check=False)  # fmt: skip
+    assert res.returncode == 2 and "--allow-change data.batch_size" in res.stderr
+    cli("resume", TINY, f"out_dir={tmp_path}", *SHORT, "data.batch_size=16",
+        "--from", "state_4", "--name", "C", "--allow-change", "data.batch_size")  # fmt: skip
+
+
+def test_trainable_only_snapshots_take_the_frozen_params_from_init_from(tmp_path):
+    from conftest import assert_branch_resumes_bitwise
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+    save_file(_other_gpt().state_dict(), str(weights))
+    args = [*SHORT, f"init_from={weights}", "freeze=[tok.weight, pos.weight]",
+            "checkpoint.trainable_only=true"]  # fmt: skip
+    a, _, _ = assert_branch_resumes_bitwise(tmp_path, TINY, *args, at=4, end=8)
+    tensors, manifest = checkpoint.load(a / "state_4")
+    assert manifest["trainable_only"] and _params(tensors["frozen"]) == {}
+    assert len(manifest["frozen_sha256"]) == 64
+    save_file(_other_gpt(seed=5).state_dict(), str(weights))  # another base
+    res = cli("resume", TINY, f"out_dir={tmp_path}", "name=A", *args, "--from", "state_4",
+              "--name", "C", check=False)  # fmt: skip
+    assert res.returncode == 2 and "the weights the run started from differ" in res.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_branch_resumes_bitwise, cli, toy_data, toy_model
+from conftest import assert_branch_resumes_bitwise, assert_states_equal, cli, toy_data, toy_model
 
 import functrain as ft
 from functrain import checkpoint
@@ -149,3 +149,60 @@ def test_frozen_params_under_torchrun_stay_as_they_were(tmp_path, monkeypatch, p
         assert checkpoint.digests(tmp_path / "one" / "state_12") == checkpoint.digests(
             tmp_path / "two" / "state_12"
         )
+
+
+# ---------------------------------------------------------------- LoRA and trainable_only
+
+
+def _lora_gpt2(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=2,
+                                     n_head=2)  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        base = transformers.GPT2LMHeadModel(config)
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0)
+        return peft.get_peft_model(base, lora)
+
+
+def test_a_lora_adapter_trains_alone_and_resumes_bitwise_from_adapter_only_snapshots(tmp_path):
+    from functrain.losses import model_loss
+
+    def new_state():
+        return ft.create(_lora_gpt2(), loss=model_loss(), optimizer=ft.adamw(lr=1e-2, weight_decay=0.1),
+                         transforms=[ft.forward_backward(), ft.apply_optimizer()])  # fmt: skip
+
+    ids = torch.randint(0, 256, (64, 16), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids[i : i + 8], "labels": ids[i : i + 8]} for i in range(0, 64, 8)]
+
+    def train(state, start, stop):
+        for b in batches[start:stop]:
+            state = ft.step(state, b)
+        return state
+
+    state = new_state()
+    trainable = sorted(_leaves(state.params))
+    assert trainable and all("lora_" in k for k in trainable)
+    assert all("lora_" not in k for k in _leaves(state.frozen))
+    moments = [k for k in _leaves(state.opt) if k.startswith(("mu.", "nu."))]
+    assert len(moments) == 2 * len(trainable) and all("lora_" in k for k in moments)
+    base = {k: v.clone() for k, v in _leaves(state.frozen).items()}
+    frozen_hash = checkpoint.content_hash(base)
+    meta = checkpoint.describe(frozen_sha256=frozen_hash)
+    policy = checkpoint.Policy(trainable_only=True)
+    with checkpoint.Snapshots(tmp_path, policy, meta=meta) as snapshots:
+        snapshots.maybe_save(train(state, 0, 4), last=True)
+    tensors, manifest = checkpoint.load(tmp_path / "state_4")
+    assert manifest["trainable_only"] and _leaves(tensors["frozen"]) == {}
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "state_4").iterdir())
+    assert on_disk < sum(v.numel() * 4 for v in base.values())  # the base is not in it
+    resumed, _ = checkpoint.Snapshots(tmp_path, policy, meta=meta).restore(like=new_state())
+    resumed = train(resumed, 4, 8)
+    straight = train(new_state(), 0, 8)
+    assert_states_equal(resumed.tensors(), straight.tensors())
+    assert all(torch.equal(v, base[k]) for k, v in _leaves(straight.frozen).items())
+    other = checkpoint.describe(frozen_sha256="0" * 64)  # another base
+    with pytest.raises(ft.errors.MismatchError, match="trainable params only") as refused:
+        checkpoint.Snapshots(tmp_path, meta=other).restore(like=new_state())
+    assert refused.value.what == "init_from"

@@ -34,7 +34,7 @@ from functrain.checkpoint.async_writer import AsyncWriter
 from functrain.checkpoint.manager import Policy, Snapshots
 from functrain.checkpoint.manifest import FORMAT_VERSION, MANIFEST, read_manifest, versions
 from functrain.checkpoint.plan import FREE_KEYS, Plan, describe, plan_resume
-from functrain.checkpoint.pretrained import init_from, read_weights
+from functrain.checkpoint.pretrained import content_hash, init_from, read_weights
 from functrain.checkpoint.snapshot import check, digests, load, save, verify
 from functrain.errors import SnapshotError
 
@@ -48,6 +48,7 @@ __all__ = [
     "SnapshotError",
     "Snapshots",
     "check",
+    "content_hash",
     "describe",
     "clean_partial",
     "dcp",

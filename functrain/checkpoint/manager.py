@@ -31,7 +31,7 @@ from functrain.checkpoint import dcp, raw
 from functrain.checkpoint._files import list_snapshots, remove, snapshot_path, snapshot_step
 from functrain.checkpoint.async_writer import AsyncWriter, ClosedOnExit
 from functrain.checkpoint.manifest import read_manifest
-from functrain.checkpoint.plan import plan_resume
+from functrain.checkpoint.plan import plan_resume, with_frozen_of, without_frozen
 from functrain.checkpoint.snapshot import check, load
 from functrain.errors import MismatchError, RunError, SnapshotError, warn
 from functrain.state import TrainState
@@ -69,6 +69,9 @@ class Policy:
     keep_every: int | None = None  # ... plus every snapshot whose step is a multiple of K
     async_save: bool = False  # write in the background; the step stalls only for a copy
     on_error: Literal["stop", "continue"] = "stop"
+    #: Leave the frozen params out of each snapshot (the manifest says so, with their hash):
+    #: a fine-tuned adapter's snapshot holds the adapter, not the base it was trained on.
+    trainable_only: bool = False
 
 
 class Snapshots(ClosedOnExit):
@@ -176,6 +179,7 @@ class Snapshots(ClosedOnExit):
         """
         sharded = self._sharding is not None
         path, (tensors, manifest) = self.find(spec, lambda p: self.read(p, sharded=sharded))
+        tensors = with_frozen_of(like, manifest, tensors)
         now = {**self._meta, **(expect or {})}
         plan = plan_resume(path, manifest, now, allow=allow, like=like, tensors=tensors)
         for message in plan.warnings:
@@ -275,18 +279,22 @@ class Snapshots(ClosedOnExit):
 
     def _write(self, state: TrainState, step: int) -> None:
         path, meta = self.path(step), {"step": step, **self._meta, **self._meta_now()}
+        tensors = state.tensors()
+        if self.policy.trainable_only:
+            tensors = without_frozen(tensors)
+            meta["trainable_only"] = True
         sharded, main = self._sharding is not None, self._ctx.is_main
         if not (sharded or main):
             return
         if self._writer is not None:  # returns once copied: the next in-place step cannot race it
             on_done = (lambda published: self.retain([published])) if main else None
-            self._writer.save(path, state.tensors(), meta, on_done=on_done)
+            self._writer.save(path, tensors, meta, on_done=on_done)
         elif sharded:
-            dcp.save(path, state.tensors(), meta, sharding=self._sharding)
+            dcp.save(path, tensors, meta, sharding=self._sharding)
             if main:
                 self.retain([path])
         else:
-            self.retain([raw.save(path, state.tensors(), meta)])
+            self.retain([raw.save(path, tensors, meta)])
 
     def _agreed(self, fn: Callable[[], Any]) -> SnapshotError | RunError | None:
         """Run `fn` on every rank; the error any rank's `fn` raised, on every rank, or None."""

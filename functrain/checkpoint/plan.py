@@ -39,7 +39,15 @@ from functrain.errors import MismatchError
 from functrain.hashing import ABSENT, canonical_hash, diff
 from functrain.state import TrainState
 
-__all__ = ["FREE_KEYS", "Plan", "describe", "environment", "plan_resume"]
+__all__ = [
+    "FREE_KEYS",
+    "Plan",
+    "describe",
+    "environment",
+    "plan_resume",
+    "with_frozen_of",
+    "without_frozen",
+]
 
 #: Recipe keys that change no bit of training: they may differ on resume without --allow-change.
 FREE_KEYS = (
@@ -63,13 +71,15 @@ def describe(
     determinism: Mapping | None = None,
     init_from: Mapping | None = None,
     tied: Mapping[str, str] | None = None,
+    frozen_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The manifest entries that say what a run is: written into each of its snapshots
     (with `versions`, which the manifest always has), compared by `plan_resume`.
 
     `world_size_exact`: the run's bits do not depend on its number of processes
     (canonical micro-batches, unsharded). `init_from`: the source and content hash of the
-    weights it started from. `tied`: the other names of tied weights (`lm_head.weight` ->
+    weights it started from. `frozen_sha256`: the content hash of the frozen params, which
+    a `trainable_only` snapshot leaves out. `tied`: the other names of tied weights (`lm_head.weight` ->
     `transformer.wte.weight`), which the state keeps once and an export writes under each."""
     out: dict[str, Any] = {}
     if recipe is not None:
@@ -86,6 +96,8 @@ def describe(
         out["init_from"] = dict(init_from)
     if tied:
         out["tied"] = dict(tied)
+    if frozen_sha256 is not None:
+        out["frozen_sha256"] = frozen_sha256
     out["world_size"] = world_size
     out["world_size_exact"] = world_size_exact
     return out
@@ -126,6 +138,7 @@ def plan_resume(
     allow = list(allow)
     allowed = _check_recipe(manifest, now, allow) + _check_data(manifest, now, allow)
     _check_init(manifest, now)
+    _check_frozen(path, manifest, now)
     warnings = _world_size(path, manifest, now) + _environment(manifest, now)
     return Plan(snapshot=path, step=int(manifest["step"]), allowed=allowed, warnings=warnings)
 
@@ -220,6 +233,35 @@ def _check_init(manifest: Mapping, now: Mapping) -> None:
             f"this run's {now_}. Resume with the init_from the run started from, unchanged.",
             what="init_from",
         )
+
+
+def _check_frozen(path: Path, manifest: Mapping, now: Mapping) -> None:
+    """A snapshot without its frozen params takes this run's: they must be the same bytes."""
+    if not manifest.get("trainable_only"):
+        return
+    if now.get("frozen_sha256") != manifest.get("frozen_sha256"):
+        raise MismatchError(
+            f"{path} holds the trainable params only (checkpoint.trainable_only), and the "
+            "frozen params this recipe builds (from init_from) are not the ones it was "
+            "trained on (their sha256 differs, or this run does not describe them: set "
+            "checkpoint.trainable_only: true to resume it). Resume with the same init_from.",
+            what="init_from",
+        )
+
+
+def without_frozen(tensors: TensorDict) -> TensorDict:
+    """A state's entries with `frozen` empty: what a `trainable_only` snapshot holds."""
+    return tensors.exclude("frozen").set("frozen", TensorDict({}, batch_size=[]))
+
+
+def with_frozen_of(
+    like: TrainState, manifest: Mapping, tensors: TensorDict | None
+) -> TensorDict | None:
+    """A `trainable_only` snapshot's `tensors` completed with `like`'s frozen params (the
+    plan checks they are the ones it was trained on); any other snapshot's as they are."""
+    if tensors is None or not manifest.get("trainable_only"):
+        return tensors
+    return tensors.exclude("frozen").set("frozen", like.frozen)
 
 
 def _init_source(init: Mapping | None) -> str:

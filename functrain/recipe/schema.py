@@ -77,6 +77,11 @@ class CheckpointConfig:
         expect="an integer > 0 (keep snapshots whose step is a multiple of it), or null",
         check=_positive,
     )
+    trainable_only: bool = _field(
+        default=False,
+        expect="true or false (true: snapshots leave out the frozen params, which the "
+        "recipe rebuilds — from init_from — and a resume checks by their hash)",
+    )
     on_error: Literal["stop", "continue"] = _field(
         default="stop",
         expect="'stop' (a failed snapshot ends the run, exit 2) or 'continue' (warn, train on)",

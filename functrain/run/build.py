@@ -206,7 +206,19 @@ def description(built: Built) -> dict:
         determinism=built.determinism,
         init_from=built.init_from,
         tied=tied_names(built.state.static.model),
+        frozen_sha256=_frozen_hash(built) if r.checkpoint.trainable_only else None,
     )
+
+
+def _frozen_hash(built: Built) -> str:
+    """The content hash of the frozen params, which trainable_only snapshots leave out."""
+    if built.sharding is not None:
+        raise BuildError(
+            "checkpoint.trainable_only: true is not supported with parallel: fsdp under "
+            "torchrun yet; use parallel: ddp"
+        )
+    leaves = built.state.frozen.items(include_nested=True, leaves_only=True)
+    return checkpoint.content_hash({".".join(k): v for k, v in leaves})
 
 
 def sharded(recipe: Recipe, world_size: int) -> bool:

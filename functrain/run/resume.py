@@ -14,6 +14,7 @@ import attrs
 
 from functrain import data as data_lib
 from functrain.checkpoint import Snapshots, plan_resume
+from functrain.checkpoint.plan import with_frozen_of
 from functrain.distributed import Context
 from functrain.errors import RunError
 from functrain.hashing import canonical_hash
@@ -62,6 +63,7 @@ def prepare(
     ctx.agree("snapshot (step, manifest digest)", (manifest["step"], canonical_hash(manifest)))
     built = build_and_probe(recipe, ctx)
     ctx.agree("data fingerprint", canonical_hash(built.fingerprint))
+    tensors = with_frozen_of(built.state, manifest, tensors)  # trainable_only: ours, checked
     plan = plan_resume(
         snap, manifest, description(built), allow=allow, like=built.state, tensors=tensors
     )

@@ -42,6 +42,7 @@ def policy(config: CheckpointConfig) -> Policy:
         keep_every=config.keep_every,
         async_save=config.async_save,
         on_error=config.on_error,
+        trainable_only=config.trainable_only,
     )
 
 
