@@ -289,11 +289,15 @@ def _like(mine: Any, theirs: Any) -> Any:
 def _metrics_like(mine: TensorDict, theirs: TensorDict) -> TensorDict:
     """A snapshot's `metrics` (any keys a transform added) on this state's devices: a key
     this state has keeps its device, a new one takes the loss's."""
+    found = dict(theirs.items(include_nested=True, leaves_only=True))
+    order = [k for k in mine.keys(True, True) if k in found] + [
+        k for k in found if mine.get(k, None) is None
+    ]  # this state's keys in its order (a loop may zip leaves), then the snapshot's others
     out = {}
-    for key, t in theirs.items(include_nested=True, leaves_only=True):
+    for key in order:
         ref = mine.get(key, None)
         device = ref.device if ref is not None else mine["loss"].device
-        out[key if isinstance(key, str) else ".".join(key)] = t.to(device, copy=True)
+        out[key if isinstance(key, str) else ".".join(key)] = found[key].to(device, copy=True)
     return TensorDict(out, batch_size=[]).unflatten_keys(".")
 
 

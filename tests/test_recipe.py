@@ -528,6 +528,7 @@ def test_to_dict_is_plain_and_resolved():
         "keep_last": None,
         "keep_every": None,
         "async": False,
+        "trainable_only": False,
         "on_error": "stop",
         "signal": None,
     } and d["eval"] == {
