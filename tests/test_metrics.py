@@ -128,3 +128,39 @@ def test_token_metrics_take_hf_style_labels_with_shift(shift):
         [accuracy(shift=shift)], measure([accuracy(shift=shift)], _Fixed(), batch)
     ).values()
     assert acc == 1.0
+
+
+def test_eval_all_counts_every_validation_sample_once_the_same_on_two_processes(
+    tmp_path, monkeypatch
+):
+    from _dist_common import launch
+
+    from functrain.data import text_corpus
+    from functrain.models import GPT
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ["run", TINY, f"out_dir={tmp_path}", *SHORT, *METRICS, "eval.batches=all",
+            "step.0.micro_batches=1", "step.0.micro_batch_size=2"]  # fmt: skip
+    launch(1, *args, "name=one")
+    launch(2, *args, "name=two")
+    one = [r for r in _records(tmp_path / "one") if "eval_loss" in r]
+    two = [r for r in _records(tmp_path / "two") if "eval_loss" in r]
+    assert [r["step"] for r in one] == [6, 12]
+    assert [{k: v for k, v in r.items() if k.startswith("eval_")} for r in one] == [
+        {k: v for k, v in r.items() if k.startswith("eval_")} for r in two
+    ]  # canonical units in order: the same bits on 1 and 2 processes
+    # against a hand count: every val sample once, each weighted by itself
+    from functrain import checkpoint
+
+    val = text_corpus(path=None, block_size=32, val_fraction=0.1, max_bytes=200000)["val"]
+    model = GPT(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.1)
+    ft.load_into(model, checkpoint.load(tmp_path / "one" / "state_12")[0])
+    model.eval()
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = torch.stack([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        logits = model(x)
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
+        right = (logits.argmax(-1) == y).double().mean()
+    assert math.isclose(one[-1]["eval_loss"], float(want), rel_tol=1e-5)
+    assert math.isclose(one[-1]["eval_accuracy"], float(right), rel_tol=1e-9)

@@ -28,6 +28,7 @@ from functrain.data.stream import (
     Stream,
     check_start,
     data_state,
+    is_plain_iterable,
     is_stateful,
     restore,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "prepare",
     "read_text",
     "restore",
+    "is_plain_iterable",
     "is_stateful",
     "Source",
     "Stream",

@@ -100,7 +100,11 @@ class EvalConfig:
     every: int | None = _field(
         default=None, expect="an integer > 0, or null (no eval)", check=_positive
     )
-    batches: int = _field(default=10, expect="an integer > 0", check=_positive)
+    batches: int | Literal["all"] = _field(
+        default=10,
+        expect="an integer > 0, or 'all' (every validation sample once, in order)",
+        check=lambda v: v == "all" or v > 0,
+    )
 
 
 @attrs.frozen(kw_only=True)

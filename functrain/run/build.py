@@ -286,6 +286,11 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
         sharding=sharding,
         precision=precision,
     )
+    if recipe.eval.batches == "all" and data_lib.is_plain_iterable(splits.get("val")):
+        raise BuildError(
+            "eval.batches: 'all' needs a validation set with a length; the val dataset is an "
+            "IterableDataset: give eval.batches a number"
+        )
     fingerprint = data_lib.fingerprint(
         splits["train"],
         batch_size=recipe.data.batch_size,

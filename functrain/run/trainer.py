@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import default_collate
 
 from functrain import data as data_lib
 from functrain import distributed
@@ -275,6 +276,8 @@ class Trainer:
         canonical run, the mean of every micro-batch's loss in global order, the same bits
         on any number of processes), and each metric from its sums and counts over every
         batch and rank."""
+        if self.recipe.eval.batches == "all":
+            return self._eval_all(state)
         batches = iter(val_loader(self.built))
         size = self.built.parts.micro_batch_size
         metrics = self.built.metrics
@@ -289,6 +292,42 @@ class Trainer:
             return self.ctx.mean(loss), values
         every = self.ctx.gather(loss)  # (ranks, batches, micro-batches per rank)
         return every.transpose(0, 1).reshape(-1).sum() / every.numel(), values
+
+    def _eval_all(self, state: TrainState) -> tuple[torch.Tensor, dict[str, float]]:
+        """`eval.batches: all`: every validation sample once. The samples are cut, in order,
+        into units of the canonical micro-batch size (else the per-rank batch), the last one
+        partial; rank r evaluates units r, r + N, ...; the loss is the sum of each unit's
+        mean times its size over the sample count, added in unit order after a gather, so
+        a canonical run gets the same bits on any number of processes."""
+        val, ctx, device = self.built.val, self.ctx, self.built.device
+        n = len(val)
+        unit = self.built.parts.micro_batch_size or self.built.local_batch
+        units = [(a, min(a + unit, n)) for a in range(0, n, unit)]
+        mine = units[ctx.rank :: ctx.world_size]
+        per_rank = -(-len(units) // ctx.world_size)
+        metrics = self.built.metrics
+        # per unit: loss * count, count, then each metric's (sum, count)
+        rows = torch.zeros((per_rank, 2 + 2 * len(metrics)), dtype=torch.float64, device=device)
+        model = state.static.model
+        model.eval()
+        try:
+            with torch.no_grad(), state.bind() as bound, state.static.precision.autocast(device):
+                for j, (a, b) in enumerate(mine):
+                    batch = to_device(default_collate([val[i] for i in range(a, b)]), device)
+                    loss = state.static.loss(bound, batch).float()
+                    rows[j, 0], rows[j, 1] = loss.double() * (b - a), b - a
+                    if metrics:
+                        rows[j, 2:] = measure(metrics, bound, batch).reshape(-1)
+        finally:
+            model.train()
+        every = ctx.gather(rows)  # (ranks, per rank, ...): unit u is every[u % R, u // R]
+        ordered = every.transpose(0, 1).reshape(-1, rows.shape[1])[: len(units)]
+        total = torch.zeros(rows.shape[1], dtype=torch.float64, device=device)
+        for row in ordered:  # in unit order: the same sums on any number of processes
+            total += row
+        loss = (total[0] / total[1]).float()
+        values = finish(metrics, total[2:].view(len(metrics), 2)) if metrics else {}
+        return loss, values
 
     def _should_stop(self) -> bool:
         """Asked on every rank after every step but the last; all get the same answer. A
