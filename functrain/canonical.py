@@ -102,7 +102,7 @@ class TreeSum:
     def result(self) -> list[torch.Tensor]:
         """The sum of everything pushed; the count must have been width * 2^k."""
         if self._unit is not None or len(self._stack) != 1:
-            raise ConfigError(
+            raise ValueError(  # an internal invariant, not a user's value: keeps its traceback
                 f"TreeSum got a count of micro-batches that is not {self.width} * 2^k "
                 "(an incomplete subtree)"
             )

@@ -93,10 +93,15 @@ def perplexity(input: str | None = None, target: str | None = None, shift: bool 
     return Metric(name="perplexity", measure=measure, finish=torch.exp)
 
 
-def measure(metrics: Sequence[Metric], model: nn.Module, batch: Any) -> torch.Tensor:
-    """The (sum, count) of each metric on one batch, as a float64 tensor [len(metrics), 2]."""
-    pairs = [torch.stack([torch.as_tensor(v).double().reshape(()) for v in m.measure(model, batch)])
-             for m in metrics]  # fmt: skip
+def measure(
+    metrics: Sequence[Metric], model: nn.Module, batch: Any, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The (sum, count) of each metric on one batch, as a float64 tensor [len(metrics), 2] on
+    `device` (a metric may give Python numbers or tensors on any device)."""
+    pairs = [
+        torch.stack([torch.as_tensor(v).to(device, torch.float64).reshape(()) for v in pair])
+        for pair in (m.measure(model, batch) for m in metrics)
+    ]
     return torch.stack(pairs)
 
 

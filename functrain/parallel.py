@@ -21,6 +21,8 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
+from functrain.errors import ConfigError
+
 __all__ = ["UNSHARDED", "Placement", "Sharding", "Unsharded", "module_buffers"]
 
 
@@ -104,7 +106,19 @@ class Unsharded:
     def backward(
         self, loss: torch.Tensor, params: list[torch.Tensor], acc: list[torch.Tensor] | None
     ) -> list[torch.Tensor]:
-        grads = torch.autograd.grad(loss, params)
+        if loss.dim() != 0:
+            raise ConfigError(
+                f"the loss must be a scalar, got a tensor of shape {list(loss.shape)}: reduce "
+                "it (mean) in the loss function"
+            )
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        unused = sum(g is None for g in grads)
+        if unused:
+            raise ConfigError(
+                f"{unused} trainable parameter(s) are not used by the loss (a pooler or head "
+                "the task does not need?): freeze them (the recipe's freeze:, or "
+                "requires_grad=False), or use them"
+            )
         if acc is None:
             return list(grads)
         torch._foreach_add_(acc, grads)

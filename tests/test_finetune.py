@@ -275,6 +275,8 @@ def test_trainable_only_snapshots_take_the_frozen_params_from_init_from(tmp_path
     tensors, manifest = checkpoint.load(a / "state_4")
     assert manifest["trainable_only"] and _params(tensors["frozen"]) == {}
     assert len(manifest["frozen_sha256"]) == 64
+    res = cli("export", a / "state_4", "--out", tmp_path / "w2.safetensors", check=False)
+    assert res.returncode == 2 and "holds the trainable params only" in res.stderr
     save_file(_other_gpt(seed=5).state_dict(), str(weights))  # another base
     res = cli("resume", TINY, f"out_dir={tmp_path}", "name=A", *args, "--from", "state_4",
               "--name", "C", check=False)  # fmt: skip

@@ -206,3 +206,43 @@ def test_a_lora_adapter_trains_alone_and_resumes_bitwise_from_adapter_only_snaps
     with pytest.raises(ft.errors.MismatchError, match="trainable params only") as refused:
         checkpoint.Snapshots(tmp_path, meta=other).restore(like=new_state())
     assert refused.value.what == "init_from"
+
+
+class _WithPooler(torch.nn.Module):
+    """A model with a part the task never uses (a pooler, a second head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.unused = toy_model(), torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_trainable_param_the_loss_never_uses_is_named_not_a_raw_error():
+    def state_of(model):
+        return ft.create(model, loss=cross_entropy(), optimizer=ft.adamw(lr=1e-2),
+                         transforms=[ft.forward_backward(), ft.apply_optimizer()])  # fmt: skip
+
+    with pytest.raises(ft.errors.ConfigError, match=r"2 trainable parameter\(s\) are not used"):
+        _train(state_of(_WithPooler()), 1)
+    model = _WithPooler()
+    model.unused.requires_grad_(False)  # frozen: fine
+    _train(state_of(model), 2)
+
+
+def test_a_custom_loop_trainable_only_snapshot_records_its_base_and_refuses_another(tmp_path):
+    state = _train(_frozen_first_layer(), 2)
+    with checkpoint.Snapshots(tmp_path, checkpoint.Policy(trainable_only=True)) as snapshots:
+        snapshots.maybe_save(state, last=True)
+    manifest = checkpoint.read_manifest(tmp_path / "state_2")
+    assert manifest["trainable_only"] and len(manifest["frozen_sha256"]) == 64
+    restored, _ = checkpoint.Snapshots(tmp_path).restore(like=_frozen_first_layer())
+    assert_states_equal(restored.tensors(), state.tensors())
+    other = toy_model(seed=1)  # another base: other frozen bytes
+    for p in other[0].parameters():
+        p.requires_grad_(False)
+    like = ft.create(other, loss=cross_entropy(), optimizer=ft.adamw(lr=1e-2, weight_decay=0.1),
+                     transforms=[ft.forward_backward(), ft.apply_optimizer()])  # fmt: skip
+    with pytest.raises(ft.errors.MismatchError, match="trainable params only"):
+        checkpoint.Snapshots(tmp_path).restore(like=like)

@@ -343,5 +343,32 @@ def test_the_trainer_says_the_state_is_gone_when_a_step_fails(tmp_path):
     res = cli("run", recipe, f"out_dir={tmp_path}", *SHORT, check=False, env=ON_PATH)
     assert res.returncode == 1 and "injected failure at step 7" in res.stderr
     assert "step 7 failed, and the state it was given is gone" in res.stderr
-    assert f"the newest snapshot is {tmp_path / 'tiny' / 'state_4'}" in res.stderr
+    assert f"the newest published snapshot is {tmp_path / 'tiny' / 'state_4'}" in res.stderr
     assert sorted(p.name for p in (tmp_path / "tiny").glob("state_*")) == ["state_4"]
+
+
+def test_a_manifest_from_before_keys_were_added_is_read_with_their_defaults():
+    now = describe(
+        recipe={**RECIPE, "init_from": None, "init_from_map": {}, "freeze": [], "metrics": []},
+        data=_fingerprint(), device="cpu", world_size=2,
+    )  # fmt: skip
+    assert plan_resume("s", _manifest(), now).allowed == []  # the manifest's recipe lacks them
+    frozen = {**now, "recipe": {**now["recipe"], "freeze": ["x.*"]}}
+    with pytest.raises(MismatchError, match=r"freeze\.0: <absent> -> x\.\*"):
+        plan_resume("s", _manifest(), frozen)
+
+
+def test_a_snapshot_without_a_recipe_is_refused_where_a_recipe_is_checked():
+    now = describe(recipe=RECIPE, data=_fingerprint(), device="cpu", world_size=2)
+    bare = {k: v for k, v in _manifest().items() if k not in ("recipe", "recipe_hash")}
+    with pytest.raises(MismatchError, match="records no recipe") as refused:
+        plan_resume("s", bare, now)
+    assert refused.value.what == "recipe"
+
+
+def test_restore_compares_expect_entries_the_plan_does_not_know(tmp_path):
+    with checkpoint.Snapshots(tmp_path, meta={"experiment": "a"}) as snapshots:
+        snapshots.maybe_save(ft.step(make_state(), _batch()), last=True)
+    with pytest.raises(MismatchError, match="experiment: the snapshot has 'a', this run 'b'"):
+        checkpoint.Snapshots(tmp_path).restore(like=make_state(), expect={"experiment": "b"})
+    checkpoint.Snapshots(tmp_path).restore(like=make_state(), expect={"experiment": "a"})

@@ -31,7 +31,13 @@ from functrain.checkpoint import dcp, raw
 from functrain.checkpoint._files import list_snapshots, remove, snapshot_path, snapshot_step
 from functrain.checkpoint.async_writer import AsyncWriter, ClosedOnExit
 from functrain.checkpoint.manifest import read_manifest
-from functrain.checkpoint.plan import plan_resume, with_frozen_of, without_frozen
+from functrain.checkpoint.plan import (
+    KNOWN_META,
+    frozen_hash,
+    plan_resume,
+    with_frozen_of,
+    without_frozen,
+)
 from functrain.checkpoint.snapshot import check, load
 from functrain.errors import MismatchError, RunError, SnapshotError, warn
 from functrain.state import TrainState
@@ -101,6 +107,7 @@ class Snapshots(ClosedOnExit):
         self._meta_now = meta_now or dict
         self._keep = {Path(p).resolve() for p in keep if p is not None}
         self._writer: AsyncWriter | None = None
+        self._frozen_sha256: str | None = None
         if self.policy.async_save and (sharding is not None or self._ctx.is_main):
             write = dcp.async_writer(sharding) if sharding is not None else None  # collective
             self._writer = AsyncWriter(write=write)
@@ -181,6 +188,13 @@ class Snapshots(ClosedOnExit):
         path, (tensors, manifest) = self.find(spec, lambda p: self.read(p, sharded=sharded))
         tensors = with_frozen_of(like, manifest, tensors)
         now = {**self._meta, **(expect or {})}
+        for key, want in (expect or {}).items():  # what the plan does not know: equal
+            if key not in KNOWN_META and manifest.get(key) != want:
+                raise MismatchError(
+                    f"{path} does not match this run: {key}: the snapshot has "
+                    f"{manifest.get(key)!r}, this run {want!r}",
+                    what=key,
+                )
         plan = plan_resume(path, manifest, now, allow=allow, like=like, tensors=tensors)
         for message in plan.warnings:
             self._ctx.warn(message)
@@ -283,6 +297,10 @@ class Snapshots(ClosedOnExit):
         if self.policy.trainable_only:
             tensors = without_frozen(tensors)
             meta["trainable_only"] = True
+            if "frozen_sha256" not in meta:  # a loop of its own: hash them once, here
+                if self._frozen_sha256 is None:
+                    self._frozen_sha256 = frozen_hash(state)
+                meta["frozen_sha256"] = self._frozen_sha256
         sharded, main = self._sharding is not None, self._ctx.is_main
         if not (sharded or main):
             return

@@ -34,6 +34,7 @@ from tensordict import TensorDict
 from functrain import names
 from functrain.checkpoint import dcp
 from functrain.checkpoint.manifest import versions
+from functrain.checkpoint.pretrained import content_hash
 from functrain.data import fingerprint_changes
 from functrain.errors import MismatchError
 from functrain.hashing import ABSENT, canonical_hash, diff
@@ -53,6 +54,12 @@ __all__ = [
 FREE_KEYS = (
     "name", "out_dir", "checkpoint", "log_every", "log", "data.num_workers", "data.replay",
     "init_from",  # its path may move: the content hash in the manifest is what is compared
+)  # fmt: skip
+
+#: The manifest entries `plan_resume` compares (or warns of), by its own rules.
+KNOWN_META = (
+    "recipe", "recipe_hash", "data", "device", "cpu_threads", "determinism", "init_from",
+    "tied", "frozen_sha256", "world_size", "world_size_exact", "versions",
 )  # fmt: skip
 
 #: torch's intra-op threads split CPU reductions (a bias's gradient, a norm) into as many
@@ -133,6 +140,8 @@ def plan_resume(
     of this run, whose structure the snapshot's `tensors` (or, for a sharded snapshot, the
     shapes its manifest lists) must match."""
     path = Path(snapshot)
+    if manifest.get("trainable_only") and "frozen_sha256" not in now and like is not None:
+        now = {**now, "frozen_sha256": frozen_hash(like)}  # the frozen params it would take
     if like is not None:
         _check_structure(path, manifest, like, tensors)
     allow = list(allow)
@@ -159,11 +168,24 @@ def _is_under(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == k or key.startswith(k + ".") for k in prefixes)
 
 
+#: Recipe keys added after snapshots were first written, with the value that does what a
+#: recipe without them did: an older manifest's recipe is read with these filled in.
+ADDED_KEYS = {"init_from": None, "init_from_map": {}, "freeze": [], "metrics": []}
+
+
 def _check_recipe(manifest: Mapping, now: Mapping, allow: list[str]) -> list[str]:
-    if "recipe" not in manifest or "recipe" not in now:
+    if "recipe" not in now:
         return []
-    theirs = names.current_plain(manifest["recipe"])  # paths that moved are no change
-    changes = [c for c in diff(theirs, now["recipe"]) if not _is_under(c[0], FREE_KEYS)]
+    if "recipe" not in manifest:
+        raise MismatchError(
+            "the snapshot records no recipe (a loop of your own wrote it), so the recipe "
+            "cannot be checked against it: resume it from that loop (Snapshots.restore), or "
+            "start a new run",
+            what="recipe",
+        )
+    theirs = {**ADDED_KEYS, **names.current_plain(manifest["recipe"])}  # moved paths: no change
+    ours = {**ADDED_KEYS, **now["recipe"]}  # a recipe of a loop of its own may lack them too
+    changes = [c for c in diff(theirs, ours) if not _is_under(c[0], FREE_KEYS)]
     refused = [c for c in changes if not _is_under(c[0], allow)]
     if refused:
         problems = "\n".join(f"  {k}: {_show(old)} -> {_show(new)}" for k, old, new in refused)
@@ -243,10 +265,15 @@ def _check_frozen(path: Path, manifest: Mapping, now: Mapping) -> None:
         raise MismatchError(
             f"{path} holds the trainable params only (checkpoint.trainable_only), and the "
             "frozen params this recipe builds (from init_from) are not the ones it was "
-            "trained on (their sha256 differs, or this run does not describe them: set "
-            "checkpoint.trainable_only: true to resume it). Resume with the same init_from.",
+            "trained on (their sha256 differs). Resume with the same init_from.",
             what="init_from",
         )
+
+
+def frozen_hash(state: TrainState) -> str:
+    """The content hash of a state's frozen params (what `trainable_only` leaves out)."""
+    leaves = state.frozen.items(include_nested=True, leaves_only=True)
+    return content_hash({".".join(k): v for k, v in leaves})
 
 
 def without_frozen(tensors: TensorDict) -> TensorDict:

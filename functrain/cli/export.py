@@ -18,6 +18,7 @@ from pathlib import Path
 import orjson
 
 from functrain import checkpoint
+from functrain.cli.sample import rebuild_model, refuse_trainable_only
 from functrain.errors import RunError
 from functrain.state import weights
 
@@ -36,6 +37,7 @@ def export(snapshot: Path, out: Path, *, ema: bool = False) -> dict[str, str]:
     if out.exists():
         raise RunError(f"{out} already exists; export writes a new file: pick another --out")
     tensors, manifest = checkpoint.load(snapshot)
+    refuse_trainable_only(snapshot, manifest)
     try:
         found = weights(tensors, ema=ema)
     except ValueError as err:
@@ -65,12 +67,12 @@ def export_pretrained(snapshot: Path, out: Path, *, ema: bool = False) -> Path:
     """For a `transformers` model: rebuild it from the snapshot's recipe, give it the
     snapshot's weights (strictly) and `save_pretrained(out)`, a directory its
     `from_pretrained` loads (config included, tied weights as transformers keeps them)."""
-    from functrain.cli.sample import rebuild_model
     from functrain.state import load_into
 
     if out.exists():
         raise RunError(f"{out} already exists; export --hf writes a new directory")
     tensors, manifest = checkpoint.load(snapshot)
+    refuse_trainable_only(snapshot, manifest)
     model = rebuild_model(snapshot, manifest)
     if not callable(getattr(model, "save_pretrained", None)):
         target = (manifest.get("recipe", {}).get("model") or {}).get("_component_")

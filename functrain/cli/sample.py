@@ -21,7 +21,7 @@ from functrain.losses import logits_of, structure
 from functrain.recipe import Component, instantiate
 from functrain.state import load_into
 
-__all__ = ["rebuild_model", "sample"]
+__all__ = ["rebuild_model", "refuse_trainable_only", "sample"]
 
 
 def sample(
@@ -38,6 +38,7 @@ def sample(
     if tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
         raise RunError("--tokens and --temperature must be >= 0, --top-k >= 1")
     tensors, manifest = checkpoint.load(snapshot)
+    refuse_trainable_only(snapshot, manifest)
     model = rebuild_model(snapshot, manifest)
     try:
         load_into(model, tensors, ema=ema)
@@ -105,3 +106,13 @@ def rebuild_model(snapshot: Path, manifest: dict) -> torch.nn.Module:
         return instantiate(Component(target=target, kwargs=spec))
     except RecipeError as err:
         raise RunError(f"{snapshot}: cannot rebuild the recipe's model: {err}") from err
+
+
+def refuse_trainable_only(snapshot: Path, manifest: dict) -> None:
+    """A snapshot without its frozen params is no whole model: say so, and what to do."""
+    if manifest.get("trainable_only"):
+        raise RunError(
+            f"{snapshot} holds the trainable params only (checkpoint.trainable_only: true); "
+            "the frozen ones come from the run's init_from. For a whole model, resume it "
+            "with checkpoint.trainable_only=false --until <its step + 1> and use that snapshot"
+        )

@@ -99,6 +99,14 @@ def _make(field: str, component: Component, **extra: Any) -> Any:
         ) from err
 
 
+def _as(convert: Any, field: str, value: Any) -> Any:
+    """`convert(value)` (a transform, a metric); what it refuses names the field."""
+    try:
+        return convert(value)
+    except TypeError as err:
+        raise ComponentError(f"{field}: {err}") from err
+
+
 def _raised_in_user_code(err: BaseException) -> bool:
     frames = [f for f in traceback.extract_tb(err.__traceback__) if not _in(f.filename, _TORCH)]
     return bool(frames) and not _in(frames[-1].filename, _PACKAGE)
@@ -161,7 +169,9 @@ class StepParts:
 def step_parts(recipe: Recipe) -> StepParts:
     """Make the recipe's step transforms (factories: cheap, nothing runs) and read their
     declarations."""
-    parts = tuple(as_transform(_make(f"step.{i}", c)) for i, c in enumerate(recipe.step))
+    parts = tuple(
+        _as(as_transform, f"step.{i}", _make(f"step.{i}", c)) for i, c in enumerate(recipe.step)
+    )
     try:
         i = gradient_source(parts)
     except ValueError as err:
@@ -308,7 +318,10 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
         local_batch=recipe.data.batch_size // ctx.world_size,
         sharding=sharding,
         parts=parts,
-        metrics=tuple(as_metric(_make(f"metrics.{i}", c)) for i, c in enumerate(recipe.metrics)),
+        metrics=tuple(
+            _as(as_metric, f"metrics.{i}", _make(f"metrics.{i}", c))
+            for i, c in enumerate(recipe.metrics)
+        ),
         init_from=init,
         determinism=exactness,
     )

@@ -88,7 +88,7 @@ def evaluate(
                 ):
                     losses.append(state.static.loss(model, micro).float())
                 if metrics:
-                    totals += measure(metrics, model, batch)
+                    totals += measure(metrics, model, batch, device)
     finally:
         model.train()
     if micro_batch_size is None:
@@ -216,13 +216,11 @@ class Trainer:
         """Say, before the error goes up, that the state in memory is gone and where the
         run can go on from: the step donated it (its buffers may hold half an update), so
         nothing of it is saved."""
-        try:
-            self.snapshots.wait_until_finished()  # a write in flight is of an earlier state
-        except Exception as err:
-            self.ctx.warn(f"the snapshot being written failed too: {err}")
+        # No wait for a write in flight here: that is a collective, and the other ranks may
+        # be inside the step. The newest published snapshot is what a resume would take.
         latest = self.snapshots.latest()
         where = (
-            f"the newest snapshot is {latest}: fix the cause, then continue with: "
+            f"the newest published snapshot is {latest}: fix the cause, then continue with: "
             f"functrain resume {self.recipe_path} --from latest"
             if latest is not None
             else "the run has no snapshot yet: fix the cause and start it again"
@@ -312,12 +310,16 @@ class Trainer:
         model.eval()
         try:
             with torch.no_grad(), state.bind() as bound, state.static.precision.autocast(device):
-                for j, (a, b) in enumerate(mine):
+                for j in range(per_rank):  # as many forward passes on every rank (FSDP's
+                    # are collectives); a rank short of units repeats one, and counts nothing
+                    a, b = mine[j] if j < len(mine) else units[0]
                     batch = to_device(default_collate([val[i] for i in range(a, b)]), device)
                     loss = state.static.loss(bound, batch).float()
-                    rows[j, 0], rows[j, 1] = loss.double() * (b - a), b - a
-                    if metrics:
-                        rows[j, 2:] = measure(metrics, bound, batch).reshape(-1)
+                    found = measure(metrics, bound, batch, device) if metrics else None
+                    if j < len(mine):
+                        rows[j, 0], rows[j, 1] = loss.double() * (b - a), b - a
+                        if found is not None:
+                            rows[j, 2:] = found.reshape(-1)
         finally:
             model.train()
         every = ctx.gather(rows)  # (ranks, per rank, ...): unit u is every[u % R, u // R]
