@@ -92,14 +92,21 @@ def model_loss() -> Loss:
     return loss
 
 
-def _loss_of(out: Any) -> torch.Tensor | None:
-    found = getattr(out, "loss", None)
+def _part(out: Any, name: str) -> Any:
+    """`name` of a model's output: the output itself if it is a tensor, else its attribute
+    (`ModelOutput.loss`), its item (`{"loss": ...}`), or a tuple's first item; or None."""
+    if isinstance(out, torch.Tensor):
+        return out
+    found = getattr(out, name, None)
     if found is None and isinstance(out, Mapping):
-        found = out.get("loss")
+        found = out.get(name)
     if found is None and isinstance(out, (tuple, list)) and out:
         found = out[0]
-    if found is None and isinstance(out, torch.Tensor):
-        found = out
+    return found
+
+
+def _loss_of(out: Any) -> torch.Tensor | None:
+    found = _part(out, "loss")
     is_scalar = isinstance(found, torch.Tensor) and found.dim() == 0
     return found if is_scalar else None
 
@@ -107,13 +114,7 @@ def _loss_of(out: Any) -> torch.Tensor | None:
 def logits_of(out: Any, loss: str) -> torch.Tensor:
     """The logits of a model's output: the tensor itself, `.logits`, `["logits"]`, or a
     tuple's first item."""
-    if isinstance(out, torch.Tensor):
-        return out
-    found = getattr(out, "logits", None)
-    if found is None and isinstance(out, Mapping):
-        found = out.get("logits")
-    if found is None and isinstance(out, (tuple, list)) and out:
-        found = out[0]
+    found = _part(out, "logits")
     if not isinstance(found, torch.Tensor):
         raise TypeError(
             f"{loss}: the model returned {structure(out)}, with no logits (a tensor, "

@@ -49,7 +49,8 @@ class Sharding(Protocol):
     def bind(
         self, model: nn.Module, params: TensorDict
     ) -> contextlib.AbstractContextManager[object]:
-        """Put `params` into `model` for the body of a `with` block."""
+        """Put `params` into `model` for the body of a `with` block. A state enters it
+        twice, nested: for its trainable params, then for its frozen ones."""
         ...
 
     def backward(
@@ -96,7 +97,11 @@ class Unsharded:
     def bind(
         self, model: nn.Module, params: TensorDict
     ) -> contextlib.AbstractContextManager[object]:
-        tied = model.__dict__.get("_functrain_tied")
+        tied = [  # of the weights in `params` (the trainable or the frozen ones)
+            (alias, first)
+            for alias, first in model.__dict__.get("_functrain_tied", [])
+            if params.get(first, None) is not None
+        ]
         if tied:
             params = params.copy()  # shallow: the same tensors, under the aliases too
             for alias, first in tied:

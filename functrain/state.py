@@ -149,9 +149,12 @@ class TrainState:
         (FSDP2), the shards are copied into the sharded module, which gathers them.
         """
         self._check_live()
-        model = self._static.model
-        params = _with_frozen(self.params, self.frozen)
-        with self._static.sharding.bind(model, params), self.buffers.to_module(model):
+        model, sharding, frozen = self._static.model, self._static.sharding, self.frozen
+        with (
+            sharding.bind(model, self.params),
+            sharding.bind(model, frozen) if _has_leaves(frozen) else contextlib.nullcontext(),
+            self.buffers.to_module(model),
+        ):
             yield model
 
     def state_dict(self, *, ema: bool = False) -> dict[str, torch.Tensor]:
@@ -223,14 +226,8 @@ def _entry(tensors: TensorDict, name: str) -> TensorDict:
     return tensors[name]
 
 
-def _with_frozen(params: TensorDict, frozen: TensorDict) -> TensorDict:
-    """The trainable and the frozen params in one tree, as the model names them (a new
-    tree: neither input changes)."""
-    if next(iter(frozen.keys(True, True)), None) is None:
-        return params
-    flat = dict(params.flatten_keys(".").items())
-    flat.update(frozen.flatten_keys(".").items())
-    return TensorDict(flat, batch_size=[]).unflatten_keys(".")
+def _has_leaves(td: TensorDict) -> bool:
+    return next(iter(td.keys(True, True)), None) is not None
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:

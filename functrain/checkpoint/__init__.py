@@ -33,7 +33,7 @@ from functrain.checkpoint._files import (
 from functrain.checkpoint.async_writer import AsyncWriter
 from functrain.checkpoint.manager import Policy, Snapshots
 from functrain.checkpoint.manifest import FORMAT_VERSION, MANIFEST, read_manifest, versions
-from functrain.checkpoint.plan import FREE_KEYS, Plan, describe, plan_resume
+from functrain.checkpoint.plan import FREE_KEYS, Plan, describe, frozen_hash, plan_resume
 from functrain.checkpoint.pretrained import content_hash, init_from, read_weights
 from functrain.checkpoint.snapshot import check, digests, load, save, verify
 from functrain.errors import SnapshotError
@@ -53,6 +53,7 @@ __all__ = [
     "clean_partial",
     "dcp",
     "digests",
+    "frozen_hash",
     "init_from",
     "list_snapshots",
     "plan_resume",

@@ -38,7 +38,6 @@ __all__ = [
     "build_and_probe",
     "step_parts",
     "data_seed",
-    "description",
     "probe",
     "resolve_device",
     "sharded",
@@ -65,6 +64,8 @@ class Built:
     metrics: tuple[Metric, ...]  # the recipe's eval metrics
     init_from: dict | None  # the weights the run started from: path, format, sha256
     determinism: dict  # the settings `functrain.determinism.configure` made, for manifests
+    description: dict  # what this run is (`functrain.checkpoint.describe`): every manifest
+    # records it, and the resume plan compares a snapshot's with it
 
 
 def resolve_device(name: str, rank: int = 0) -> torch.device:
@@ -107,18 +108,22 @@ def _as(convert: Any, field: str, value: Any) -> Any:
         raise ComponentError(f"{field}: {err}") from err
 
 
+def _innermost(err: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of `err`'s traceback outside torch (where it was raised, as the
+    code that called torch sees it), or None."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return next((f for f in reversed(frames) if not _in(f.filename, _TORCH)), None)
+
+
 def _raised_in_user_code(err: BaseException) -> bool:
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not _in(f.filename, _TORCH)]
-    return bool(frames) and not _in(frames[-1].filename, _PACKAGE)
+    frame = _innermost(err)
+    return frame is not None and not _in(frame.filename, _PACKAGE)
 
 
 def _where(err: BaseException) -> str:
-    """`file:line in function` of the innermost frame of `err`'s traceback outside torch."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not _in(f.filename, _TORCH)]
-    if not frames:
-        return "torch"
-    f = frames[-1]
-    return f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+    """`file:line in function` of `_innermost(err)`."""
+    f = _innermost(err)
+    return "torch" if f is None else f"{Path(f.filename).name}:{f.lineno} in {f.name}"
 
 
 _TORCH = Path(torch.__file__).resolve().parent
@@ -144,11 +149,10 @@ def _raised_by_component(err: BaseException, recipe: Recipe) -> bool:
     (its model, loss or dataset) or outside functrain altogether (a user's module, a
     library it calls): then the parts do not fit, which is the recipe's to fix. A frame in
     functrain's own machinery makes it a bug, which keeps its traceback."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not _in(f.filename, _TORCH)]
-    if not frames:
-        return False
-    innermost = Path(frames[-1].filename).resolve()
-    return not innermost.is_relative_to(_PACKAGE) or innermost in _component_files(recipe)
+    frame = _innermost(err)
+    return frame is not None and (
+        _raised_in_user_code(err) or Path(frame.filename).resolve() in _component_files(recipe)
+    )
 
 
 def data_seed(recipe: Recipe) -> int:
@@ -203,32 +207,14 @@ def _check_canonical(recipe: Recipe, world_size: int, parts: StepParts) -> None:
         ) from err
 
 
-def description(built: Built) -> dict:
-    """What this run is, as its manifests record it and the resume plan compares it
-    (`functrain.checkpoint.describe`)."""
-    r = built.recipe
-    return checkpoint.describe(
-        recipe=to_dict(r),
-        data=built.fingerprint,
-        device=built.device.type,
-        world_size=built.context.world_size,
-        world_size_exact=world_size_exact(r, built.context.world_size, built.parts),
-        determinism=built.determinism,
-        init_from=built.init_from,
-        tied=tied_names(built.state.static.model),
-        frozen_sha256=_frozen_hash(built) if r.checkpoint.trainable_only else None,
-    )
-
-
-def _frozen_hash(built: Built) -> str:
+def _frozen_hash(state: TrainState, sharding: fsdp.Sharding | None) -> str:
     """The content hash of the frozen params, which trainable_only snapshots leave out."""
-    if built.sharding is not None:
+    if sharding is not None:
         raise BuildError(
             "checkpoint.trainable_only: true is not supported with parallel: fsdp under "
             "torchrun yet; use parallel: ddp"
         )
-    leaves = built.state.frozen.items(include_nested=True, leaves_only=True)
-    return checkpoint.content_hash({".".join(k): v for k, v in leaves})
+    return checkpoint.frozen_hash(state)
 
 
 def sharded(recipe: Recipe, world_size: int) -> bool:
@@ -307,6 +293,18 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
         shuffle=recipe.data.shuffle,
         seed=data_seed(recipe),
     )
+    trainable_only = recipe.checkpoint.trainable_only
+    described = checkpoint.describe(  # what every manifest records, and a resume compares
+        recipe=to_dict(recipe),
+        data=fingerprint,
+        device=device.type,
+        world_size=ctx.world_size,
+        world_size_exact=world_size_exact(recipe, ctx.world_size, parts),
+        determinism=exactness,
+        init_from=init,
+        tied=tied_names(state.static.model),
+        frozen_sha256=_frozen_hash(state, sharding) if trainable_only else None,
+    )
     return Built(
         recipe=recipe,
         context=ctx,
@@ -324,6 +322,7 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
         ),
         init_from=init,
         determinism=exactness,
+        description=described,
     )
 
 

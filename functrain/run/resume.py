@@ -20,7 +20,7 @@ from functrain.errors import RunError
 from functrain.hashing import canonical_hash
 from functrain.recipe import Recipe
 from functrain.run import rundir
-from functrain.run.build import Built, build_and_probe, description, sharded
+from functrain.run.build import Built, build_and_probe, sharded
 from functrain.state import TrainState
 
 __all__ = ["Resumed", "prepare"]
@@ -65,7 +65,7 @@ def prepare(
     ctx.agree("data fingerprint", canonical_hash(built.fingerprint))
     tensors = with_frozen_of(built.state, manifest, tensors)  # trainable_only: ours, checked
     plan = plan_resume(
-        snap, manifest, description(built), allow=allow, like=built.state, tensors=tensors
+        snap, manifest, built.description, allow=allow, like=built.state, tensors=tensors
     )
     for warning in plan.warnings:
         ctx.warn(warning)

@@ -11,6 +11,7 @@ an unbroken one does. Snapshots go through the run's one `checkpoint.Snapshots` 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,7 @@ from functrain.checkpoint import Policy, Snapshots
 from functrain.metrics import Metric, finish, measure
 from functrain.recipe import CheckpointConfig
 from functrain.run import preempt, rundir, sinks
-from functrain.run.build import Built, description, to_device, train_loader, val_loader
+from functrain.run.build import Built, to_device, train_loader, val_loader
 from functrain.run.progress import Progress, append_metrics, tokens_per_sample
 from functrain.state import TrainState
 from functrain.steps import split
@@ -58,6 +59,19 @@ def _data_state(dataset: Any):
 _SCALER_STATS = ("loss_scale", "skipped_steps")
 
 
+@contextlib.contextmanager
+def _evaluating(state: TrainState, device: torch.device) -> Iterator[torch.nn.Module]:
+    """The model with `state` bound, in eval mode (dropout off, running statistics used and
+    left alone), in the state's precision, without autograd; in train mode again after."""
+    model = state.static.model
+    model.eval()
+    try:
+        with torch.no_grad(), state.bind() as bound, state.static.precision.autocast(device):
+            yield bound
+    finally:
+        model.train()
+
+
 @torch.no_grad()
 def evaluate(
     state: TrainState,
@@ -75,22 +89,15 @@ def evaluate(
     micro-batch of each batch instead, shape (n, micro-batches per batch), for
     `Trainer._eval` to average in global order. The totals are each metric's (sum, count)
     over the batches (`functrain.metrics`), float64 [len(metrics), 2], or None."""
-    model = state.static.model
-    model.eval()
     losses = []
     totals = torch.zeros((len(metrics), 2), dtype=torch.float64, device=device)
-    try:
-        with state.bind() as model, state.static.precision.autocast(device):
-            for _ in range(n):
-                batch = to_device(next(batches), device)
-                for micro in (
-                    [batch] if micro_batch_size is None else split(batch, micro_batch_size)
-                ):
-                    losses.append(state.static.loss(model, micro).float())
-                if metrics:
-                    totals += measure(metrics, model, batch, device)
-    finally:
-        model.train()
+    with _evaluating(state, device) as model:
+        for _ in range(n):
+            batch = to_device(next(batches), device)
+            for micro in [batch] if micro_batch_size is None else split(batch, micro_batch_size):
+                losses.append(state.static.loss(model, micro).float())
+            if metrics:
+                totals += measure(metrics, model, batch, device)
     if micro_batch_size is None:
         total = torch.zeros((), device=device)
         for loss in losses:
@@ -124,7 +131,7 @@ class Trainer:
         self.state, self.run_dir = state, run_dir
         self.until, self.recipe_path = until or built.recipe.steps, recipe_path
         self.data_restored = data_restored
-        manifest_meta = {**description(built), **(meta or {})}
+        manifest_meta = {**built.description, **(meta or {})}
         self.snapshots = Snapshots(
             run_dir,
             policy(self.recipe.checkpoint),
@@ -306,22 +313,17 @@ class Trainer:
         metrics = self.built.metrics
         # per unit: loss * count, count, then each metric's (sum, count)
         rows = torch.zeros((per_rank, 2 + 2 * len(metrics)), dtype=torch.float64, device=device)
-        model = state.static.model
-        model.eval()
-        try:
-            with torch.no_grad(), state.bind() as bound, state.static.precision.autocast(device):
-                for j in range(per_rank):  # as many forward passes on every rank (FSDP's
-                    # are collectives); a rank short of units repeats one, and counts nothing
-                    a, b = mine[j] if j < len(mine) else units[0]
-                    batch = to_device(default_collate([val[i] for i in range(a, b)]), device)
-                    loss = state.static.loss(bound, batch).float()
-                    found = measure(metrics, bound, batch, device) if metrics else None
-                    if j < len(mine):
-                        rows[j, 0], rows[j, 1] = loss.double() * (b - a), b - a
-                        if found is not None:
-                            rows[j, 2:] = found.reshape(-1)
-        finally:
-            model.train()
+        with _evaluating(state, device) as model:
+            for j in range(per_rank):  # as many forward passes on every rank (FSDP's are
+                # collectives); a rank short of units repeats one, and counts nothing
+                a, b = mine[j] if j < len(mine) else units[0]
+                batch = to_device(default_collate([val[i] for i in range(a, b)]), device)
+                loss = state.static.loss(model, batch).float()
+                found = measure(metrics, model, batch, device) if metrics else None
+                if j < len(mine):
+                    rows[j, 0], rows[j, 1] = loss.double() * (b - a), b - a
+                    if found is not None:
+                        rows[j, 2:] = found.reshape(-1)
         every = ctx.gather(rows)  # (ranks, per rank, ...): unit u is every[u % R, u // R]
         ordered = every.transpose(0, 1).reshape(-1, rows.shape[1])[: len(units)]
         total = torch.zeros(rows.shape[1], dtype=torch.float64, device=device)
