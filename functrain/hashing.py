@@ -19,7 +19,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ABSENT", "canonical_hash", "canonical_json", "diff"]
+import torch
+
+__all__ = ["ABSENT", "canonical_hash", "canonical_json", "diff", "tensor_bytes"]
 
 
 class _Absent:
@@ -39,6 +41,12 @@ def canonical_json(value: Any) -> bytes:
 def canonical_hash(value: Any) -> str:
     """The sha256 hex digest of `canonical_json(value)`."""
     return hashlib.sha256(canonical_json(value)).hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's raw bytes, row-major, as a content hash takes them (with its dtype and
+    shape, which these bytes do not say)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def diff(old: Mapping, new: Mapping) -> list[tuple[str, Any, Any]]:

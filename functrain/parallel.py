@@ -75,6 +75,11 @@ class Sharding(Protocol):
         """A state's entries as tensors of their whole shapes (values need not be kept)."""
         ...
 
+    def views(self, tensors: TensorDict) -> dict[str, torch.Tensor]:
+        """`entry/key` -> each leaf of a state's entries, as a view of its whole tensor (under
+        FSDP a DTensor, whose `full_tensor()` gathers it: a collective)."""
+        ...
+
 
 class Unsharded:
     """The whole state in this process: the `Sharding` of single-process and DDP runs."""
@@ -142,6 +147,9 @@ class Unsharded:
 
     def global_meta(self, tensors: TensorDict) -> TensorDict:
         return tensors
+
+    def views(self, tensors: TensorDict) -> dict[str, torch.Tensor]:
+        return {"/".join(k): t for k, t in tensors.items(include_nested=True, leaves_only=True)}
 
 
 UNSHARDED = Unsharded()

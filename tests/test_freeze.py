@@ -151,6 +151,33 @@ def test_frozen_params_under_torchrun_stay_as_they_were(tmp_path, monkeypatch, p
         )
 
 
+def test_trainable_only_snapshots_under_fsdp_hold_no_frozen_shard_and_resume_bitwise(
+    tmp_path, monkeypatch
+):
+    from _dist_common import launch
+
+    from functrain.recipe import load_recipe
+    from functrain.run.build import build
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = [f"out_dir={tmp_path}", *SHORT, "freeze=[pos.weight, tok.weight]", "parallel=fsdp",
+            "checkpoint.trainable_only=true"]  # fmt: skip
+    launch(2, "run", TINY, *args, "name=a")
+    tensors, manifest = checkpoint.load(tmp_path / "a" / "state_6")
+    assert manifest["layout"] == "dcp" and manifest["trainable_only"]
+    assert _leaves(tensors["frozen"]) == {} and _leaves(tensors["params"])
+    # the frozen params gathered whole: the hash one process gives for the same init
+    alone = build(load_recipe(TINY, [*args, "parallel=ddp"]))
+    assert manifest["frozen_sha256"] == checkpoint.frozen_hash(alone.state)
+    launch(2, "resume", TINY, *args, "name=a", "--from", "state_6", "--name", "b")
+    assert checkpoint.digests(tmp_path / "b" / "state_12") == checkpoint.digests(
+        tmp_path / "a" / "state_12"
+    )
+    res = launch(2, "resume", TINY, *args, "name=a", "freeze=[pos.weight]", "--from", "state_6",
+                 "--name", "c", "--allow-change", "freeze", check=False)  # fmt: skip
+    assert res.returncode != 0 and "missing params/tok/weight" in res.stderr
+
+
 # ---------------------------------------------------------------- LoRA and trainable_only
 
 

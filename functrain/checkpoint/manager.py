@@ -35,6 +35,7 @@ from functrain.checkpoint.plan import (
     KNOWN_META,
     frozen_hash,
     plan_resume,
+    skeleton,
     with_frozen_of,
     without_frozen,
 )
@@ -221,8 +222,11 @@ class Snapshots(ClosedOnExit):
         try:
             if tensors is not None:
                 return like.load(tensors)
-            like.check_fits(dcp.skeleton(manifest))  # every rank alike, before any reads
-            dcp.read_shards(path, like.tensors(), like.static.sharding)
+            like.check_fits(skeleton(manifest, like))  # every rank alike, before any reads
+            into = like.tensors()  # in place; a trainable_only snapshot's frozen stay `like`'s
+            if manifest.get("trainable_only"):
+                into = without_frozen(into)
+            dcp.read_shards(path, into, like.static.sharding)
             return like
         except ValueError as err:
             raise MismatchError(

@@ -22,7 +22,7 @@ is checked on what it does record.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import attrs
 import orjson
 import torch
 from tensordict import TensorDict
+from torch.distributed.tensor import DTensor
 
 from functrain import names
 from functrain.checkpoint import dcp
@@ -155,7 +156,7 @@ def plan_resume(
 def _check_structure(
     path: Path, manifest: Mapping, like: TrainState, tensors: TensorDict | None
 ) -> None:
-    theirs = tensors if tensors is not None else dcp.skeleton(dict(manifest))
+    theirs = tensors if tensors is not None else skeleton(manifest, like)
     try:
         like.check_fits(theirs)
     except ValueError as err:
@@ -271,9 +272,38 @@ def _check_frozen(path: Path, manifest: Mapping, now: Mapping) -> None:
 
 
 def frozen_hash(state: TrainState) -> str:
-    """The content hash of a state's frozen params (what `trainable_only` leaves out)."""
-    leaves = state.frozen.items(include_nested=True, leaves_only=True)
-    return content_hash({".".join(k): v for k, v in leaves})
+    """The content hash of a state's frozen params (what `trainable_only` leaves out), over
+    their whole tensors: the same on any world size. Under FSDP each is gathered in turn, so
+    every rank must call it."""
+    views = state.static.sharding.views(state.tensors().select("frozen"))
+    return content_hash(_Whole({k.split("/", 1)[1].replace("/", "."): v for k, v in views.items()}))
+
+
+class _Whole(Mapping[str, torch.Tensor]):
+    """Views of whole tensors, each gathered only when read (one whole param at a time)."""
+
+    def __init__(self, views: dict[str, torch.Tensor]) -> None:
+        self._views = views
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self._views[key]
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+
+def skeleton(manifest: Mapping[str, Any], like: TrainState) -> TensorDict:
+    """Meta tensors shaped as a sharded snapshot's manifest lists them; a `trainable_only`
+    one's frozen params are `like`'s (which `_check_frozen` compares by hash)."""
+    theirs = dcp.skeleton(dict(manifest))
+    if not manifest.get("trainable_only"):
+        return theirs
+    mine = like.static.sharding.global_meta(like.tensors())
+    return theirs.exclude("frozen").set("frozen", mine["frozen"])
 
 
 def without_frozen(tensors: TensorDict) -> TensorDict:

@@ -25,6 +25,7 @@ from torch import nn
 from functrain.checkpoint.manifest import MANIFEST
 from functrain.checkpoint.snapshot import load
 from functrain.errors import ConfigError, SnapshotError
+from functrain.hashing import tensor_bytes
 from functrain.parallel import aliases
 from functrain.state import state_dict_keys, weights
 
@@ -87,9 +88,9 @@ def content_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     same hash whatever file layout holds them."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
+        t = tensors[name]
         h.update(orjson.dumps([name, str(t.dtype), list(t.shape)]))
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(t))
     return h.hexdigest()
 
 

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import IterableDataset, TensorDataset
 
 from functrain.data.order import ORDER_VERSION
+from functrain.hashing import tensor_bytes
 
 _FINGERPRINT_SAMPLES = 256  # samples hashed for datasets with neither fingerprint() nor tensors
 
@@ -16,9 +17,8 @@ _FINGERPRINT_SAMPLES = 256  # samples hashed for datasets with neither fingerpri
 def _hash_value(h: Any, value: Any) -> None:
     """Feed one sample into a hash: tensors by dtype, shape and bytes; containers recursively."""
     if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        h.update(f"tensor:{t.dtype}:{tuple(t.shape)}:".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f"tensor:{value.dtype}:{tuple(value.shape)}:".encode())
+        h.update(tensor_bytes(value))
     elif isinstance(value, (tuple, list)):
         h.update(f"{type(value).__name__}:{len(value)}:".encode())
         for v in value:

@@ -207,16 +207,6 @@ def _check_canonical(recipe: Recipe, world_size: int, parts: StepParts) -> None:
         ) from err
 
 
-def _frozen_hash(state: TrainState, sharding: fsdp.Sharding | None) -> str:
-    """The content hash of the frozen params, which trainable_only snapshots leave out."""
-    if sharding is not None:
-        raise BuildError(
-            "checkpoint.trainable_only: true is not supported with parallel: fsdp under "
-            "torchrun yet; use parallel: ddp"
-        )
-    return checkpoint.frozen_hash(state)
-
-
 def sharded(recipe: Recipe, world_size: int) -> bool:
     """Whether a run of `recipe` on `world_size` processes shards its state with FSDP2."""
     return recipe.parallel == "fsdp" and world_size > 1
@@ -303,7 +293,7 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
         determinism=exactness,
         init_from=init,
         tied=tied_names(state.static.model),
-        frozen_sha256=_frozen_hash(state, sharding) if trainable_only else None,
+        frozen_sha256=checkpoint.frozen_hash(state) if trainable_only else None,
     )
     return Built(
         recipe=recipe,
