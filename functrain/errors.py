@@ -116,6 +116,14 @@ def error_record(err: UserError) -> dict:
     return {"error": type(err).__name__, "what": getattr(err, "what", None), "message": str(err)}
 
 
+def size_text(n: int) -> str:
+    """A byte count as a message shows it: `512 B`, `3.4 KiB`, `12.0 MiB`, `1.5 GiB`."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def warn(message: str) -> None:
     """Say on stderr what the user should know but need not act on now."""
     print(f"functrain: warning: {message}", file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import torch
@@ -111,7 +111,7 @@ class Unsharded:
             params = params.copy()  # shallow: the same tensors, under the aliases too
             for alias, first in tied:
                 params[alias] = params[first]
-        return params.to_module(model)
+        return swapped_into(params, model)
 
     def backward(
         self, loss: torch.Tensor, params: list[torch.Tensor], acc: list[torch.Tensor] | None
@@ -153,6 +153,30 @@ class Unsharded:
 
 
 UNSHARDED = Unsharded()
+
+
+def swapped_into(tensors: TensorDict, module: nn.Module) -> contextlib.AbstractContextManager:
+    """`tensors.to_module(module)` as a `with` block that puts the module's own tensors back
+    however it is left. (tensordict undoes the swap on an Exception only: a
+    KeyboardInterrupt or SystemExit inside the block would end in its own RuntimeError,
+    hiding the interrupt — a second Ctrl-C exiting 1, not 130.)"""
+    return _Swapped(tensors.to_module(module))
+
+
+class _Swapped:
+    def __init__(self, swap: Any) -> None:
+        self._swap = swap
+
+    def __enter__(self) -> Any:
+        return self._swap.__enter__()
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> bool:
+        if kind is not None and not issubclass(kind, Exception):
+            # undone as for an error, and the interrupt goes on up
+            self._swap.__exit__(RuntimeError, RuntimeError("interrupted"), None)
+        else:
+            self._swap.__exit__(kind, error, tb)
+        return False
 
 
 def aliases(module: nn.Module) -> dict[str, str]:

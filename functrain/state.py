@@ -19,7 +19,7 @@ from torch import nn
 from functrain import rng
 from functrain.errors import ConfigError, ConsumedStateError
 from functrain.optim import Optimizer
-from functrain.parallel import UNSHARDED, Placement, Sharding, aliases
+from functrain.parallel import UNSHARDED, Placement, Sharding, aliases, swapped_into
 from functrain.precision import Precision
 from functrain.schedule import Schedule, constant
 from functrain.transform import Transform, compose
@@ -30,6 +30,10 @@ from functrain.transform import Transform, compose
 ENTRIES = ("step", "params", "frozen", "buffers", "opt", "rng", "data", "stats", "ema", "metrics")
 #: Entries a snapshot written before they existed may lack; they are then empty.
 _ADDED_LATER = ("frozen",)
+#: Leaves a snapshot written before they existed may lack; they then keep this state's.
+ADDED_LEAVES = (("stats", "nonfinite_steps"), ("stats", "first_nonfinite"))
+#: What a step does when its loss or gradients are not finite (`create`'s `nan_policy`).
+NAN_POLICIES = ("stop", "skip", "continue")
 #: Entries that live between transforms of one step only (gradients), never saved.
 TRANSIENT = ("grads",)
 
@@ -60,6 +64,9 @@ class Static:
     sharding: Sharding = UNSHARDED
     #: The dtype the forward pass computes in, and fp16's loss scaling.
     precision: Precision = Precision()
+    #: On a non-finite loss or gradient: "stop" (counted; the trainer stops, nothing of it is
+    #: saved), "skip" (the update is masked out and counted) or "continue" (counted only).
+    nan_policy: str = "stop"
 
 
 class TrainState:
@@ -123,6 +130,7 @@ class TrainState:
         this state's devices.
         """
         self.check_fits(tensors)
+        tensors = with_added(tensors, self.tensors())  # an older snapshot: their step-0 values
         tensors = self._static.sharding.localize(tensors)  # e.g. this rank's rows of each shard
         mine = self._entries
         new = {k: _like(mine[k], _entry(tensors, k)) for k in ENTRIES if k != "metrics"}
@@ -134,6 +142,7 @@ class TrainState:
         state in keys, shapes or dtypes. A sharded state is compared by its whole shapes."""
         self._check_live()
         mine = self._static.sharding.global_meta(self.tensors())
+        tensors = with_added(tensors, mine)
         # `metrics` holds the last step's values, whatever transforms put there: no structure
         problems = _structure_mismatches(mine.exclude("metrics"), tensors.exclude("metrics"))
         if problems:
@@ -153,7 +162,7 @@ class TrainState:
         with (
             sharding.bind(model, self.params),
             sharding.bind(model, frozen) if _has_leaves(frozen) else contextlib.nullcontext(),
-            self.buffers.to_module(model),
+            swapped_into(self.buffers, model),
         ):
             yield model
 
@@ -224,6 +233,24 @@ def _entry(tensors: TensorDict, name: str) -> TensorDict:
     if name in _ADDED_LATER and name not in tensors.keys():  # noqa: SIM118 -- a TensorDict
         return TensorDict({}, batch_size=[])
     return tensors[name]
+
+
+def missing_added(tensors: TensorDict, mine: TensorDict) -> list[tuple[str, str]]:
+    """The `ADDED_LEAVES` this state has and `tensors` (an older snapshot's) lacks."""
+    return [
+        k for k in ADDED_LEAVES if mine.get(k, None) is not None and tensors.get(k, None) is None
+    ]
+
+
+def with_added(tensors: TensorDict, mine: TensorDict) -> TensorDict:
+    """`tensors` with the `ADDED_LEAVES` it lacks taken from `mine` (not changed in place)."""
+    missing = missing_added(tensors, mine)
+    if not missing:
+        return tensors
+    out = tensors.clone(recurse=False)
+    for entry, name in missing:
+        out[entry] = out[entry].clone(recurse=False).set(name, mine[entry, name])
+    return out
 
 
 def _has_leaves(td: TensorDict) -> bool:
@@ -374,6 +401,7 @@ def create(
     placement: Placement | None = None,
     sharding: Sharding | None = None,
     precision: Precision | str = "fp32",
+    nan_policy: str = "stop",
 ) -> TrainState:
     """The state at step 0: params and buffers taken from `model`, optimizer state, key.
 
@@ -387,8 +415,16 @@ def create(
     FSDP2's, `functrain.distributed.fsdp.Sharding.of(model)`) the model keeps its shards instead,
     and the state holds copies. `placement` is this process's rank in the job.
     `precision` is `"fp32"`, `"bf16"`, `"fp16"` or a `functrain.precision.Precision`
-    (fp16's loss scale then lives in `state.stats`).
+    (fp16's loss scale then lives in `state.stats`). `nan_policy` says what a step whose
+    loss or gradients are not finite does: every policy counts such steps in
+    `state.stats["nonfinite_steps"]` and keeps the first in `stats["first_nonfinite"]`;
+    "skip" also leaves params and optimizer state as they were; "stop" (the default) lets
+    the trainer and `Snapshots` refuse to go on or save once one happened.
     """
+    if nan_policy not in NAN_POLICIES:
+        raise ConfigError(
+            f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}"
+        )
     if isinstance(precision, str):
         precision = Precision(precision)
     if sharding is None and any(hasattr(p, "device_mesh") for p in model.parameters()):
@@ -411,6 +447,7 @@ def create(
         placement=placement or Placement(),
         sharding=sharding,
         precision=precision,
+        nan_policy=nan_policy,
     )
     metric = torch.full((), float("nan"), device=device)
     entries = {
@@ -425,6 +462,8 @@ def create(
             {
                 "loss_ema": metric.clone(),
                 "best_eval": torch.full((), float("inf"), device=device),
+                "nonfinite_steps": torch.zeros((), dtype=torch.int64, device=device),
+                "first_nonfinite": torch.full((), -1, dtype=torch.int64, device=device),
                 **precision.init_stats(device),
             },
             batch_size=[],

@@ -240,40 +240,67 @@ def clip_by_global_norm(max_norm: float) -> Transform:
 def apply_optimizer() -> Transform:
     """Update params and optimizer state with the gradients at LR `optim.lr * schedule(step)`.
 
-    With fp16's loss scaling, an update whose gradients (on any rank) are not all finite is
-    masked out: params and optimizer state stay as they were, the loss scale backs off and
-    `state.stats["skipped_steps"]` counts it (`functrain.precision`).
+    A step whose gradients (on any rank) are not all finite is counted in
+    `state.stats["nonfinite_steps"]`, the first one's number kept in
+    `stats["first_nonfinite"]` (no host sync); under the state's `nan_policy` "skip" its
+    update is masked out — as is one that would make a param non-finite (a huge LR) —
+    and params and optimizer state stay as they were. With fp16's loss
+    scaling an update whose gradients are not finite is masked out in any case — the loss
+    scale backs off and `stats["skipped_steps"]` counts it (`functrain.precision`) — and
+    only a non-finite loss counts as non-finite.
     """
 
     def apply(state: TrainState, batch: Any) -> TrainState:
         static = state.static
         step_now = int(state.step)
         lr = static.optimizer.lr * static.schedule(step_now)
-        if static.precision.scaling:
-            params, opt = _update_unless_nonfinite(state, lr, step_now)
-        else:
-            params, opt = static.optimizer.update(
-                state.grads, state.opt, state.params, lr=lr, step=step_now
-            )
+        grads = leaves(state.grads)
+        if static.precision.scaling:  # the scaler checks the gradients; we, the loss
+            skip = _nonfinite(static, grads)
+            bad = _nonfinite(static, [state.metrics["loss"].reshape(1)])
+            params, opt = _update(state, lr, step_now, skip)
+            static.precision.update_(state.stats, skip)
+        elif static.nan_policy == "skip":  # the gradients, or the params they would give
+            bad = _nonfinite(static, grads)
+            params, opt = _update(state, lr, step_now, bad, recheck=True)
+        else:  # a non-finite loss gives non-finite gradients
+            bad = _nonfinite(static, grads)
+            params, opt = _update(state, lr, step_now, None)
+        with torch.no_grad():
+            stats = state.stats
+            stats["nonfinite_steps"].add_(bad.to(torch.int64))
+            first = stats["first_nonfinite"]
+            first.masked_fill_(bad.bool() & (first < 0), step_now + 1)  # as the logs number it
         metrics = state.metrics.replace(lr=torch.full_like(state.metrics["lr"], lr))
         return state.replace(params=params, opt=opt, grads=None, metrics=metrics)
 
     return Transform(name="apply_optimizer", apply=apply)
 
 
-def _update_unless_nonfinite(state: TrainState, lr: float, step_now: int):
+def _nonfinite(static: Any, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 where any of `tensors` on any rank holds an inf or a NaN, else 0.0 (0-d, no sync)."""
+    found = static.precision.nonfinite([t.detach() for t in tensors])
+    # The norm over ranks of 0/1 flags is nonzero where any rank found one.
+    return static.sharding.global_norm(found).sign()
+
+
+def _update(
+    state: TrainState, lr: float, step_now: int, skip: torch.Tensor | None, recheck: bool = False
+):
+    """The optimizer's update, masked out where `skip` (a 0-d flag, set in place) is set;
+    with `recheck`, also where the params it gives are not finite."""
     static = state.static
-    grads = leaves(state.grads)
-    # The norm over ranks of 0/1 flags is nonzero where any rank found a non-finite gradient.
-    found = static.sharding.global_norm(static.precision.nonfinite(grads)).sign()
+    if skip is None:
+        return static.optimizer.update(state.grads, state.opt, state.params, lr=lr, step=step_now)
     kept = leaves(state.params) + leaves(state.opt)
     before = [t.detach().clone() for t in kept]
     params, opt = static.optimizer.update(
         state.grads, state.opt, state.params, lr=lr, step=step_now
     )
     with torch.no_grad():
-        keep_unless(found.bool(), leaves(params) + leaves(opt), before)
-    static.precision.update_(state.stats, found)
+        if recheck:
+            torch.maximum(skip, _nonfinite(static, leaves(params)), out=skip)
+        keep_unless(skip.bool(), leaves(params) + leaves(opt), before)
     return params, opt
 
 

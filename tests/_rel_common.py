@@ -85,13 +85,14 @@ def digests(snapshot: Path) -> dict:
 
 
 def tree(path: Path) -> dict:
-    """Every file under `path` with its size and mtime: to prove nothing changed."""
+    """Every file under `path` with its size and mtime: to prove nothing changed (but the
+    `.lock` file, which names the last process that owned the directory, refused or not)."""
     if not path.exists():
         return {}
     return {
         str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
         for p in sorted(path.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".lock"
     }
 
 

@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -78,6 +79,16 @@ def timeless_metrics(run) -> list[dict]:
     """A run's metrics.jsonl without samples_per_s, the one field the wall clock sets."""
     rows = [orjson.loads(line) for line in (run / "metrics.jsonl").read_bytes().splitlines()]
     return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
+
+
+def rewrite_manifest(snap: Path, manifest: dict) -> None:
+    """Write `manifest` as the snapshot's, with its digest made to match (a forgery, or an
+    edit made to test what lies beyond the digest check)."""
+    from functrain.checkpoint.manifest import MANIFEST, MANIFEST_DIGEST, seal
+
+    body = orjson.dumps(manifest)
+    (snap / MANIFEST).write_bytes(body)
+    (snap / MANIFEST_DIGEST).write_bytes(seal(body))
 
 
 def assert_branch_resumes_bitwise(out, recipe, *args, env=None, at=6, end=12):

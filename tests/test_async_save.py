@@ -166,8 +166,8 @@ def test_write_error_raised_once_at_the_next_call_nothing_published(tmp_path, mo
     wait_idle(writer)
     with pytest.raises(
         checkpoint.SnapshotError,
-        match=r"could not write snapshot .*state_1: \[Errno 28\] No space left on device; "
-        r"nothing was published",
+        match=r"could not write snapshot .*state_1: \[Errno 28\] No space left on device "
+        r"\(the disk is full\).*Nothing was published",
     ):
         writer.check()
     writer.check()  # raised once
@@ -252,6 +252,7 @@ def test_cli_async_run_matches_sync_run_and_retains_after_publish(tmp_path, caps
     a, s = (checkpoint.digests(tmp_path / n / "state_10") for n in ("async", "sync"))
     assert a == s
     assert sorted(p.name for p in (tmp_path / "async").iterdir()) == [
+        ".lock",  # the run's owner (`functrain.run.rundir.lock_run`)
         "metrics.jsonl",
         "recipe.yaml",
         "state_10",
@@ -285,7 +286,7 @@ def test_cli_async_write_error_stops_the_run(tmp_path, capsys, monkeypatch, fail
     assert run_cli(tmp_path, "r", "checkpoint.async=true") == 2
     err = capsys.readouterr().err
     assert f"error: could not write snapshot {tmp_path / 'r' / f'state_{failing}'}" in err
-    assert "No space left on device; nothing was published" in err
+    assert "No space left on device (the disk is full)" in err and "Nothing was published" in err
     assert f"Training stopped because {why}" in err
     assert [s for s, _ in checkpoint.list_snapshots(tmp_path / "r")] == kept
     # a failed snapshot stops the run at the next step: nothing past it is logged

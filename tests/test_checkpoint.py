@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 import torch
-from conftest import assert_states_equal, make_state, toy_data
+from conftest import assert_states_equal, make_state, rewrite_manifest, toy_data
 from tensordict import TensorDict
 
 import functrain as ft
@@ -161,7 +161,9 @@ def test_disk_full_mid_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", write)
-    with pytest.raises(SnapshotError, match="state_5: .*No space left on device"):
+    with pytest.raises(
+        SnapshotError, match=r"state_5: .*No space left on device \(the disk is full\)"
+    ):
         ck.save(tmp_path / "state_5", sample(), {"step": 5})
     assert list(tmp_path.iterdir()) == []
 
@@ -212,7 +214,7 @@ def _flip_byte(path: Path, at: int) -> None:
 def _edit_manifest(snap: Path, edit) -> None:
     m = orjson.loads((snap / "manifest.json").read_bytes())
     edit(m)
-    (snap / "manifest.json").write_bytes(orjson.dumps(m))
+    rewrite_manifest(snap, m)
 
 
 def _set_dtype(m: dict) -> None:
@@ -363,3 +365,27 @@ def test_the_manager_saves_on_its_steps_retains_and_restores(tmp_path):
     assert_states_equal(restored.tensors(), state.tensors())
     with pytest.raises(ck.SnapshotError, match="state_7 already exists"):
         snapshots.maybe_save(state, last=True)  # on_error stop: a failed write ends the run
+
+
+def test_an_edited_manifest_is_caught_by_its_digest(tmp_path):
+    snap = ck.save(tmp_path / "state_3", make_state().tensors(), {"step": 3})
+    body = (snap / "manifest.json").read_bytes()
+    (snap / "manifest.json").write_bytes(body.replace(b'"step": 3', b'"step": 9'))
+    with pytest.raises(SnapshotError, match="does not match its digest manifest.sha256"):
+        ck.load(snap)
+    (snap / "manifest.json").write_bytes(body)
+    (snap / "manifest.sha256").unlink()  # a sealed manifest without its digest
+    with pytest.raises(
+        SnapshotError, match="manifest.sha256: the digest of manifest.json is missing"
+    ):
+        ck.load(snap)
+
+
+def test_a_data_file_that_is_a_link_out_of_the_snapshot_is_refused(tmp_path):
+    snap = ck.save(tmp_path / "state_3", make_state().tensors(), {"step": 3})
+    outside = tmp_path / "params.bin"
+    (snap / "params.bin").rename(outside)
+    (snap / "params.bin").symlink_to(outside)  # the same bytes: checksums would pass
+    with pytest.raises(SnapshotError, match="params.bin: data file .* is a symbolic link"):
+        ck.load(snap)
+    assert ck.verify(snap) and "symbolic link" in ck.verify(snap)[0]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from _rel_common import tree
 from conftest import cli
 from conftest import timeless_metrics as metrics
 
@@ -14,15 +15,6 @@ from functrain.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
-
-
-def tree(path: Path) -> dict:
-    """Every file under `path` with its size and mtime: to prove nothing changed."""
-    return {
-        str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
 
 
 def digests(snapshot: Path) -> dict:

@@ -222,10 +222,13 @@ def test_export_of_a_tied_model_loads_strictly_and_as_hf(tmp_path):
     fresh = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=256, n_positions=32, n_embd=32, n_layer=1, n_head=2))  # fmt: skip
     fresh.load_state_dict(load_file(str(tmp_path / "w.safetensors")))  # strict: every key
-    cli("export", snap, "--hf", tmp_path / "hf", env=env)
+    res = cli("export", snap, "--hf", tmp_path / "hf", env=env, check=False)
+    assert res.returncode == 2 and "hf_models.gpt2, which is not one of functrain's" in res.stderr
+    recipe = tmp_path / "tiny" / "recipe.yaml"  # not functrain's model: built from the recipe
+    cli("export", snap, "--hf", tmp_path / "hf", "--recipe", recipe, env=env)
     loaded = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf"))
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in fresh.state_dict().items())
-    res = cli("sample", snap, "--tokens", "3", env=env)
+    res = cli("sample", snap, "--tokens", "3", "--recipe", recipe, env=env)
     assert res.returncode == 0  # an HF causal LM returns logits in its output: sample works
 
 

@@ -37,6 +37,7 @@ from _dist_common import (
     timeless_metrics,
     trace,
 )
+from conftest import rewrite_manifest
 
 from functrain import checkpoint, cli
 from functrain.checkpoint.faults import SLOW_SAVE_ENV as _SLOW_SAVE_ENV
@@ -71,7 +72,13 @@ def test_killed_while_publishing_then_resumed_two_to_two_is_bitwise(full, tmp_pa
     bitwise where the unbroken run ends."""
     cut = tmp_path / "cut"
     files = sorted(p.name for p in (full / "state_6").iterdir())
-    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json"]
+    assert files == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "manifest.json",
+        "manifest.sha256",
+    ]
     assert checkpoint.read_manifest(full / "state_6")["layout"] == "dcp"
     env = {**_env(None, timeout=30), _SLOW_SAVE_ENV: "2"}  # rank 0 waits before publishing
     cmd = _torchrun_cmd(2, ["-m", "functrain", "run", str(TINY), f"out_dir={tmp_path}"])
@@ -177,7 +184,7 @@ def test_dcp_metadata_that_would_run_code_is_refused(cross, tmp_path):
     (bad / ".metadata").write_bytes(body)
     manifest = orjson.loads((bad / "manifest.json").read_bytes())
     manifest["files"][".metadata"] = {"bytes": len(body), "crc32": zlib.crc32(body)}
-    (bad / "manifest.json").write_bytes(orjson.dumps(manifest))  # checksums pass: a forgery
+    rewrite_manifest(bad, manifest)  # checksums and digest pass: a forgery
     assert checkpoint.verify(bad) == []
     with pytest.raises(checkpoint.SnapshotError, match=r"refers to (posix|os)\.system"):
         checkpoint.load(bad)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import signal
 import textwrap
+import time
+import typing
 
 import attrs
 import pytest
+from conftest import cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -488,7 +493,7 @@ def tricky() -> dict:
         "s4": "null",
         "s5": "",
         "f": 1e-20,
-        "i": 10**20,
+        "i": 2**63 - 1,  # the largest integer a recipe may hold
     }
     kwargs |= {
         "nested": {
@@ -516,7 +521,7 @@ def test_dump_yaml_round_trips_exactly(tmp_path):
         "2024-01-02",
         "yes",
         "null",
-        10**20,
+        2**63 - 1,
     )
 
 
@@ -705,3 +710,154 @@ def test_random_mutations_parse_or_raise_recipe_error(data):
     else:
         assert isinstance(parsed, Recipe)
         assert len(recipe_hash(parsed)) == 64 and isinstance(dump_yaml(parsed), str)
+
+
+# ---------------------------------------------------------------------------- bounds
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise TimeoutError in the body past `seconds`, so that code which would run on for
+    minutes (and gigabytes) fails the test instead."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# "billion laughs": under 1 KB of YAML naming 9**10 values
+ALIAS_BOMB = f"l0: &l0 [{', '.join(['x'] * 9)}]\n" + "".join(
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 10)
+)
+
+
+def test_yaml_alias_bomb_is_refused_at_once_naming_its_line(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text("name: toy\nsteps: 1\n" + ALIAS_BOMB)
+    assert path.stat().st_size < 1024
+    start = time.perf_counter()
+    with deadline(5), pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert time.perf_counter() - start < 5
+    assert info.value.problems == [
+        "line 8, column 10: alias *l4 takes the recipe past 100000 values (an alias counts "
+        "every value it names, each time it is used); a recipe is configuration: keep data "
+        "in the files it names"
+    ]
+    res = cli("run", path, f"out_dir={tmp_path / 'runs'}", check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{path}: 1 problem in the recipe:\n  - line 8, column 10: alias *l4" in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_yaml_nested_past_the_depth_bound_is_refused(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("name: toy\nsteps: 1\nmodel: " + "[" * 5000 + "]" * 5000 + "\n")
+    with deadline(5), pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.problems == [
+        "line 3, column 107: lists and mappings nest more than 100 deep; flatten them"
+    ]
+
+
+def test_recipe_over_1_mib_is_refused_by_its_size(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text(dump_yaml(parse_recipe(valid())) + "# " + "x" * (1 << 20) + "\n")
+    size = path.stat().st_size
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.problems == [
+        f"<top level>: the recipe file is {size} bytes; a recipe may hold at most 1048576 "
+        "bytes (1 MiB): it is configuration, so keep data in the files it names"
+    ]
+
+
+def test_override_value_over_64_kib_is_refused_by_its_length():
+    assert problems_of(valid(), ["name=" + "a" * 70_000]) == [
+        "name: the override value is 70000 characters, over the limit of 65536 (64 KiB); "
+        "put a larger value in the recipe file"
+    ]
+
+
+def test_integers_past_int64_are_refused_naming_the_field():
+    overrides = [f"steps={2**63}", f"checkpoint.every={2**64}", f"optim.lr={2**64}"]
+    assert problems_of(valid(), overrides) == [
+        "steps: got 9223372036854775808 (int); expected an integer > 0 (total optimizer "
+        "steps), at most 2**63 - 1",
+        "optim.lr: got 18446744073709551616 (int); expected an integer from -2**63 to "
+        "2**63 - 1 (int64, what a snapshot holds)",
+        "checkpoint.every: got 18446744073709551616 (int); expected an integer > 0, or null "
+        "(only the final snapshot), at most 2**63 - 1",
+    ]
+    recipe = parse_recipe(
+        valid(), overrides=[f"steps={2**63 - 1}", f"checkpoint.every={2**63 - 1}"]
+    )
+    assert recipe.steps == recipe.checkpoint.every == 2**63 - 1
+
+
+def _int_fields(cls: type = Recipe, prefix: str = "") -> list[str]:
+    """The recipe keys of every field that holds an integer, in every section."""
+    out = []
+    for f in attrs.fields(cls):
+        key = prefix + f.metadata.get("key", f.name)
+        if attrs.has(f.type):
+            out += _int_fields(f.type, key + ".")
+        elif f.type is int or int in typing.get_args(f.type):
+            out.append(key)
+    return out
+
+
+@pytest.mark.parametrize("key", _int_fields())
+def test_every_integer_field_is_bounded_by_int64(key):
+    assert {"seed", "steps", "data.batch_size", "checkpoint.keep_last", "eval.batches"} <= set(
+        _int_fields()
+    )
+    (problem,) = problems_of(valid(), [f"{key}={2**63}"])
+    assert problem.startswith(f"{key}: got 9223372036854775808 (int); expected an integer")
+    assert problem.endswith(", at most 2**63 - 1")
+    parse_recipe(valid(), overrides=[f"{key}={2**63 - 1}"])
+
+
+def test_integer_too_long_for_python_is_a_recipe_error(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text("name: toy\nsteps: " + "1" * 5000 + "\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.problems == [
+        "line 2, column 8: an integer of 5000 characters; a recipe's integers are at most "
+        "2**63 - 1 (int64)"
+    ]
+
+
+def test_recipe_with_a_few_anchors_and_a_merge_still_loads(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text(
+        textwrap.dedent(f"""\
+            name: toy
+            steps: 100
+            model: {{_component_: {T}Model, width: &width 8}}
+            loss: {{_component_: {T}loss}}
+            data:
+              dataset: {{_component_: {T}dataset, size: 64}}
+              batch_size: *width
+            optim: &optim {{_component_: {T}optimizer, lr: 1.0e-3}}
+            schedule: {{_component_: {T}constant}}
+            step:
+              - {{_component_: {T}forward_backward, micro_batches: 1}}
+              - {{_component_: {T}clip, max_norm: 1.0}}
+              - {{_component_: {T}apply}}
+            checkpoint: &every {{every: 10}}
+            eval: {{<<: *every, batches: 2}}
+        """)
+    )
+    recipe = load_recipe(path, ["optim.lr=2.0e-3"])
+    assert recipe.data.batch_size == recipe.model.kwargs["width"] == 8
+    assert recipe.checkpoint.every == recipe.eval.every == 10 and recipe.eval.batches == 2
+    assert recipe.optim.kwargs["lr"] == 2.0e-3

@@ -51,3 +51,13 @@ def test_load_lists_a_few_mismatches_of_each_kind():
 def test_unknown_attribute_lists_entries():
     with pytest.raises(AttributeError, match="entries are"):
         make_state().nonsense  # noqa: B018
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_inside_bind_goes_up_as_itself_and_the_model_is_left_as_it_was(interrupt):
+    state = make_state()
+    with pytest.raises(interrupt), state.bind():  # a second Ctrl-C mid-forward: exit 130
+        raise interrupt()
+    assert all(p.is_meta for p in state.static.model.parameters())
+    with state.bind() as model:  # and it binds again
+        assert not next(model.parameters()).is_meta

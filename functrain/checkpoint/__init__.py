@@ -24,6 +24,7 @@ from __future__ import annotations
 from functrain.checkpoint import dcp, raw
 from functrain.checkpoint._files import (
     clean_partial,
+    free_bytes,
     list_snapshots,
     process_alive,
     remove,
@@ -31,7 +32,7 @@ from functrain.checkpoint._files import (
     snapshot_step,
 )
 from functrain.checkpoint.async_writer import AsyncWriter
-from functrain.checkpoint.manager import Policy, Snapshots
+from functrain.checkpoint.manager import NonFiniteError, Policy, Snapshots
 from functrain.checkpoint.manifest import FORMAT_VERSION, MANIFEST, read_manifest, versions
 from functrain.checkpoint.plan import FREE_KEYS, Plan, describe, frozen_hash, plan_resume
 from functrain.checkpoint.pretrained import content_hash, init_from, read_weights
@@ -39,6 +40,7 @@ from functrain.checkpoint.snapshot import check, digests, load, save, verify
 from functrain.errors import SnapshotError
 
 __all__ = [
+    "NonFiniteError",
     "FORMAT_VERSION",
     "MANIFEST",
     "FREE_KEYS",
@@ -51,6 +53,7 @@ __all__ = [
     "content_hash",
     "describe",
     "clean_partial",
+    "free_bytes",
     "dcp",
     "digests",
     "frozen_hash",

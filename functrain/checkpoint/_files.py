@@ -10,6 +10,7 @@ snapshot by renaming it away first, so a listing never shows it half-deleted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -25,8 +26,8 @@ from typing import Any
 import orjson
 import torch
 
-from functrain.checkpoint.manifest import FORMAT_VERSION, MANIFEST, versions
-from functrain.errors import SnapshotError
+from functrain.checkpoint.manifest import FORMAT_VERSION, MANIFEST, MANIFEST_DIGEST, seal, versions
+from functrain.errors import SnapshotError, size_text
 
 _SNAPSHOT = re.compile(r"state_(\d+)")
 _TMP = re.compile(r"\.tmp-.+-(\d+)-[0-9a-f]{8}")
@@ -46,15 +47,18 @@ def snapshot_step(path: str | os.PathLike) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def list_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Published snapshots `state_<step>` (with a manifest) in `run_dir`, sorted by step."""
+def list_snapshots(run_dir: str | os.PathLike, *, published: bool = True) -> list[tuple[int, Path]]:
+    """Snapshots `state_<step>` in `run_dir`, sorted by step: those with a manifest, or with
+    `published=False` every directory of that name (one whose manifest is lost included)."""
     root = Path(run_dir)
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         step = snapshot_step(child)
-        if step is not None and (child / MANIFEST).is_file():
+        if step is None or not child.is_dir() or child.is_symlink():
+            continue
+        if not published or (child / MANIFEST).is_file():
             found.append((step, child))
     return sorted(found)
 
@@ -88,10 +92,12 @@ def make_dir(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def publishing(tmp: Path, final: Path, owner: bool = True, create: bool = False) -> Iterator[None]:
+def publishing(
+    tmp: Path, final: Path, owner: bool = True, create: bool = False, need: int | None = None
+) -> Iterator[None]:
     """Around the writing of `tmp` (made first, with `create`): on any failure it is removed
     (by its `owner`) and nothing is published; an OSError becomes a SnapshotError naming
-    the snapshot."""
+    the snapshot, the free space and the `need`ed bytes (the snapshot's size)."""
     try:
         if create:
             make_dir(tmp, final)
@@ -101,11 +107,23 @@ def publishing(tmp: Path, final: Path, owner: bool = True, create: bool = False)
         if owner:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
+            free = free_bytes(final.parent)
+            space = "" if free is None else f"; {size_text(free)} free there"
+            space += "" if need is None else f", the snapshot needs {size_text(need)}"
+            full = f"{e} (the disk is full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e
             raise SnapshotError(
-                f"could not write snapshot {final}: {e}; nothing was published — "
-                "free space or fix the directory, then save again"
+                f"could not write snapshot {final}: {full}{space}. Nothing was published and "
+                "no temp file is left — free space or fix the directory, then save again"
             ) from e
         raise
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes on the file system holding `path` (None if that cannot be told)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
@@ -143,7 +161,11 @@ def _being_written(path: Path) -> bool:
 def rename_into_place(tmp: Path, final: Path) -> None:
     """Publish a complete, fsynced temp dir as `final` (the one atomic step)."""
     if os.path.lexists(final):
-        raise SnapshotError(f"snapshot {final} appeared while it was being written")
+        raise SnapshotError(
+            f"snapshot {final} appeared while it was being written: another process writes "
+            "snapshots into this run directory (a second run or resume of it, or a loop of "
+            "your own?); only one may — stop the other, or give this one its own directory"
+        )
     os.rename(tmp, final)
     fsync_dir(final.parent)
 
@@ -154,6 +176,7 @@ def write_manifest(tmp: Path, meta: dict[str, Any], entries: dict, files: dict, 
         "format_version": FORMAT_VERSION,
         **meta,
         **extra,
+        "sealed": True,  # its digest lies beside it: `read_manifest` checks the two agree
         "created": datetime.now(timezone.utc).isoformat(),
         "versions": versions(),
         "entries": entries,
@@ -161,6 +184,7 @@ def write_manifest(tmp: Path, meta: dict[str, Any], entries: dict, files: dict, 
     }
     body = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
     write_file(tmp / MANIFEST, [memoryview(body)])
+    write_file(tmp / MANIFEST_DIGEST, [memoryview(seal(body))])
     fsync_dir(tmp)
 
 

@@ -8,15 +8,22 @@ rank 0 checksums the files, writes the manifest, fsyncs and renames: a snapshot 
 published whole or not at all. Any number of ranks can read it back (DCP reshards), and
 one process without a process group can read it whole (`checkpoint.load` does).
 
-DCP pickles its `.metadata`; functrain reads it with an unpickler that only builds DCP's
-metadata classes, torch sizes and the whitelisted dtypes, so a snapshot still runs no code.
+DCP pickles its `.metadata`; functrain reads it with an unpickler that only builds the
+globals such a file holds, each named exactly (DCP's metadata classes, torch sizes, the
+whitelisted dtypes), after a scan of its opcodes; and it refuses metadata that would have
+DCP unpickle more (a bytes item, read with `torch.load(weights_only=False)`) or read a
+file outside the snapshot. A snapshot still runs no code.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import os
 import pickle
+import pickletools
+import re
+import stat
 import warnings
 import zlib
 from collections.abc import Callable, Mapping
@@ -29,7 +36,7 @@ import torch.distributed.checkpoint as dist_cp
 from tensordict import TensorDict
 
 from functrain.checkpoint import _files, faults, raw
-from functrain.checkpoint.manifest import DCP_FILE, DTYPE_NAMES, DTYPES, MANIFEST
+from functrain.checkpoint.manifest import DCP_FILE, DTYPE_NAMES, DTYPES, MANIFEST, open_inside
 from functrain.errors import SnapshotError
 
 _CHUNK = 16 << 20
@@ -173,42 +180,135 @@ def _skeleton(manifest: dict, device: str) -> tuple[TensorDict, dict[str, torch.
     return TensorDict(tree, batch_size=[]), flat
 
 
-_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
-_ALLOWED = {
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    *(("torch", name) for name in DTYPES),
-}
+_DCP_META = "torch.distributed.checkpoint.metadata"
+#: Every global the `.metadata` of a functrain snapshot holds, by exact (module, name), as
+#: found by saving one (DCP's own pickle.dump). BytesStorageMetadata is left out on purpose:
+#: functrain saves tensors only, and DCP reads a bytes item with torch.load(weights_only=
+#: False), which runs whatever pickle the shard file holds.
+_ALLOWED = frozenset(
+    {
+        (_DCP_META, "Metadata"),
+        (_DCP_META, "MetadataIndex"),
+        (_DCP_META, "StorageMeta"),
+        (_DCP_META, "TensorStorageMetadata"),
+        (_DCP_META, "TensorProperties"),
+        (_DCP_META, "ChunkStorageMetadata"),
+        (_DCP_META, "_MEM_FORMAT_ENCODING"),  # TensorProperties' memory_format
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # torch.strided, pickled by name
+        ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+        ("pathlib", "PurePosixPath"),
+        ("pathlib._local", "PosixPath"),  # Python 3.13 names its home module
+        ("pathlib._local", "PurePosixPath"),
+        *(("torch", name) for name in DTYPES),
+    }
+)
+#: Opcodes DCP never writes: objects from outside the pickle (persistent ids, out-of-band
+#: buffers) and the copyreg extension registry.
+_REFUSED_OPCODES = {"PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4", "NEXT_BUFFER", "READONLY_BUFFER"}
+#: A memo slot given by number: the unpickler allocates up to it (a 4-byte index asks for GiBs).
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_SHARD_FILE = re.compile(r"__[0-9]+_[0-9]+\.distcp")
+_UNTRUSTED = "the file is not to be trusted; resume from another snapshot"
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata and nothing else: any other global is refused."""
+    """Builds DCP's metadata and nothing else: any other global is refused.
+
+    `name` is matched whole: protocol 4 resolves a dotted name attribute by attribute
+    (`os.system` through a module that imports os), so no name with a dot is ever looked up.
+    """
+
+    def __init__(self, data: bytes, file: Path) -> None:
+        super().__init__(io.BytesIO(data))  # in memory: a bad length asks no allocation
+        self.file = file
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == _METADATA_MODULE or (module, name) in _ALLOWED:
+        if "." not in name and (module, name) in _ALLOWED:
             return super().find_class(module, name)
         raise SnapshotError(
-            f".metadata refers to {module}.{name}, which a torch.distributed.checkpoint "
-            "snapshot never holds; the file is not to be trusted — resume from another snapshot"
+            f"{self.file} refers to {module}.{name}, which a torch.distributed.checkpoint "
+            f"snapshot never holds; {_UNTRUSTED}"
         )
 
 
+def _scan(data: bytes) -> str | None:
+    """Why the pickle `data` is refused before any of it is unpickled, or None."""
+    for opcode, arg, _ in pickletools.genops(data):
+        if opcode.name in _REFUSED_OPCODES:
+            return f"the pickle opcode {opcode.name}"
+        if opcode.name in _MEMO_PUTS and not 0 <= arg <= len(data):
+            return f"a memo index ({arg}) past the end of the file"
+    return None
+
+
+def _unpickle(file: Path) -> Any:
+    with open_inside(file, "DCP's metadata") as f:  # a regular file: no link, no device
+        data = f.readall()
+    try:
+        why = _scan(data)
+        if why is None:
+            return _MetadataUnpickler(data, file).load()
+    except SnapshotError:
+        raise
+    except Exception as e:  # any malformed pickle: truncated, bad opcodes, wrong arguments...
+        raise SnapshotError(
+            f"{file}: cannot be read ({type(e).__name__}: {e}); {_UNTRUSTED}"
+        ) from e
+    raise SnapshotError(f"{file} holds {why}, which DCP metadata never holds; {_UNTRUSTED}")
+
+
 def read_metadata(path: str | os.PathLike) -> Any:
-    """DCP's `.metadata` of a snapshot, read by `_MetadataUnpickler`."""
+    """DCP's `.metadata` of a snapshot, read by `_MetadataUnpickler` and checked to name
+    tensors only, stored in the snapshot's own shard files."""
     from torch.distributed.checkpoint.metadata import Metadata
 
     file = Path(path) / ".metadata"
-    try:
-        with open(file, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError) as e:
-        raise SnapshotError(f"{file}: cannot be read ({e}); resume from another snapshot") from e
+    metadata = _unpickle(file)
     if not isinstance(metadata, Metadata):
         raise SnapshotError(f"{file} is not torch.distributed.checkpoint metadata")
+    if not _tensors_only(getattr(metadata, "state_dict_metadata", None)):
+        raise SnapshotError(f"{file} describes items other than tensors; {_UNTRUSTED}")
+    if not _shards_inside(Path(path), getattr(metadata, "storage_data", None)):
+        raise SnapshotError(f"{file} points outside the snapshot's shard files; {_UNTRUSTED}")
     return metadata
+
+
+def _tensors_only(items: Any) -> bool:
+    """Every item a tensor, described whole (DCP would read a bytes item with torch.load)."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+
+    def whole(v: Any) -> bool:
+        chunks = getattr(v, "chunks", None)
+        return (
+            isinstance(v, TensorStorageMetadata)
+            and isinstance(getattr(v, "size", None), torch.Size)
+            and getattr(getattr(v, "properties", None), "dtype", None) in DTYPE_NAMES
+            and isinstance(chunks, list)
+            and all(isinstance(c, ChunkStorageMetadata) for c in chunks)
+        )
+
+    return isinstance(items, dict) and all(whole(v) for v in items.values())
+
+
+def _shards_inside(root: Path, storage: Any) -> bool:
+    """Every stored item in a shard file of the snapshot itself: a regular file (no link)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    if not isinstance(storage, dict):
+        return False
+    names = {getattr(v, "relative_path", None) for v in storage.values()}
+    return all(isinstance(v, _StorageInfo) for v in storage.values()) and all(
+        isinstance(n, str) and _SHARD_FILE.fullmatch(n) and _regular(root / n) for n in names
+    )
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 class _Reader(dist_cp.FileSystemReader):

@@ -41,7 +41,7 @@ from functrain.checkpoint.plan import (
 )
 from functrain.checkpoint.snapshot import check, load
 from functrain.errors import MismatchError, RunError, SnapshotError, warn
-from functrain.state import TrainState
+from functrain.state import TrainState, missing_added
 
 __all__ = ["Policy", "Ranks", "Snapshots"]
 
@@ -149,7 +149,7 @@ class Snapshots(ClosedOnExit):
         if spec == "latest":
             if not run.is_dir():
                 raise RunError(f"no run directory {run}: start the run with `functrain run` first")
-            for _, snap in reversed(list_snapshots(run)):
+            for _, snap in reversed(list_snapshots(run, published=False)):  # lost manifests too
                 try:
                     return snap, read(snap)
                 except SnapshotError as err:
@@ -222,10 +222,12 @@ class Snapshots(ClosedOnExit):
         try:
             if tensors is not None:
                 return like.load(tensors)
-            like.check_fits(skeleton(manifest, like))  # every rank alike, before any reads
+            theirs = skeleton(manifest, like)
+            like.check_fits(theirs)  # every rank alike, before any reads
             into = like.tensors()  # in place; a trainable_only snapshot's frozen stay `like`'s
             if manifest.get("trainable_only"):
                 into = without_frozen(into)
+            into = into.exclude(*missing_added(theirs, into))  # an older one: these stay `like`'s
             dcp.read_shards(path, into, like.static.sharding)
             return like
         except ValueError as err:
@@ -243,8 +245,9 @@ class Snapshots(ClosedOnExit):
         step, every = int(state.step), self.policy.every
         if not (last or (every and step % every == 0)):
             return False
+        finite = _check_finite(state, self.path(step), self.latest())  # nan_policy stop: refuse
         self.settle(wait=True)  # the previous write's failure is its own, not this one's
-        error = self._agreed(lambda: self._write(state, step))
+        error = self._agreed(lambda: self._write(state, step, finite))
         if error is not None:
             self._failed(error, last)
         return error is None
@@ -279,6 +282,7 @@ class Snapshots(ClosedOnExit):
         if p.keep_last is None:
             return []
         spare = self._keep | {Path(k).resolve() for k in keep if k is not None}
+        spare |= {_newest_finite(self.run_dir)}  # whatever went wrong since, it is kept
         old = [
             path
             for step, path in list_snapshots(self.run_dir)[: -p.keep_last]
@@ -295,8 +299,9 @@ class Snapshots(ClosedOnExit):
 
     # ---------------------------------------------------------------- the parts
 
-    def _write(self, state: TrainState, step: int) -> None:
+    def _write(self, state: TrainState, step: int, finite: bool) -> None:
         path, meta = self.path(step), {"step": step, **self._meta, **self._meta_now()}
+        meta["finite"] = finite  # retention keeps the newest finite snapshot whatever comes
         tensors = state.tensors()
         if self.policy.trainable_only:
             tensors = without_frozen(tensors)
@@ -343,3 +348,46 @@ def stopped_by_error(error: Exception, last: bool) -> str:
         f"{error}. Training stopped because {why}. Every earlier snapshot is intact: fix the "
         "cause, then continue with functrain resume <recipe> --from latest"
     )
+
+
+def _check_finite(state: TrainState, path: Path, latest: Path | None) -> bool:
+    """Whether `state` has had no step with a non-finite loss or gradients (its stats say,
+    one host read); under the state's `nan_policy` "stop" one that has is refused, never
+    saved. "skip" states are finite: those steps left params and moments as they were."""
+    first = state.stats.get("first_nonfinite", None)
+    if first is None or int(first) < 0 or state.static.nan_policy == "skip":
+        return True
+    if state.static.nan_policy == "stop":
+        raise NonFiniteError(int(first), latest, unsaved=path)
+    return False
+
+
+class NonFiniteError(RunError):
+    """A step's loss or gradients went non-finite under `nan_policy: stop`."""
+
+    def __init__(self, step: int, latest: Path | None, unsaved: Path | None = None) -> None:
+        self.step = step
+        where = f" ({unsaved.name} is not written)" if unsaved is not None else ""
+        then = (
+            f"then resume from {latest}, the newest snapshot, all of whose steps came before "
+            "it (`functrain resume RECIPE --from latest --allow-change KEY` for a changed key)"
+            if latest is not None
+            else "then start the run again (it has no snapshot yet)"
+        )
+        super().__init__(
+            f"step {step} gave a non-finite loss or gradients (NaN or inf), and nan_policy is "
+            f"'stop': training stopped{where}. Lower the learning rate (optim.lr), add "
+            f"clip_by_global_norm, or check the data near that step; {then}. nan_policy: "
+            "skip leaves such steps out instead."
+        )
+
+
+def _newest_finite(run_dir: Path) -> Path | None:
+    """The newest snapshot whose manifest does not say it went non-finite."""
+    for _, path in reversed(list_snapshots(run_dir)):
+        try:
+            if read_manifest(path).get("finite", True):
+                return path.resolve()
+        except SnapshotError:
+            continue
+    return None

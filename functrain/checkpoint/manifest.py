@@ -4,11 +4,15 @@ names, leaves that lie inside their file without overlapping)."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import importlib.metadata
+import io
 import math
 import os
 import platform
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ from functrain.errors import SnapshotError
 
 FORMAT_VERSION: int = 1
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest.sha256"  # the sha256 of a sealed manifest's bytes
 ALIGN = 64
 DTYPES = {  # the whitelist: a dtype name in a manifest is only ever looked up here
     name: getattr(torch, name)
@@ -64,14 +69,16 @@ def read_manifest(path: str | os.PathLike) -> dict:
             "(list_snapshots(run_dir) shows the snapshots of a run)"
         )
     path = root / MANIFEST
+    if not os.path.lexists(path):
+        raise SnapshotError(f"{path} is missing, so {root} is not a snapshot; {_DAMAGED}")
+    with open_inside(path, "its manifest") as f:
+        body = f.readall()
     try:
-        manifest = orjson.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise SnapshotError(f"{path} is missing, so {root} is not a snapshot; {_DAMAGED}") from None
+        manifest = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise SnapshotError(f"{path}: not valid JSON ({e}); {_DAMAGED}") from e
-    except OSError as e:
-        raise SnapshotError(f"{path}: cannot read ({e}); check permissions") from e
+    if isinstance(manifest, dict) and manifest.get("sealed"):
+        _check_seal(root, body)
     if not isinstance(manifest, dict):
         raise SnapshotError(f"{path}: not a JSON object; {_DAMAGED}")
     version = manifest.get("format_version", FORMAT_VERSION)
@@ -87,6 +94,51 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if problems:
         raise SnapshotError(f"{path}: {'; '.join(problems)}; {_DAMAGED}")
     return manifest
+
+
+def open_inside(path: Path, what: str) -> io.FileIO:
+    """Open a file of a snapshot for reading: a regular file in the snapshot itself, never a
+    symbolic link (which could reach any file of the machine) nor a device or a pipe."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SnapshotError(
+            f"{path}: {what} is missing; the snapshot is incomplete — resume from an earlier "
+            "snapshot"
+        ) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SnapshotError(
+                f"{path}: {what} is a symbolic link; a snapshot's files are regular files "
+                "inside it, so this one is not to be trusted — resume from another snapshot"
+            ) from None
+        raise SnapshotError(f"{path}: cannot open ({e}); check permissions") from e
+    f = io.FileIO(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise SnapshotError(
+            f"{path}: {what} is not a regular file; the snapshot is not to be trusted — "
+            "resume from another snapshot"
+        )
+    return f
+
+
+def seal(body: bytes) -> bytes:
+    """What `MANIFEST_DIGEST` holds for a manifest of these bytes: their sha256, in hex."""
+    return hashlib.sha256(body).hexdigest().encode() + b"\n"
+
+
+def _check_seal(root: Path, body: bytes) -> None:
+    """A manifest that says it is `sealed` has its digest beside it, which must match: an
+    edit of the manifest (its step, its checksums) is caught, not trusted."""
+    path = root / MANIFEST_DIGEST
+    with open_inside(path, f"the digest of {MANIFEST}") as f:
+        found = f.read(256)
+    if found != seal(body):
+        raise SnapshotError(
+            f"{root / MANIFEST} does not match its digest {MANIFEST_DIGEST}: the manifest was "
+            f"changed after it was written; {_DAMAGED}"
+        )
 
 
 def _manifest_problems(m: dict) -> list[str]:

@@ -171,7 +171,9 @@ def _is_under(key: str, prefixes: Iterable[str]) -> bool:
 
 #: Recipe keys added after snapshots were first written, with the value that does what a
 #: recipe without them did: an older manifest's recipe is read with these filled in.
-ADDED_KEYS = {"init_from": None, "init_from_map": {}, "freeze": [], "metrics": []}
+ADDED_KEYS = {
+    "init_from": None, "init_from_map": {}, "freeze": [], "metrics": [], "nan_policy": "stop",
+}  # fmt: skip
 
 
 def _check_recipe(manifest: Mapping, now: Mapping, allow: list[str]) -> list[str]:

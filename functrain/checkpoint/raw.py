@@ -29,6 +29,7 @@ from functrain.checkpoint.manifest import (
     DTYPES,
     MANIFEST,
     crc_problem,
+    open_inside,
     size_problem,
 )
 from functrain.errors import SnapshotError
@@ -53,7 +54,8 @@ def save(path: str | os.PathLike, tensors: TensorDict, meta: Mapping[str, Any]) 
     meta = check_meta(meta)
     _files.refuse_existing(final)
     tmp = _files.tmp_name(final)
-    with _files.publishing(tmp, final, create=True):
+    need = sum(t.numel() * t.element_size() for leaves, _ in plan.values() for _, t in leaves)
+    with _files.publishing(tmp, final, create=True, need=need):
         _write_snapshot(tmp, plan, meta)
         _files.rename_into_place(tmp, final)
     return final
@@ -184,15 +186,7 @@ def _read_file(path: Path, want: dict, pool: ThreadPoolExecutor, keep: bool = Tr
 
     With keep=False only the checks are made, streaming through one reusable chunk.
     """
-    try:
-        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below, errors mapped
-    except FileNotFoundError:
-        raise SnapshotError(
-            f"{path}: data file listed in {MANIFEST} is missing; the snapshot is incomplete — "
-            "resume from an earlier snapshot"
-        ) from None
-    except OSError as e:
-        raise SnapshotError(f"{path}: cannot open ({e}); check permissions") from e
+    f = open_inside(path, f"data file listed in {MANIFEST}")
     with f:
         size = os.fstat(f.fileno()).st_size
         if size != want["bytes"]:

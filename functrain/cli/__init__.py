@@ -6,6 +6,7 @@
     plot.py      loss, eval loss, LR and throughput of runs as a PNG
     sample.py    text from a language-model snapshot
     export.py    a snapshot's weights as safetensors
+    rebuild.py   which model a snapshot may rebuild: functrain's own, --recipe, --trust-recipe
 
 It drives the engine (`functrain.run`) and reads snapshots (`functrain.checkpoint`).
 """

@@ -18,7 +18,8 @@ from pathlib import Path
 import orjson
 
 from functrain import checkpoint
-from functrain.cli.sample import rebuild_model, refuse_trainable_only
+from functrain.cli.rebuild import rebuild_model
+from functrain.cli.sample import refuse_trainable_only
 from functrain.errors import RunError
 from functrain.state import weights
 
@@ -63,17 +64,25 @@ def export(snapshot: Path, out: Path, *, ema: bool = False) -> dict[str, str]:
     return meta
 
 
-def export_pretrained(snapshot: Path, out: Path, *, ema: bool = False) -> Path:
-    """For a `transformers` model: rebuild it from the snapshot's recipe, give it the
-    snapshot's weights (strictly) and `save_pretrained(out)`, a directory its
-    `from_pretrained` loads (config included, tied weights as transformers keeps them)."""
+def export_pretrained(
+    snapshot: Path,
+    out: Path,
+    *,
+    ema: bool = False,
+    recipe: Path | None = None,
+    trust_recipe: bool = False,
+) -> Path:
+    """For a `transformers` model: rebuild it from the `recipe` file (or the manifest, as
+    `functrain.cli.rebuild` allows), give it the snapshot's weights (strictly) and
+    `save_pretrained(out)`, a directory its `from_pretrained` loads (config included, tied
+    weights as transformers keeps them)."""
     from functrain.state import load_into
 
     if out.exists():
         raise RunError(f"{out} already exists; export --hf writes a new directory")
     tensors, manifest = checkpoint.load(snapshot)
     refuse_trainable_only(snapshot, manifest)
-    model = rebuild_model(snapshot, manifest)
+    model = rebuild_model(snapshot, manifest, recipe=recipe, trust=trust_recipe)
     if not callable(getattr(model, "save_pretrained", None)):
         target = (manifest.get("recipe", {}).get("model") or {}).get("_component_")
         raise RunError(

@@ -11,6 +11,7 @@ exception is a bug and keeps its traceback. A run stopped by SIGTERM, a first Ct
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
@@ -26,6 +27,7 @@ from functrain import checkpoint, distributed
 from functrain.cli.check import check
 from functrain.cli.export import export, export_pretrained
 from functrain.cli.plot import plot
+from functrain.cli.rebuild import add_model_flags
 from functrain.cli.report import inspect
 from functrain.cli.sample import sample
 from functrain.data import prepare
@@ -210,6 +212,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
         "loads it)",
     )
     exp.add_argument("--ema", action="store_true", help="the EMA of the params instead")
+    add_model_flags(exp, only=" (for --hf)")
     smp = command(
         "sample", "text from a language-model snapshot, deterministic per seed", cmd_sample
     )
@@ -220,6 +223,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     smp.add_argument("--top-k", type=int, default=40, help="draw from the k likeliest (40)")
     smp.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
     smp.add_argument("--ema", action="store_true", help="the EMA of the params instead")
+    add_model_flags(smp)
     return {
         "run": run,
         "resume": res,
@@ -257,18 +261,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_until(args.until, recipe)
     path = rundir.run_path(recipe)
     built = build_and_probe(recipe, ctx)
-    ctx.all_ok(lambda: rundir.create_run(recipe, path) if ctx.is_main else None)
-    return _start(
-        ctx,
-        path,
-        lambda: Trainer(
-            built,
-            built.state,
+    owner = ctx.all_ok(lambda: rundir.create_run(recipe, path) if ctx.is_main else None)
+    with owner or contextlib.nullcontext():  # rank 0 owns the run directory until the end
+        return _start(
+            ctx,
             path,
-            until=args.until,
-            recipe_path=shlex.join([args.recipe, *args.overrides]),
-        ),
-    )
+            lambda: Trainer(
+                built,
+                built.state,
+                path,
+                until=args.until,
+                recipe_path=shlex.join([args.recipe, *args.overrides]),
+            ),
+        )
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -278,20 +283,21 @@ def cmd_resume(args: argparse.Namespace) -> int:
         ctx, recipe, args.source, name=args.name, allow=args.allow_change, until=args.until
     )
     branched = r.run_dir.resolve() != r.snapshot.parent.resolve()
-    return _start(
-        ctx,
-        r.run_dir if branched else None,
-        lambda: Trainer(
-            r.built,
-            r.state,
-            r.run_dir,
-            meta=r.meta,
-            resumed_from=r.snapshot,
-            until=args.until,
-            recipe_path=shlex.join([args.recipe, *args.overrides]),
-            data_restored=r.data_restored,
-        ),
-    )
+    with r.owner or contextlib.nullcontext():  # rank 0 owns the run directory until the end
+        return _start(
+            ctx,
+            r.run_dir if branched else None,
+            lambda: Trainer(
+                r.built,
+                r.state,
+                r.run_dir,
+                meta=r.meta,
+                resumed_from=r.snapshot,
+                until=args.until,
+                recipe_path=shlex.join([args.recipe, *args.overrides]),
+                data_restored=r.data_restored,
+            ),
+        )
 
 
 def _start(ctx: distributed.Context, new_dir: Path | None, make: Callable[[], Trainer]) -> int:
@@ -332,7 +338,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.hf is not None:
-        out = export_pretrained(args.snapshot, args.hf, ema=args.ema)
+        out = export_pretrained(
+            args.snapshot, args.hf, ema=args.ema, recipe=args.recipe, trust_recipe=args.trust_recipe
+        )
         print(f"wrote {out}: a save_pretrained directory", file=sys.stderr)
         return 0
     meta = export(args.snapshot, args.out, ema=args.ema)
@@ -349,6 +357,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
         ema=args.ema,
+        recipe=args.recipe,
+        trust_recipe=args.trust_recipe,
     )
     sys.stdout.write(text + "\n")
     return 0

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import torch
 
 from functrain import checkpoint
 from functrain.errors import RunError
@@ -16,7 +17,8 @@ __all__ = ["inspect", "lineage"]
 
 
 def inspect(path: Path, as_json: bool) -> int:
-    """Print the report of a snapshot or a run directory; 1 when a snapshot is damaged."""
+    """Print the report of a snapshot or a run directory; 1 when a snapshot (any of the
+    run's) is damaged."""
     # A `state_N` dir without its manifest is a damaged snapshot, not an empty run: say so.
     if (path / checkpoint.MANIFEST).exists() or checkpoint.snapshot_step(path) is not None:
         report = _snapshot_report(path)
@@ -26,14 +28,14 @@ def inspect(path: Path, as_json: bool) -> int:
             _print_snapshot(report)
         return 0 if report["valid"] else 1
     if path.is_dir():
-        rows = [_snapshot_row(p) for _, p in checkpoint.list_snapshots(path)]
+        rows = [_snapshot_row(p) for _, p in checkpoint.list_snapshots(path, published=False)]
         report = {"run": str(path), "snapshots": rows, "lineage": lineage(path)}
         if as_json:
             sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
         else:
             _print_run(path, rows)
             _print_lineage(report["lineage"])
-        return 0
+        return 0 if all(r["valid"] for r in rows) else 1
     raise RunError(f"{path} is neither a snapshot (no {checkpoint.MANIFEST}) nor a run directory")
 
 
@@ -50,6 +52,7 @@ def _snapshot_report(path: Path) -> dict:
         "valid": not problems,
         "problems": problems,
         "digests": checkpoint.digests(path) if not problems else {},
+        "nonfinite": _nonfinite(path) if not problems else {},
         "sizes": sizes,
         "manifest": manifest,
     }
@@ -74,9 +77,29 @@ def _print_snapshot(r: dict) -> None:
         print(f"allowed   {change}")
     for event in m.get("lineage", []):
         print(f"{event['kind']:<9} {_event(event)}")
+    if not m.get("finite", True):
+        print("finite    NO: a step before it had a non-finite loss or gradients")
     print(f"{'entry':<10}{'bytes':>14}  sha256")
     for entry, size in r["sizes"].items():
-        print(f"{entry:<10}{size:>14}  {r['digests'].get(entry, '-')}")
+        bad = r["nonfinite"].get(entry)
+        flag = f"  NON-FINITE: {bad} value(s) NaN or inf" if bad else ""
+        print(f"{entry:<10}{size:>14}  {r['digests'].get(entry, '-')}{flag}")
+
+
+def _nonfinite(path: Path) -> dict[str, int]:
+    """Entry -> how many of its floating-point values are NaN or inf (entries with none are
+    left out, and `metrics` and `stats`, whose NaN and inf mean "not measured yet")."""
+    tensors = checkpoint.load(path)[0]
+    out = {}
+    for entry in tensors.keys():  # noqa: SIM118 -- a TensorDict
+        if entry in ("metrics", "stats"):
+            continue
+        value = tensors[entry]
+        leaves = [value] if isinstance(value, torch.Tensor) else value.values(True, True)
+        bad = sum(int((~t.isfinite()).sum()) for t in leaves if t.is_floating_point())
+        if bad:
+            out[entry] = bad
+    return out
 
 
 def _snapshot_row(path: Path) -> dict:
@@ -84,8 +107,9 @@ def _snapshot_row(path: Path) -> dict:
     try:
         m = checkpoint.read_manifest(path)
         created, size = m["created"], sum(f["bytes"] for f in m["files"].values())
+        finite = m.get("finite", True)
     except checkpoint.SnapshotError:
-        created, size = None, None
+        created, size, finite = None, None, True
     return {
         "name": path.name,
         "step": checkpoint.snapshot_step(path),
@@ -93,6 +117,7 @@ def _snapshot_row(path: Path) -> dict:
         "bytes": size,
         "valid": not problems,
         "problem": problems[0] if problems else None,
+        "finite": finite,
     }
 
 
@@ -101,6 +126,7 @@ def _print_run(path: Path, rows: list[dict]) -> None:
     print(f"{'step':>10}  {'created':<27}{'bytes':>14}  status")
     for r in rows:
         status = "valid" if r["valid"] else f"INVALID: {r['problem']}"
+        status += "" if r["finite"] else ", NON-FINITE (a step before it went NaN or inf)"
         print(f"{r['step']:>10}  {r['created'] or '?':<27}{r['bytes'] or 0:>14}  {status}")
 
 

@@ -1,7 +1,8 @@
 """`functrain sample SNAPSHOT`: text from a language-model snapshot, deterministic per seed.
 
-The model is rebuilt from the recipe the snapshot's manifest holds (its `model` component)
-and given the snapshot's params (or, with `--ema`, their moving average). Tokens are bytes
+The model is rebuilt as `functrain.cli.rebuild` allows — from the snapshot's manifest
+when it is functrain's own, else from `--recipe FILE` (or under `--trust-recipe`) — and
+given the snapshot's params (or, with `--ema`, their moving average). Tokens are bytes
 (the recipes' vocabulary of 256): the prompt is encoded as UTF-8, the output decoded with
 replacement of broken sequences. Each new token is drawn from the softmax of the last
 logits divided by the temperature, restricted to the `top_k` most likely, with a generator
@@ -16,12 +17,12 @@ from pathlib import Path
 import torch
 
 from functrain import checkpoint
-from functrain.errors import RecipeError, RunError
+from functrain.cli.rebuild import rebuild_model
+from functrain.errors import RunError
 from functrain.losses import logits_of, structure
-from functrain.recipe import Component, instantiate
 from functrain.state import load_into
 
-__all__ = ["rebuild_model", "refuse_trainable_only", "sample"]
+__all__ = ["refuse_trainable_only", "sample"]
 
 
 def sample(
@@ -33,13 +34,16 @@ def sample(
     top_k: int | None = 40,
     seed: int = 0,
     ema: bool = False,
+    recipe: Path | None = None,
+    trust_recipe: bool = False,
 ) -> str:
-    """The prompt followed by `tokens` sampled ones, as text."""
+    """The prompt followed by `tokens` sampled ones, as text; the model from `recipe` (a
+    recipe file) when given, else from the manifest (see `functrain.cli.rebuild`)."""
     if tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
         raise RunError("--tokens and --temperature must be >= 0, --top-k >= 1")
     tensors, manifest = checkpoint.load(snapshot)
     refuse_trainable_only(snapshot, manifest)
-    model = rebuild_model(snapshot, manifest)
+    model = rebuild_model(snapshot, manifest, recipe=recipe, trust=trust_recipe)
     try:
         load_into(model, tensors, ema=ema)
     except (ValueError, RuntimeError) as err:
@@ -94,18 +98,6 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int | None, g) -> int
         logits = logits.masked_fill(logits < cut, float("-inf"))
     probs = torch.softmax(logits / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=g))
-
-
-def rebuild_model(snapshot: Path, manifest: dict) -> torch.nn.Module:
-    """The recipe's model, as the snapshot's manifest names it (weights not loaded)."""
-    spec = dict(manifest.get("recipe", {}).get("model") or {})
-    target = spec.pop("_component_", None)
-    if not isinstance(target, str):
-        raise RunError(f"{snapshot}: its manifest records no recipe model to rebuild")
-    try:
-        return instantiate(Component(target=target, kwargs=spec))
-    except RecipeError as err:
-        raise RunError(f"{snapshot}: cannot rebuild the recipe's model: {err}") from err
 
 
 def refuse_trainable_only(snapshot: Path, manifest: dict) -> None:

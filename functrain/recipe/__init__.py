@@ -12,13 +12,14 @@ signature, but calls nothing; every problem is collected and reported in one `Re
     schema.py     the config classes (`Recipe` and its sections), `SIGNALS`
     parse.py      `load_recipe`, `parse_recipe`: overrides, then validation
     serialize.py  `to_dict`, `dump_yaml`, `recipe_hash`, `diff`
-    _check.py     `Component`: target import, signature and type checks, `instantiate`
+    _check.py     `Component`: target import, signature and type checks (`parse_component`
+                  for one), `instantiate`
     _yaml.py      the YAML dialect of recipe files
 """
 
 from functrain.errors import RecipeError
 from functrain.recipe._check import MISSING as MISSING  # what `diff` gives for an absent side
-from functrain.recipe._check import Component, instantiate, resolve
+from functrain.recipe._check import Component, instantiate, parse_component, resolve
 from functrain.recipe.parse import load_recipe, parse_recipe
 from functrain.recipe.schema import SIGNALS, CheckpointConfig, DataConfig, EvalConfig, Recipe
 from functrain.recipe.serialize import diff, dump_yaml, recipe_hash, to_dict
@@ -35,6 +36,7 @@ __all__ = [
     "dump_yaml",
     "instantiate",
     "load_recipe",
+    "parse_component",
     "parse_recipe",
     "recipe_hash",
     "resolve",

@@ -34,6 +34,19 @@ class Component:
     kwargs: dict = attrs.field(factory=dict)
 
 
+#: The integers a recipe may hold: the state and a snapshot's manifest hold them as int64.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def outside_int64(value: Any) -> bool:
+    """Whether `value` is an integer (not a bool) that int64 cannot hold."""
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not INT64_MIN <= value <= INT64_MAX
+    )
+
+
 def join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
@@ -74,6 +87,11 @@ def _value(raw: Any, path: str, problems: list[str]) -> Any:
         problems.append(
             f"{path}: got {show(raw)}; expected plain YAML values (str, number, bool, null, list, mapping)"
         )
+    elif outside_int64(raw):
+        problems.append(
+            f"{path}: got {show(raw)}; expected an integer from -2**63 to 2**63 - 1 (int64, "
+            "what a snapshot holds)"
+        )
     return raw
 
 
@@ -111,6 +129,21 @@ def component(raw: Any, path: str, problems: list[str], provided: set[str] = fro
     else:
         _check_call(fn, target, kwargs, path, provided, problems)
     return Component(target=target, kwargs=kwargs) if len(problems) == before else None
+
+
+def parse_component(raw: Any, path: str, source: str = "<component>") -> Component:
+    """One `{_component_: dotted.path, **kwargs}` checked as a recipe's are (target
+    imported, kwargs against its signature), calling nothing; `RecipeError` lists every
+    problem.
+
+    >>> parse_component({"_component_": "fractions.Fraction", "numerator": 1}, "x").target
+    'fractions.Fraction'
+    """
+    problems: list[str] = []
+    found = component(raw, path, problems)
+    if problems or found is None:
+        raise RecipeError(problems or [f"{path}: not a component"], source)
+    return found
 
 
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+\Z")

@@ -28,12 +28,17 @@ from functrain.recipe._yaml import Loader, yaml_problem
 from functrain.recipe.schema import Recipe, config_fields, expected, scalar_problem
 from functrain.recipe.serialize import plain
 
+#: The largest recipe file read, in bytes, and the longest override value, in characters:
+#: a recipe is configuration, and the YAML reader is slow past these.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_OVERRIDE_CHARS = 64 << 10
+
 
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
     """Read, override and validate a recipe file; raise `RecipeError` listing every problem."""
     source = os.fspath(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = _read(Path(path), source)
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(
             [f"{TOP}: cannot read the recipe file: {getattr(err, 'strerror', None) or err}"], source
@@ -43,6 +48,26 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
     except yaml.YAMLError as err:
         raise RecipeError([yaml_problem(err)], source) from err
     return parse_recipe({} if data is None else data, source=source, overrides=overrides)
+
+
+def _read(path: Path, source: str) -> str:
+    """The file's text, refused by its size (stat first, then at most one byte past the
+    limit read, for a file that grows or a pipe) before the YAML reader sees it."""
+    size = path.stat().st_size
+    if size <= MAX_RECIPE_BYTES:
+        with path.open("rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+        if len(data) <= MAX_RECIPE_BYTES:
+            return data.decode("utf-8")
+    size_text = size if size > MAX_RECIPE_BYTES else f"more than {MAX_RECIPE_BYTES}"  # a pipe
+    raise RecipeError(
+        [
+            f"{TOP}: the recipe file is {size_text} bytes; a recipe may hold at most "
+            f"{MAX_RECIPE_BYTES} bytes (1 MiB): it is configuration, so keep data in the "
+            "files it names"
+        ],
+        source,
+    )
 
 
 def parse_recipe(
@@ -90,10 +115,17 @@ def _override(raw: dict, text: str, problems: list[str]) -> None:
             f"{text}: malformed override; expected dotted.key=value, e.g. optim.lr=1e-3"
         )
         return
+    if len(value_text) > MAX_OVERRIDE_CHARS:
+        problems.append(
+            f"{key}: the override value is {len(value_text)} characters, over the limit of "
+            f"{MAX_OVERRIDE_CHARS} (64 KiB); put a larger value in the recipe file"
+        )
+        return
     try:
         value = yaml.load(value_text, Loader=Loader)  # safe: Loader is a SafeLoader
     except yaml.YAMLError as err:
-        problems.append(f"{key}: cannot read the value {value_text!r}: {yaml_problem(err)}")
+        shown = value_text if len(value_text) <= 60 else value_text[:57] + "..."
+        problems.append(f"{key}: cannot read the value {shown!r}: {yaml_problem(err)}")
         return
     set_path(raw, key, value, Recipe, problems)
 

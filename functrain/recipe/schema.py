@@ -12,7 +12,7 @@ from typing import Any, Literal
 import attrs
 
 from functrain.errors import RecipeError
-from functrain.recipe._check import Component, describe, show, type_ok
+from functrain.recipe._check import Component, describe, outside_int64, show, type_ok
 
 # Signals a recipe may name in `checkpoint.signal`, on top of SIGTERM and SIGINT.
 SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGXCPU")
@@ -191,6 +191,12 @@ class Recipe:
         "'fp16' (autocast to float16 with dynamic loss scaling, see loss_scale)",
     )
     loss_scale: LossScaleConfig = attrs.field(factory=LossScaleConfig)
+    nan_policy: Literal["stop", "skip", "continue"] = _field(
+        default="stop",
+        expect="'stop' (a step with a non-finite loss or gradients ends the run, naming the "
+        "step; nothing after it is saved), 'skip' (its update is left out and counted) or "
+        "'continue' (counted only)",
+    )
     compile: CompileConfig = attrs.field(factory=lambda: CompileConfig(enabled=False))
     model: Component
     init_from: str | None = _field(
@@ -255,6 +261,8 @@ def expected(f: attrs.Attribute) -> str:
 def scalar_problem(value: Any, f: attrs.Attribute, path: str) -> str | None:
     """The problem with `value` as the scalar field `f` at `path`, or None if it is allowed."""
     check = f.metadata.get("check")
-    if type_ok(value, f.type) and (check is None or value is None or check(value)):
-        return None
-    return f"{path}: got {show(value)}; expected {expected(f)}"
+    if not type_ok(value, f.type) or not (check is None or value is None or check(value)):
+        return f"{path}: got {show(value)}; expected {expected(f)}"
+    if outside_int64(value):  # the state and a snapshot's manifest hold integers as int64
+        return f"{path}: got {show(value)}; expected {expected(f)}, at most 2**63 - 1"
+    return None

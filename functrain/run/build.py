@@ -271,6 +271,7 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
         placement=ctx,
         sharding=sharding,
         precision=precision,
+        nan_policy=recipe.nan_policy,
     )
     if recipe.eval.batches == "all" and data_lib.is_plain_iterable(splits.get("val")):
         raise BuildError(

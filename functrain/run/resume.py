@@ -12,6 +12,7 @@ from pathlib import Path
 
 import attrs
 
+from functrain import checkpoint
 from functrain import data as data_lib
 from functrain.checkpoint import Snapshots, plan_resume
 from functrain.checkpoint.plan import with_frozen_of
@@ -36,6 +37,7 @@ class Resumed:
     snapshot: Path
     meta: dict  # manifest entries of every later snapshot: parent, allowed changes, lineage
     data_restored: bool  # a stateful iterable stands at the cursor already (nothing to skip)
+    owner: rundir.RunLock | None  # rank 0's hold on run_dir, to release when the run ends
 
 
 def prepare(
@@ -54,6 +56,27 @@ def prepare(
     if name:
         recipe = attrs.evolve(recipe, name=name)
     target = rundir.run_path(recipe)
+    # Own the directory first (rank 0): no other run may write snapshots while we choose.
+    owner = ctx.all_ok(lambda: rundir.lock_run(target) if ctx.is_main and target.is_dir() else None)
+    try:
+        return _prepare(ctx, recipe, source, source_run, target, owner, allow=allow, until=until)
+    except BaseException:
+        if owner is not None:
+            owner.release()
+        raise
+
+
+def _prepare(
+    ctx: Context,
+    recipe: Recipe,
+    source: str,
+    source_run: Path,
+    target: Path,
+    owner: rundir.RunLock | None,
+    *,
+    allow: list[str],
+    until: int | None,
+) -> Resumed:
     is_sharded = sharded(recipe, ctx.world_size)
     snap, (tensors, manifest) = ctx.all_ok(
         lambda: Snapshots(source_run, context=ctx).find(
@@ -91,7 +114,9 @@ def prepare(
         return placed
 
     data_restored = ctx.all_ok(place_data)
-    ctx.all_ok(lambda: _prepare_target(ctx, recipe, target, snap, step, newer, branching))
+    owner = ctx.all_ok(
+        lambda: _prepare_target(ctx, recipe, target, snap, step, newer, branching, owner)
+    )
     event = {  # one per resume, kept by every later snapshot: `functrain inspect` shows them
         "kind": "branch" if branching else "resume",
         "step": step,
@@ -111,6 +136,7 @@ def prepare(
         snapshot=snap,
         meta=meta,
         data_restored=data_restored,
+        owner=owner,
     )
 
 
@@ -126,12 +152,11 @@ def _nothing_to_do(snap: Path, step: int, recipe: Recipe) -> None:
 def _newer_snapshots(target: Path, snap: Path, step: int, source: str) -> list[Path]:
     """Snapshots of `target` past `step`: those `--from latest` skipped as invalid, to be set
     aside; resuming from an older valid snapshot by name would overwrite history."""
-    later = Snapshots(target)
-    newer = [later.path(s) for s in later.all_steps() if s > step]
+    newer = [p for s, p in checkpoint.list_snapshots(target, published=False) if s > step]
     if newer and source != "latest":
         raise RunError(
             f"{snap} is not the newest snapshot of {target} "
-            f"({later.path(later.latest_step()).name} is). Resuming in place would overwrite "
+            f"({newer[-1].name} is). Resuming in place would overwrite "
             "the later history. Branch into a new run with --name NEW, or resume with "
             "--from latest."
         )
@@ -146,16 +171,18 @@ def _prepare_target(
     step: int,
     newer: list[Path],
     branching: bool,
-) -> None:
-    """Rank 0 tidies the run directory it will write to (a failure stops every rank alike)."""
+    owner: rundir.RunLock | None,
+) -> rundir.RunLock | None:
+    """Rank 0 tidies the run directory it will write to (a failure stops every rank alike)
+    and returns its hold on it (a branch makes the directory, and owns it from then on)."""
     if not ctx.is_main:
-        return
+        return None
     for p in rundir.clean_partial(target):
         ctx.warn(f"removed {p}, left over by an interrupted write")
     for p in newer:
         ctx.warn(f"set aside invalid snapshot {p} as {rundir.set_aside(p).name}")
     if branching:
         metrics = rundir.metrics_until(snap.parent / rundir.METRICS_FILE, step)
-        rundir.create_run(recipe, target, metrics=metrics)
-    else:
-        rundir.cut_metrics(target / rundir.METRICS_FILE, step)
+        return rundir.create_run(recipe, target, metrics=metrics, held=owner)
+    rundir.cut_metrics(target / rundir.METRICS_FILE, step)
+    return owner

@@ -1,6 +1,6 @@
 """Run directories: create them, tidy them, keep `metrics.jsonl` in step with the snapshots.
 
-runs/<name>/recipe.yaml  metrics.jsonl  state_<step>/
+runs/<name>/recipe.yaml  metrics.jsonl  state_<step>/  .lock (the owner: `lock_run`)
 
 The snapshots inside are `functrain.checkpoint.Snapshots`'s business; this module keeps the
 rest of the directory.
@@ -8,44 +8,207 @@ rest of the directory.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 import re
+import shutil
+import socket
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
 
 from functrain import checkpoint
-from functrain.errors import RunError
+from functrain.errors import RunError, size_text, warn
 from functrain.recipe import Recipe, dump_yaml
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"  # held by the run training into the directory (`lock_run`)
 
 
 def run_path(recipe: Recipe) -> Path:
     return Path(recipe.out_dir) / recipe.name
 
 
-def create_run(recipe: Recipe, path: Path, *, metrics: bytes = b"") -> None:
-    """Make the run directory with its resolved recipe; refuse to reuse an existing one."""
-    if path.exists() and any(path.iterdir()):
+def create_run(
+    recipe: Recipe, path: Path, *, metrics: bytes = b"", held: RunLock | None = None
+) -> RunLock:
+    """Make the run directory with its resolved recipe and own it (the returned lock, or
+    `held`, which the caller took already). `mkdir` decides atomically who makes it; an
+    existing one is refused unless it holds no history (no snapshot, no metrics: a start
+    that failed, e.g. on a full disk), which is reused."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir()
+        made = True
+    except FileExistsError:
+        made = False
+    except OSError as err:
+        raise RunError(f"cannot make the run directory {path}: {err.strerror or err}") from err
+    try:
+        owner = held or lock_run(path)
+    except RunError as err:
+        if made and not isinstance(err, InUseError):  # ours, and nothing in it: leave none
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    try:
+        if not made:
+            _refuse_history(path)
+        write_atomic(path / RECIPE_FILE, dump_yaml(recipe).encode())
+        write_atomic(path / METRICS_FILE, metrics)
+    except BaseException:
+        if made:  # nothing of it is worth keeping: no half-made run directory is left
+            shutil.rmtree(path, ignore_errors=True)
+        if held is None:
+            owner.release()
+        raise
+    return owner
+
+
+_LEFTOVERS = (LOCK_FILE, RECIPE_FILE)  # what a start that wrote no step may leave
+
+
+def _refuse_history(path: Path) -> None:
+    """Refuse a run directory that holds anything but what a failed start leaves."""
+    if not path.is_dir():
+        raise RunError(f"{path} exists and is not a directory: pick another name (name=NEW)")
+    for p in _dead_tmp_files(path):
+        p.unlink()
+    metrics = path / METRICS_FILE
+    others = [p.name for p in path.iterdir() if p.name not in (*_LEFTOVERS, METRICS_FILE)]
+    if others and checkpoint.list_snapshots(path):
         raise RunError(
             f"run directory {path} already exists. To continue it: functrain resume "
             f"<recipe> --from latest. To start afresh, pick another name (name=NEW) or "
             f"remove the directory."
         )
-    path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / RECIPE_FILE, dump_yaml(recipe).encode())
-    write_atomic(path / METRICS_FILE, metrics)
+    if others or (metrics.is_file() and metrics.stat().st_size):
+        raise RunError(
+            f"run directory {path} already exists and holds no snapshot to resume from (only "
+            f"{', '.join(sorted(others)) or METRICS_FILE}: a run that stopped before its first "
+            "snapshot?). Look at it, then remove the directory, or pick another name "
+            "(name=NEW)."
+        )
+
+
+class InUseError(RunError):
+    """The run directory is owned by another live run."""
+
+
+class RunLock:
+    """Ownership of a run directory: an exclusive `flock` on its `.lock` file, held open
+    for the life of the run (a crashed owner's lock goes with its process, so a stale one is
+    taken over by the next). The file names the owner (host, pid, start) for the refusal."""
+
+    def __init__(self, fd: int | None, path: Path) -> None:
+        self._fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_run(path: Path) -> RunLock:
+    """Own the existing run directory `path`, or raise a RunError naming its owner. On a
+    file system without working locks, warn and refuse only a live owner on this host."""
+    file = path / LOCK_FILE
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise RunError(f"cannot open {file} to own the run: {err.strerror or err}") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = _owner(fd)
+        os.close(fd)
+        raise InUseError(_in_use(path, owner)) from None
+    except OSError as err:  # e.g. ENOLCK on a network file system without a lock service
+        owner = _owner(fd)
+        alive = owner.get("host") == socket.gethostname() and owner.get("pid") != os.getpid()
+        if alive and checkpoint.process_alive(int(owner.get("pid", 0))):
+            os.close(fd)
+            raise InUseError(_in_use(path, owner)) from None
+        warn(
+            f"cannot lock {file} ({err.strerror or err}): this file system does not keep "
+            "locks, so functrain cannot stop a second run or resume on other hosts from "
+            "writing into this run directory at the same time; make sure only one does"
+        )
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(),
+              "argv": sys.argv}  # fmt: skip
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, orjson.dumps(record), 0)
+    except OSError as err:
+        os.close(fd)
+        raise RunError(io_problem(file, err, len(orjson.dumps(record)))) from err
+    return RunLock(fd, path)
+
+
+def _owner(fd: int) -> dict:
+    try:
+        return orjson.loads(os.pread(fd, 65536, 0) or b"{}")
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+
+
+def _in_use(path: Path, owner: dict) -> str:
+    who = (
+        f"pid {owner['pid']} on host {owner.get('host', '?')} (since {owner.get('since', '?')})"
+        if "pid" in owner
+        else "another process"
+    )
+    return (
+        f"run directory {path} is in use by {who}: one run at a time may train into it, or "
+        "their snapshots and metrics would overwrite each other. Wait for it to end or stop "
+        "it; to try something else meanwhile, branch: functrain resume <recipe> --from "
+        "latest --name NEW."
+    )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def write_atomic(path: Path, content: bytes) -> None:
+    """Write `content` to `path` through a temp file and a rename; on failure (a full disk)
+    no temp file is left and a RunError names the path and the space it needed."""
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise RunError(io_problem(path, err, len(content))) from err
+
+
+def io_problem(path: Path, err: OSError, need: int) -> str:
+    """One paragraph on a failed write of `need` bytes to `path`: what, and the free space."""
+    free = checkpoint.free_bytes(path.parent)
+    space = f"; {size_text(free)} free there, {size_text(need)} needed" if free is not None else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"could not write {path}: the disk is full{space}. Nothing was left half-written; "
+            "free space (or point out_dir elsewhere) and run the same command again."
+        )
+    return (
+        f"could not write {path}: {err.strerror or err}{space}. Nothing was left "
+        "half-written; fix the directory and run the same command again."
+    )
 
 
 def metrics_until(path: Path, step: int) -> bytes:
@@ -79,13 +242,21 @@ def clean_partial(run: Path) -> list[Path]:
     """Remove what interrupted writes left in `run` (snapshot temp dirs, temp files of
     `write_atomic`) by processes no longer alive; return what was removed."""
     removed = checkpoint.clean_partial(run)
+    for p in _dead_tmp_files(run):
+        p.unlink()
+        removed.append(p)
+    return removed
+
+
+def _dead_tmp_files(run: Path) -> list[Path]:
+    """The temp files of `write_atomic` in `run` whose writer is no longer alive."""
+    found = []
     for p in sorted(run.iterdir()) if run.is_dir() else []:
         match = _TMP_FILE.fullmatch(p.name)
         pid = int(match.group(1)) if match else 0
         if match and p.is_file() and pid != os.getpid() and not checkpoint.process_alive(pid):
-            p.unlink()
-            removed.append(p)
-    return removed
+            found.append(p)
+    return found
 
 
 def set_aside(snapshot: Path) -> Path:

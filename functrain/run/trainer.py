@@ -23,7 +23,7 @@ from torch.utils.data import default_collate
 
 from functrain import data as data_lib
 from functrain import distributed
-from functrain.checkpoint import Policy, Snapshots
+from functrain.checkpoint import NonFiniteError, Policy, Snapshots
 from functrain.metrics import Metric, finish, measure
 from functrain.recipe import CheckpointConfig
 from functrain.run import preempt, rundir, sinks
@@ -249,7 +249,7 @@ class Trainer:
         samples, t = int(state.data["samples"]), time.perf_counter()
         t_last, samples_last = self._last_log
         self._last_log = (t, samples)
-        record = {
+        record = {  # the step's scalars: one host sync for all
             "step": now,
             "loss": state.metrics["loss"].item(),  # already the mean over ranks
             "lr": state.metrics["lr"].item(),
@@ -263,6 +263,12 @@ class Trainer:
         for name in _SCALER_STATS:  # fp16's loss scaler, when the state has one
             if name in state.stats:
                 record[name] = state.stats[name].item()
+        nonfinite = int(state.stats["nonfinite_steps"])
+        if nonfinite:  # counted since the run began (nan_policy skip or continue)
+            first = int(state.stats["first_nonfinite"])
+            if self.recipe.nan_policy == "stop":  # every rank alike: the flags are reduced
+                raise NonFiniteError(first, self.snapshots.latest())
+            record["nonfinite_steps"] = nonfinite
         if eval_now:
             value, metrics = self._eval(state)
             best = torch.minimum(state.stats["best_eval"], value)

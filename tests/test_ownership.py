@@ -1,0 +1,182 @@
+"""One owner per run directory, and a full disk: a second `run` or `resume` of a directory in
+use is refused naming its owner, a dead owner's lock is taken over, a run directory is made
+atomically, and a write that finds the disk full says so, leaves no temp file and no
+half-made run directory — run for real: processes started and killed, a small tmpfs filled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import cli
+
+from functrain import checkpoint
+from functrain.run import rundir
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.yaml"
+QUIET = ["eval.every=null", "log_every=5"]
+
+
+def _start(out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "functrain", "run", str(TINY), f"out_dir={out}", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def _wait_for(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until `run` holds a snapshot of `step` or later."""
+    end = time.monotonic() + timeout
+    while not any(s >= step for s, _ in checkpoint.list_snapshots(run)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, f"no snapshot of step {step} or later in {run}"
+        time.sleep(0.1)
+
+
+def _steps(run: Path) -> list[int]:
+    return [orjson.loads(line)["step"] for line in (run / "metrics.jsonl").read_bytes().split()]
+
+
+def test_a_second_run_or_resume_of_a_directory_in_use_is_refused_naming_the_owner(tmp_path):
+    first = _start(tmp_path, "steps=100000", "checkpoint.every=20", "checkpoint.keep_last=2",
+                   *QUIET)  # fmt: skip
+    try:
+        run = tmp_path / "tiny"
+        _wait_for(run, 20, first)
+        for args in (["resume", TINY, f"out_dir={tmp_path}", *QUIET, "steps=100000",
+                      "checkpoint.every=20", "checkpoint.keep_last=2", "--from", "latest"],
+                     ["run", TINY, f"out_dir={tmp_path}", *QUIET]):  # fmt: skip
+            res = cli(*args, check=False)
+            assert res.returncode == 2, res.stderr
+            assert f"run directory {run} is in use by pid {first.pid} on host" in res.stderr
+            assert "Traceback" not in res.stderr
+        before = checkpoint.list_snapshots(run)[-1][0]
+        _wait_for(run, before + 40, first)  # it trained on, unharmed
+    finally:
+        first.send_signal(signal.SIGTERM)  # a preemption: it writes its last snapshot
+        first.communicate(timeout=120)
+    snapshots = checkpoint.list_snapshots(run)
+    assert len(snapshots) >= 2 and not list(run.glob("*.invalid*"))
+    for _, path in snapshots:
+        checkpoint.check(path)
+    steps = _steps(run)
+    assert steps == sorted(set(steps))  # one writer: every step once, in order
+    # the owner is gone: its lock goes with it, and the next resume takes the directory over
+    owner = orjson.loads((run / rundir.LOCK_FILE).read_bytes())
+    assert owner["pid"] == first.pid
+    last = snapshots[-1][0]
+    cli("resume", TINY, f"out_dir={tmp_path}", *QUIET, "steps=100000", "checkpoint.every=20",
+        "checkpoint.keep_last=2", "--from", "latest", "--until", str(last + 5))  # fmt: skip
+    assert orjson.loads((run / rundir.LOCK_FILE).read_bytes())["pid"] != first.pid
+
+
+def test_two_runs_of_one_name_started_together_train_one_run(tmp_path):
+    args = ["steps=30", "checkpoint.every=10", *QUIET]
+    procs = [_start(tmp_path, *args) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refusal = next(err for code, err in results if code == 2)
+    assert "is in use by" in refusal or "already exists" in refusal
+    assert [s for s, _ in checkpoint.list_snapshots(tmp_path / "tiny")] == [10, 20, 30]
+    assert _steps(tmp_path / "tiny") == [5, 10, 15, 20, 25, 30]
+
+
+def test_a_lock_on_a_file_system_without_locks_warns_and_refuses_a_live_owner_here(
+    tmp_path, monkeypatch, capsys
+):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    held = rundir.lock_run(tmp_path)
+    assert "does not keep locks" in capsys.readouterr().err
+    held.release()
+    record = {"host": os.uname().nodename, "pid": os.getppid(), "since": "then"}
+    (tmp_path / rundir.LOCK_FILE).write_bytes(orjson.dumps(record))
+    with pytest.raises(rundir.InUseError, match="is in use by pid"):
+        rundir.lock_run(tmp_path)
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only: mount), unmounted after the test."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                         capture_output=True, text=True)  # fmt: skip
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Fill `disk` but `leave` bytes; return the filler file."""
+    filler = disk / "filler"
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def test_a_run_that_finds_the_disk_full_leaves_nothing_and_runs_once_space_is_freed(small_disk):
+    filler = _fill(small_disk, leave=0)
+    args = ["run", TINY, f"out_dir={small_disk}", "steps=10", "checkpoint.every=10", *QUIET]
+    res = cli(*args, check=False)
+    assert res.returncode == 2, res.stderr
+    assert "the disk is full" in res.stderr and " free there" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no half-made run
+    filler.unlink()
+    cli(*args)  # not "already exists ... resume": there was nothing to resume
+    assert [s for s, _ in checkpoint.list_snapshots(small_disk / "tiny")] == [10]
+
+
+def test_a_snapshot_that_does_not_fit_names_the_space_and_leaves_no_temp_dir(small_disk):
+    filler = _fill(small_disk, leave=160 << 10)  # the recipe and metrics fit, a snapshot not
+    args = ["run", TINY, f"out_dir={small_disk}", "steps=10", "checkpoint.every=5", *QUIET]
+    res = cli(*args, check=False)
+    assert res.returncode != 0
+    assert "could not write snapshot" in res.stderr and "the disk is full" in res.stderr
+    assert "the snapshot needs" in res.stderr and "Traceback" not in res.stderr
+    run = small_disk / "tiny"
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
+    assert checkpoint.list_snapshots(run) == []
+    filler.unlink()
+    res = cli(*args, check=False)  # its metrics are kept: say so, not "resume"
+    assert res.returncode == 2 and "holds no snapshot to resume from" in res.stderr
+
+
+# ---------------------------------------------------------------- a lost manifest
+
+
+def test_a_snapshot_whose_manifest_was_deleted_is_set_aside_and_inspect_exits_1(tmp_path):
+    args = [f"out_dir={tmp_path}", "steps=12", "checkpoint.every=4", *QUIET]
+    cli("run", TINY, *args, "--until", "8")
+    run = tmp_path / "tiny"
+    (run / "state_8" / "manifest.json").unlink()
+    res = cli("inspect", run, check=False)
+    assert res.returncode == 1 and "INVALID" in res.stdout
+    res = cli("resume", TINY, *args, "--from", "latest")
+    assert "skipping invalid snapshot" in res.stderr and "state_8" in res.stderr
+    assert (run / "state_8.invalid").is_dir()
+    assert [s for s, _ in checkpoint.list_snapshots(run)] == [4, 8, 12]
+    assert cli("inspect", run).returncode == 0
