@@ -215,7 +215,7 @@ def test_unknown_keys_list_allowed_and_suggest_close_match():
     )
     assert any(
         p.startswith(
-            "optimizer: unknown key; did you mean 'optim'? allowed: activation_checkpointing, checkpoint,"
+            "optimizer: unknown key; did you mean 'optim'? allowed: activation_checkpointing, auto_resume, checkpoint,"
         )
         for p in found
     )
@@ -435,11 +435,11 @@ def test_override_can_replace_a_whole_component_and_its_target():
         ),
         (
             "stpes=3",
-            "stpes: unknown key; did you mean 'steps'? allowed: activation_checkpointing, checkpoint, compile, data,",
+            "stpes: unknown key; did you mean 'steps'? allowed: activation_checkpointing, auto_resume, checkpoint, compile, data,",
         ),
         (
             "checkpoint.evry=3",
-            "checkpoint.evry: unknown key; did you mean 'every'? allowed: async, every, keep_every, keep_last, on_error, signal",
+            "checkpoint.evry: unknown key; did you mean 'every'? allowed: async, every, grace, keep_every, keep_last, on_error, signal, trainable_only",
         ),
         (
             "data.dataset.sise=3",
@@ -536,6 +536,7 @@ def test_to_dict_is_plain_and_resolved():
         "trainable_only": False,
         "on_error": "stop",
         "signal": None,
+        "grace": 30.0,
     } and d["eval"] == {
         "every": None,
         "batches": 10,

@@ -118,6 +118,17 @@ def _publish(tmp: Path, final: Path, whole: TensorDict, meta: dict[str, Any]) ->
         if not DCP_FILE.fullmatch(name):
             raise SnapshotError(f"torch.distributed.checkpoint wrote an unexpected file {name}")
         files[name] = _checksum(tmp / name)
+    listed = {
+        getattr(v, "relative_path", None)
+        for v in _unpickle(tmp / ".metadata").storage_data.values()
+    }
+    missing = sorted(str(n) for n in listed if n not in files)
+    if missing:  # a rank wrote its shards where rank 0 cannot see them
+        raise SnapshotError(
+            f"snapshot {final}: the shard file(s) {', '.join(missing)} that other ranks wrote "
+            "are not in the directory rank 0 sees, so nothing was published: the ranks do "
+            "not share the run directory. Put out_dir on storage every node shares."
+        )
     entries = {}
     for entry, (leaves, empty) in raw.plan_of(whole).items():
         records = [

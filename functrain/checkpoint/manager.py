@@ -20,6 +20,7 @@ imports `functrain.distributed`.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -109,6 +110,8 @@ class Snapshots(ClosedOnExit):
         self._keep = {Path(p).resolve() for p in keep if p is not None}
         self._writer: AsyncWriter | None = None
         self._frozen_sha256: str | None = None
+        #: Seconds the newest finished write took (on rank 0: until it was published).
+        self.write_seconds: float | None = None
         if self.policy.async_save and (sharding is not None or self._ctx.is_main):
             write = dcp.async_writer(sharding) if sharding is not None else None  # collective
             self._writer = AsyncWriter(write=write)
@@ -247,7 +250,8 @@ class Snapshots(ClosedOnExit):
             return False
         finite = _check_finite(state, self.path(step), self.latest())  # nan_policy stop: refuse
         self.settle(wait=True)  # the previous write's failure is its own, not this one's
-        error = self._agreed(lambda: self._write(state, step, finite))
+        start = time.perf_counter()
+        error = self._agreed(lambda: self._write(state, step, finite, start))
         if error is not None:
             self._failed(error, last)
         return error is None
@@ -299,9 +303,11 @@ class Snapshots(ClosedOnExit):
 
     # ---------------------------------------------------------------- the parts
 
-    def _write(self, state: TrainState, step: int, finite: bool) -> None:
+    def _write(self, state: TrainState, step: int, finite: bool, start: float) -> None:
         path, meta = self.path(step), {"step": step, **self._meta, **self._meta_now()}
         meta["finite"] = finite  # retention keeps the newest finite snapshot whatever comes
+        if self.write_seconds is not None:  # how long the one before took (a preemption's budget)
+            meta["previous_write_seconds"] = round(self.write_seconds, 3)
         tensors = state.tensors()
         if self.policy.trainable_only:
             tensors = without_frozen(tensors)
@@ -313,15 +319,19 @@ class Snapshots(ClosedOnExit):
         sharded, main = self._sharding is not None, self._ctx.is_main
         if not (sharded or main):
             return
+
+        def done(published: Path) -> None:
+            self.write_seconds = time.perf_counter() - start
+            self.retain([published])
+
         if self._writer is not None:  # returns once copied: the next in-place step cannot race it
-            on_done = (lambda published: self.retain([published])) if main else None
-            self._writer.save(path, tensors, meta, on_done=on_done)
+            self._writer.save(path, tensors, meta, on_done=done if main else None)
         elif sharded:
             dcp.save(path, tensors, meta, sharding=self._sharding)
             if main:
-                self.retain([path])
+                done(path)
         else:
-            self.retain([raw.save(path, tensors, meta)])
+            done(raw.save(path, tensors, meta))
 
     def _agreed(self, fn: Callable[[], Any]) -> SnapshotError | RunError | None:
         """Run `fn` on every rank; the error any rank's `fn` raised, on every rank, or None."""

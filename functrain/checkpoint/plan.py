@@ -55,6 +55,7 @@ __all__ = [
 FREE_KEYS = (
     "name", "out_dir", "checkpoint", "log_every", "log", "data.num_workers", "data.replay",
     "init_from",  # its path may move: the content hash in the manifest is what is compared
+    "auto_resume",
 )  # fmt: skip
 
 #: The manifest entries `plan_resume` compares (or warns of), by its own rules.

@@ -128,6 +128,13 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     run = command("run", "start a run from a recipe", cmd_run)
     run.add_argument("recipe", help="path to a recipe YAML file")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    run.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="if the run directory holds snapshots, continue from the newest valid one as "
+        "`resume --from latest` would (for restarted jobs); else start (the recipe's "
+        "auto_resume: true does the same)",
+    )
     _until(run)
 
     res = command("resume", "continue a run exactly from a snapshot", cmd_resume)
@@ -260,9 +267,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = _load_agreed(ctx, args)
     _check_until(args.until, recipe)
     path = rundir.run_path(recipe)
+    auto = args.auto_resume or recipe.auto_resume
+    # decided once, by rank 0, and every rank follows: torchrun restarts all workers alike
+    if auto and ctx.share(ctx.all_ok(lambda: rundir.has_snapshots(path) if ctx.is_main else None)):
+        ctx.warn(f"--auto-resume: {path} holds snapshots; continuing from the newest valid one")
+        try:
+            return _resume(ctx, recipe, args, source="latest", name=None, allow=[])
+        except resume.NothingToDo:  # a job restarted after its run had finished
+            ctx.warn(f"--auto-resume: {path} is finished already (step {recipe.steps})")
+            return 0
     built = build_and_probe(recipe, ctx)
-    owner = ctx.all_ok(lambda: rundir.create_run(recipe, path) if ctx.is_main else None)
+    owner = ctx.all_ok(
+        lambda: rundir.create_run(recipe, path, restart=auto) if ctx.is_main else None
+    )
     with owner or contextlib.nullcontext():  # rank 0 owns the run directory until the end
+        rundir.check_shared(ctx, path, owner)
         return _start(
             ctx,
             path,
@@ -279,11 +298,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     ctx = distributed.init()
     recipe = _load_agreed(ctx, args)
+    return _resume(ctx, recipe, args, args.source, name=args.name, allow=args.allow_change)
+
+
+def _resume(
+    ctx: distributed.Context,
+    recipe: Recipe,
+    args: argparse.Namespace,
+    source: str,
+    *,
+    name: str | None,
+    allow: list[str],
+) -> int:
     r = resume.prepare(  # it refuses an --until outside (snapshot step, steps]
-        ctx, recipe, args.source, name=args.name, allow=args.allow_change, until=args.until
+        ctx, recipe, source, name=name, allow=allow, until=args.until
     )
     branched = r.run_dir.resolve() != r.snapshot.parent.resolve()
     with r.owner or contextlib.nullcontext():  # rank 0 owns the run directory until the end
+        rundir.check_shared(ctx, r.run_dir, r.owner)
         return _start(
             ctx,
             r.run_dir if branched else None,

@@ -70,6 +70,14 @@ class Context(Placement):
         td.all_reduce(t, op=td.ReduceOp.MAX)
         return tuple(bool(v) for v in t.tolist())
 
+    def share(self, value: Any) -> Any:
+        """Rank 0's `value` (plain data) on every rank: a decision made once (a collective)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
     def agree(self, what: str, value: Any) -> None:
         """Every rank must hold the same `value`, else all ranks raise the same error."""
         if self.world_size == 1:
@@ -117,8 +125,33 @@ def init() -> Context:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        td.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+        store = _store(timeout)
+        td.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout),
+            store=store,
+            rank=int(os.environ["RANK"]) if store is not None else -1,
+            world_size=world_size if store is not None else -1,
+        )
     return Context(world_size=td.get_world_size(), rank=td.get_rank())
+
+
+def _store(timeout: float) -> td.Store | None:
+    """Under a torchrun that restarted its workers (`--max-restarts`, an elastic job), the
+    agent's store still holds the addresses the last attempt's workers published, under the
+    same keys, and gloo would connect to the dead processes: give each attempt keys of its
+    own. None (torch's default) otherwise."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent = td.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+    return td.PrefixStore(f"functrain/attempt_{attempt}/", agent)
 
 
 def peer_failure(err: BaseException) -> str | None:

@@ -91,6 +91,12 @@ class CheckpointConfig:
         expect=f"null or one of {', '.join(SIGNALS)} (stop cleanly on it, as on SIGTERM)",
         check=lambda v: v in SIGNALS,
     )
+    grace: float = _field(
+        default=30.0,
+        expect="a number of seconds > 0: how long the launcher waits after SIGTERM before it "
+        "kills (torchrun: 30); a stop whose snapshot took longer last time is warned of",
+        check=lambda v: v > 0,
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -239,6 +245,12 @@ class Recipe:
         },
     )
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
+    auto_resume: bool = _field(
+        default=False,
+        expect="true or false (true: `functrain run` continues from the run directory's newest "
+        "valid snapshot when it holds one, as `resume --from latest` does; for jobs a "
+        "scheduler or torchrun restarts)",
+    )
     log_every: int = _field(default=10, expect="an integer > 0", check=_positive)
     log: LogConfig = attrs.field(factory=LogConfig)
     eval: EvalConfig = attrs.field(factory=EvalConfig)

@@ -24,7 +24,7 @@ from functrain.run import rundir
 from functrain.run.build import Built, build_and_probe, sharded
 from functrain.state import TrainState
 
-__all__ = ["Resumed", "prepare"]
+__all__ = ["NothingToDo", "Resumed", "prepare"]
 
 
 @attrs.frozen(kw_only=True)
@@ -59,6 +59,7 @@ def prepare(
     # Own the directory first (rank 0): no other run may write snapshots while we choose.
     owner = ctx.all_ok(lambda: rundir.lock_run(target) if ctx.is_main and target.is_dir() else None)
     try:
+        rundir.check_shared(ctx, target, owner)  # before any rank reads a snapshot of it
         return _prepare(ctx, recipe, source, source_run, target, owner, allow=allow, until=until)
     except BaseException:
         if owner is not None:
@@ -140,9 +141,13 @@ def _prepare(
     )
 
 
+class NothingToDo(RunError):
+    """The snapshot is at the recipe's last step already (the run finished)."""
+
+
 def _nothing_to_do(snap: Path, step: int, recipe: Recipe) -> None:
     if step >= recipe.steps:
-        raise RunError(
+        raise NothingToDo(
             f"snapshot {snap} is at step {step} and the recipe trains {recipe.steps} steps: "
             "nothing to do. To train longer, pass steps=N with --allow-change steps "
             "--allow-change schedule (the schedule's length follows steps)."

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import re
+import secrets
 import shutil
 import socket
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import orjson
 
 from functrain import checkpoint
+from functrain.distributed import Context
 from functrain.errors import RunError, size_text, warn
 from functrain.recipe import Recipe, dump_yaml
 
@@ -35,12 +37,18 @@ def run_path(recipe: Recipe) -> Path:
 
 
 def create_run(
-    recipe: Recipe, path: Path, *, metrics: bytes = b"", held: RunLock | None = None
+    recipe: Recipe,
+    path: Path,
+    *,
+    metrics: bytes = b"",
+    held: RunLock | None = None,
+    restart: bool = False,
 ) -> RunLock:
     """Make the run directory with its resolved recipe and own it (the returned lock, or
     `held`, which the caller took already). `mkdir` decides atomically who makes it; an
     existing one is refused unless it holds no history (no snapshot, no metrics: a start
-    that failed, e.g. on a full disk), which is reused."""
+    that failed, e.g. on a full disk), which is reused — with `restart` (auto-resume) also
+    one whose run logged metrics but died before its first snapshot: they start afresh."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.mkdir()
@@ -57,7 +65,7 @@ def create_run(
         raise
     try:
         if not made:
-            _refuse_history(path)
+            _refuse_history(path, restart)
         write_atomic(path / RECIPE_FILE, dump_yaml(recipe).encode())
         write_atomic(path / METRICS_FILE, metrics)
     except BaseException:
@@ -72,7 +80,12 @@ def create_run(
 _LEFTOVERS = (LOCK_FILE, RECIPE_FILE)  # what a start that wrote no step may leave
 
 
-def _refuse_history(path: Path) -> None:
+def has_snapshots(path: Path) -> bool:
+    """Whether the run directory holds any snapshot (valid or not: `resume` sorts them)."""
+    return bool(checkpoint.list_snapshots(path, published=False))
+
+
+def _refuse_history(path: Path, restart: bool = False) -> None:
     """Refuse a run directory that holds anything but what a failed start leaves."""
     if not path.is_dir():
         raise RunError(f"{path} exists and is not a directory: pick another name (name=NEW)")
@@ -86,7 +99,7 @@ def _refuse_history(path: Path) -> None:
             f"<recipe> --from latest. To start afresh, pick another name (name=NEW) or "
             f"remove the directory."
         )
-    if others or (metrics.is_file() and metrics.stat().st_size):
+    if others or (metrics.is_file() and metrics.stat().st_size and not restart):
         raise RunError(
             f"run directory {path} already exists and holds no snapshot to resume from (only "
             f"{', '.join(sorted(others)) or METRICS_FILE}: a run that stopped before its first "
@@ -104,8 +117,8 @@ class RunLock:
     for the life of the run (a crashed owner's lock goes with its process, so a stale one is
     taken over by the next). The file names the owner (host, pid, start) for the refusal."""
 
-    def __init__(self, fd: int | None, path: Path) -> None:
-        self._fd, self.path = fd, path
+    def __init__(self, fd: int | None, path: Path, nonce: str) -> None:
+        self._fd, self.path, self.nonce = fd, path, nonce
 
     def release(self) -> None:
         if self._fd is not None:
@@ -144,15 +157,42 @@ def lock_run(path: Path) -> RunLock:
             "locks, so functrain cannot stop a second run or resume on other hosts from "
             "writing into this run directory at the same time; make sure only one does"
         )
+    nonce = secrets.token_hex(8)  # what the other ranks must read here (`check_shared`)
     record = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(),
-              "argv": sys.argv}  # fmt: skip
+              "argv": sys.argv, "nonce": nonce}  # fmt: skip
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, orjson.dumps(record), 0)
     except OSError as err:
         os.close(fd)
         raise RunError(io_problem(file, err, len(orjson.dumps(record)))) from err
-    return RunLock(fd, path)
+    return RunLock(fd, path, nonce)
+
+
+def check_shared(ctx: Context, path: Path, owner: RunLock | None) -> None:
+    """Every rank must see the run directory rank 0 owns: each reads the nonce rank 0 wrote
+    into its `.lock` (a collective). Ranks on node-local disks would each write their own
+    shards or read other snapshots: refused before any step, naming rank, host and path."""
+    if ctx.world_size == 1:
+        return
+    nonce, host = ctx.share((owner.nonce, socket.gethostname()) if owner else (None, None))
+    if nonce is None:
+        return
+
+    def sees() -> None:
+        try:
+            seen = orjson.loads((path / LOCK_FILE).read_bytes()).get("nonce")
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            seen = None
+        if seen != nonce:
+            raise RunError(
+                f"rank {ctx.rank} on host {socket.gethostname()} does not see the run "
+                f"directory {path.resolve()} that rank 0 on host {host} writes: every rank "
+                "must see the same run directory (snapshots are written by several ranks "
+                "and read by all). Put out_dir on storage every node shares."
+            )
+
+    ctx.all_ok(sees)
 
 
 def _owner(fd: int) -> dict:

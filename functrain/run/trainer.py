@@ -207,6 +207,8 @@ class Trainer:
             now += 1
             state = self._log(state, now)
             stop = now < steps and self._should_stop()
+            if stop:
+                self._warn_if_late()
             self.snapshots.maybe_save(state, last=stop or now == steps)
             if stop:
                 break
@@ -338,6 +340,22 @@ class Trainer:
         loss = (total[0] / total[1]).float()
         values = finish(metrics, total[2:].view(len(metrics), 2)) if metrics else {}
         return loss, values
+
+    def _warn_if_late(self) -> None:
+        """On a stop signal: say so when the last snapshot took longer than the launcher's
+        grace period, so that this one may be killed before it is published."""
+        took, grace = self.snapshots.write_seconds, self.recipe.checkpoint.grace
+        if took is None or took <= grace:
+            return
+        latest = self.snapshots.latest()
+        self.ctx.warn(
+            f"the last snapshot took {took:.1f} s and the launcher allows {grace:g} s after "
+            "SIGTERM (checkpoint.grace): this one may be killed before it is published, and "
+            f"the run would then resume from {latest}. Give the job a longer grace period "
+            "(SLURM: --signal=TERM@SECONDS ahead of the time limit; Kubernetes: "
+            "terminationGracePeriodSeconds), send checkpoint.signal earlier, or snapshot "
+            "more often (checkpoint.every)."
+        )
 
     def _should_stop(self) -> bool:
         """Asked on every rank after every step but the last; all get the same answer. A
