@@ -167,7 +167,10 @@ def test_auto_resume_starts_continues_finishes_and_refuses_a_changed_recipe(tmp_
     args = ["run", TINY, f"out_dir={tmp_path}", "steps=20", "checkpoint.every=5",
             "eval.every=null", "auto_resume=true"]  # fmt: skip
     cli(*args, "name=whole")
-    first = cli(*args, "--until", "10")  # no snapshot yet: it starts
+    died = tmp_path / "tiny"  # a job that died writing its first snapshot left these
+    (died / ".tmp-state_5-999999999-0badcafe").mkdir(parents=True)
+    (died / "metrics.jsonl").write_text('{"step": 5, "loss": 5.0}\n')
+    first = cli(*args, "--until", "10")  # no snapshot yet: it starts afresh
     assert "auto-resume" not in first.stderr
     again = cli(*args)  # a restarted job: it continues
     assert "continuing from the newest valid one" in again.stderr

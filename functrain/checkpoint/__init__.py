@@ -30,6 +30,7 @@ from functrain.checkpoint._files import (
     remove,
     snapshot_path,
     snapshot_step,
+    write_problem,
 )
 from functrain.checkpoint.async_writer import AsyncWriter
 from functrain.checkpoint.manager import NonFiniteError, Policy, Snapshots
@@ -69,6 +70,7 @@ __all__ = [
     "save",
     "snapshot_path",
     "snapshot_step",
+    "write_problem",
     "verify",
     "versions",
 ]

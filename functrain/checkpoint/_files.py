@@ -107,15 +107,21 @@ def publishing(
         if owner:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            free = free_bytes(final.parent)
-            space = "" if free is None else f"; {size_text(free)} free there"
-            space += "" if need is None else f", the snapshot needs {size_text(need)}"
-            full = f"{e} (the disk is full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e
             raise SnapshotError(
-                f"could not write snapshot {final}: {full}{space}. Nothing was published and "
-                "no temp file is left — free space or fix the directory, then save again"
+                f"could not write snapshot {final}: {write_problem(e, final.parent, need)}. "
+                "Nothing was published and this process left no temp file — free space or "
+                "fix the directory, then save again"
             ) from e
         raise
+
+
+def write_problem(err: OSError, where: Path, need: int | None = None) -> str:
+    """A failed write's OS error, with "the disk is full" when it is, the free space at
+    `where` and the bytes it `need`ed."""
+    text = f"{err} (the disk is full)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else str(err)
+    free = free_bytes(where)
+    text += "" if free is None else f"; {size_text(free)} free there"
+    return text + ("" if need is None else f", {size_text(need)} needed")
 
 
 def free_bytes(path: str | os.PathLike) -> int | None:

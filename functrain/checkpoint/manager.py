@@ -248,8 +248,8 @@ class Snapshots(ClosedOnExit):
         step, every = int(state.step), self.policy.every
         if not (last or (every and step % every == 0)):
             return False
-        finite = _check_finite(state, self.path(step), self.latest())  # nan_policy stop: refuse
         self.settle(wait=True)  # the previous write's failure is its own, not this one's
+        finite = _check_finite(state, self.path(step), self.latest())  # nan_policy stop: refuse
         start = time.perf_counter()
         error = self._agreed(lambda: self._write(state, step, finite, start))
         if error is not None:

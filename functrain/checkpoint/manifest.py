@@ -100,7 +100,7 @@ def open_inside(path: Path, what: str) -> io.FileIO:
     """Open a file of a snapshot for reading: a regular file in the snapshot itself, never a
     symbolic link (which could reach any file of the machine) nor a device or a pipe."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise SnapshotError(
             f"{path}: {what} is missing; the snapshot is incomplete — resume from an earlier "

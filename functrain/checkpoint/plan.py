@@ -39,6 +39,7 @@ from functrain.checkpoint.pretrained import content_hash
 from functrain.data import fingerprint_changes
 from functrain.errors import MismatchError
 from functrain.hashing import ABSENT, canonical_hash, diff
+from functrain.parallel import UNSHARDED
 from functrain.state import TrainState
 
 __all__ = [
@@ -321,6 +322,13 @@ def with_frozen_of(
     plan checks they are the ones it was trained on); any other snapshot's as they are."""
     if tensors is None or not manifest.get("trainable_only"):
         return tensors
+    if like.static.sharding is not UNSHARDED:  # whole tensors, and frozen shards: no fit
+        raise MismatchError(
+            "this trainable_only snapshot was written unsharded and cannot be resumed under "
+            "parallel: fsdp yet; resume it with parallel: ddp (or write a whole snapshot: "
+            "checkpoint.trainable_only=false)",
+            what="structure",
+        )
     return tensors.exclude("frozen").set("frozen", like.frozen)
 
 

@@ -35,7 +35,7 @@ from functrain.checkpoint.manifest import (
 from functrain.errors import SnapshotError
 
 _CHUNK = 16 << 20  # read granularity: crc32 of one chunk overlaps the read of the next
-_RESERVED = ("format_version", "created", "versions", "entries", "files", "layout")
+_RESERVED = ("format_version", "created", "versions", "entries", "files", "layout", "sealed")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 Leaves = list[tuple[str, torch.Tensor]]

@@ -52,7 +52,8 @@ def _snapshot_report(path: Path) -> dict:
         "valid": not problems,
         "problems": problems,
         "digests": checkpoint.digests(path) if not problems else {},
-        "nonfinite": _nonfinite(path) if not problems else {},
+        # counted only where the manifest says a step went NaN: a second read of every byte
+        "nonfinite": _nonfinite(path) if not problems and not manifest.get("finite", True) else {},
         "sizes": sizes,
         "manifest": manifest,
     }

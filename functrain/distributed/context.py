@@ -137,10 +137,11 @@ def init() -> Context:
 
 
 def _store(timeout: float) -> td.Store | None:
-    """Under a torchrun that restarted its workers (`--max-restarts`, an elastic job), the
-    agent's store still holds the addresses the last attempt's workers published, under the
-    same keys, and gloo would connect to the dead processes: give each attempt keys of its
-    own. None (torch's default) otherwise."""
+    """Under torchrun's shared agent store (every launch: `TORCHELASTIC_RESTART_COUNT` is
+    0 at first), keys of this attempt's own. After a restart (`--max-restarts`, an elastic
+    job) the store still holds the addresses the dead workers published, under the same
+    keys, and a new gloo group would connect to them and fail. None (torch's default)
+    outside torchrun."""
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None

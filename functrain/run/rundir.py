@@ -9,7 +9,6 @@ rest of the directory.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import re
@@ -17,6 +16,7 @@ import secrets
 import shutil
 import socket
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import orjson
 
 from functrain import checkpoint
 from functrain.distributed import Context
-from functrain.errors import RunError, size_text, warn
+from functrain.errors import RunError, warn
 from functrain.recipe import Recipe, dump_yaml
 
 RECIPE_FILE = "recipe.yaml"
@@ -86,11 +86,13 @@ def has_snapshots(path: Path) -> bool:
 
 
 def _refuse_history(path: Path, restart: bool = False) -> None:
-    """Refuse a run directory that holds anything but what a failed start leaves."""
+    """Refuse a run directory that holds anything but what a failed start leaves; with
+    `restart` (auto-resume, which found no snapshot) any that holds no snapshot."""
     if not path.is_dir():
         raise RunError(f"{path} exists and is not a directory: pick another name (name=NEW)")
-    for p in _dead_tmp_files(path):
-        p.unlink()
+    clean_partial(path)  # temp files and snapshot temp dirs of writers that died
+    if restart and not has_snapshots(path):
+        return
     metrics = path / METRICS_FILE
     others = [p.name for p in path.iterdir() if p.name not in (*_LEFTOVERS, METRICS_FILE)]
     if others and checkpoint.list_snapshots(path):
@@ -99,7 +101,7 @@ def _refuse_history(path: Path, restart: bool = False) -> None:
             f"<recipe> --from latest. To start afresh, pick another name (name=NEW) or "
             f"remove the directory."
         )
-    if others or (metrics.is_file() and metrics.stat().st_size and not restart):
+    if others or (metrics.is_file() and metrics.stat().st_size):
         raise RunError(
             f"run directory {path} already exists and holds no snapshot to resume from (only "
             f"{', '.join(sorted(others)) or METRICS_FILE}: a run that stopped before its first "
@@ -141,7 +143,7 @@ def lock_run(path: Path) -> RunLock:
     except OSError as err:
         raise RunError(f"cannot open {file} to own the run: {err.strerror or err}") from err
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock(fd)
     except BlockingIOError:
         owner = _owner(fd)
         os.close(fd)
@@ -163,6 +165,7 @@ def lock_run(path: Path) -> RunLock:
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, orjson.dumps(record), 0)
+        os.fsync(fd)  # other nodes read it (`check_shared`): NFS shows it once it is synced
     except OSError as err:
         os.close(fd)
         raise RunError(io_problem(file, err, len(orjson.dumps(record)))) from err
@@ -180,10 +183,9 @@ def check_shared(ctx: Context, path: Path, owner: RunLock | None) -> None:
         return
 
     def sees() -> None:
-        try:
-            seen = orjson.loads((path / LOCK_FILE).read_bytes()).get("nonce")
-        except (OSError, orjson.JSONDecodeError, AttributeError):
-            seen = None
+        end = time.monotonic() + 10  # network file systems may show the write late
+        while (seen := _nonce_in(path)) != nonce and time.monotonic() < end:
+            time.sleep(0.2)
         if seen != nonce:
             raise RunError(
                 f"rank {ctx.rank} on host {socket.gethostname()} does not see the run "
@@ -193,6 +195,31 @@ def check_shared(ctx: Context, path: Path, owner: RunLock | None) -> None:
             )
 
     ctx.all_ok(sees)
+
+
+def _flock(fd: int) -> None:
+    """Take the lock, or raise BlockingIOError. An owner that died may still hold it for a
+    few seconds through the data-loader workers it forked (they share the open file): when
+    the recorded owner on this host is dead, wait for them to go."""
+    end = time.monotonic() + 20
+    while True:
+        try:
+            return fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner(fd)
+            mine = owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)
+            if not (mine and not checkpoint.process_alive(owner["pid"])):
+                raise
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.2)
+
+
+def _nonce_in(path: Path) -> str | None:
+    try:
+        return orjson.loads((path / LOCK_FILE).read_bytes()).get("nonce")
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return None
 
 
 def _owner(fd: int) -> dict:
@@ -237,17 +264,11 @@ def write_atomic(path: Path, content: bytes) -> None:
 
 
 def io_problem(path: Path, err: OSError, need: int) -> str:
-    """One paragraph on a failed write of `need` bytes to `path`: what, and the free space."""
-    free = checkpoint.free_bytes(path.parent)
-    space = f"; {size_text(free)} free there, {size_text(need)} needed" if free is not None else ""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (
-            f"could not write {path}: the disk is full{space}. Nothing was left half-written; "
-            "free space (or point out_dir elsewhere) and run the same command again."
-        )
+    """One paragraph on a failed write of `need` bytes to `path`."""
     return (
-        f"could not write {path}: {err.strerror or err}{space}. Nothing was left "
-        "half-written; fix the directory and run the same command again."
+        f"could not write {path}: {checkpoint.write_problem(err, path.parent, need)}. Nothing "
+        "was left half-written; free space (or point out_dir elsewhere), or fix the "
+        "directory, and run the same command again."
     )
 
 

@@ -266,12 +266,10 @@ class Trainer:
             if name in state.stats:
                 record[name] = state.stats[name].item()
         nonfinite = int(state.stats["nonfinite_steps"])
-        if nonfinite:  # counted since the run began (nan_policy skip or continue)
-            first = int(state.stats["first_nonfinite"])
-            if self.recipe.nan_policy == "stop":  # every rank alike: the flags are reduced
-                raise NonFiniteError(first, self.snapshots.latest())
+        if nonfinite:  # counted since the run began
             record["nonfinite_steps"] = nonfinite
-        if eval_now:
+        stop = nonfinite > 0 and self.recipe.nan_policy == "stop"  # alike on every rank
+        if eval_now and not stop:
             value, metrics = self._eval(state)
             best = torch.minimum(state.stats["best_eval"], value)
             state = state.replace(stats=state.stats.replace(best_eval=best))
@@ -282,6 +280,8 @@ class Trainer:
             for sink in self.sinks:
                 sink.write(record)
             self.progress.update(record)
+        if stop:  # after its record: the bad loss is in the log
+            raise NonFiniteError(int(state.stats["first_nonfinite"]), self.snapshots.latest())
         return state
 
     def _eval(self, state: TrainState) -> tuple[torch.Tensor, dict[str, float]]:
