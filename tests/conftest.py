@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -79,6 +80,15 @@ def timeless_metrics(run) -> list[dict]:
     """A run's metrics.jsonl without samples_per_s, the one field the wall clock sets."""
     rows = [orjson.loads(line) for line in (run / "metrics.jsonl").read_bytes().splitlines()]
     return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
+
+
+def wait_for_snapshot(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until `run` holds a snapshot of `step` or later, while `proc` (writing it) lives."""
+    end = time.monotonic() + timeout
+    while not any(s >= step for s, _ in checkpoint.list_snapshots(run)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, f"no snapshot of step {step} or later in {run}"
+        time.sleep(0.05)
 
 
 def rewrite_manifest(snap: Path, manifest: dict) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from _dist_common import _env, _torchrun_cmd, launch
-from conftest import timeless_metrics
+from conftest import timeless_metrics, wait_for_snapshot
 
 from functrain import checkpoint
 
@@ -41,10 +41,7 @@ def test_a_worker_killed_under_max_restarts_comes_back_and_ends_bitwise(tmp_path
                            text=True, env=_env(None, timeout=20))  # fmt: skip
     run = tmp_path / "cut"
     try:
-        end = time.monotonic() + 180
-        while not any(s >= 10 for s, _ in checkpoint.list_snapshots(run)):
-            assert job.poll() is None and time.monotonic() < end, job.communicate()
-            time.sleep(0.05)
+        wait_for_snapshot(run, 10, job, timeout=180)
         workers = _children(job.pid)
         assert len(workers) == 2
         os.kill(workers[-1], signal.SIGKILL)  # a lost GPU, an OOM kill: no goodbye
@@ -95,10 +92,7 @@ def test_a_stop_whose_snapshot_may_not_fit_the_grace_period_says_so(tmp_path):
     job = subprocess.Popen([sys.executable, "-m", "functrain", *args], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=_env(None))  # fmt: skip
     try:
-        end = time.monotonic() + 120
-        while not checkpoint.list_snapshots(tmp_path / "tiny"):
-            assert job.poll() is None and time.monotonic() < end, job.communicate()
-            time.sleep(0.05)
+        wait_for_snapshot(tmp_path / "tiny", 1, job)
         job.send_signal(signal.SIGTERM)
         _, err = job.communicate(timeout=120)
     finally:
@@ -141,10 +135,7 @@ def test_an_elastic_job_that_loses_a_node_finishes_alone_bitwise(tmp_path, monke
     second = start()
     run = tmp_path / "elastic"
     try:
-        end = time.monotonic() + 240
-        while not any(s >= 20 for s, _ in checkpoint.list_snapshots(run)):
-            assert first.poll() is None and time.monotonic() < end, first.communicate()
-            time.sleep(0.05)
+        wait_for_snapshot(run, 20, first, timeout=240)
         for pid in [second.pid, *_children(second.pid)]:  # the node is gone: agent and worker
             os.kill(pid, signal.SIGKILL)
         _, err = first.communicate(timeout=300)

@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
 import pytest
-from conftest import cli
+from conftest import cli, wait_for_snapshot
 
 from functrain import checkpoint
 from functrain.run import rundir
@@ -35,15 +34,6 @@ def _start(out: Path, *args: str) -> subprocess.Popen:
     )
 
 
-def _wait_for(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Until `run` holds a snapshot of `step` or later."""
-    end = time.monotonic() + timeout
-    while not any(s >= step for s, _ in checkpoint.list_snapshots(run)):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < end, f"no snapshot of step {step} or later in {run}"
-        time.sleep(0.1)
-
-
 def _steps(run: Path) -> list[int]:
     return [orjson.loads(line)["step"] for line in (run / "metrics.jsonl").read_bytes().split()]
 
@@ -53,7 +43,7 @@ def test_a_second_run_or_resume_of_a_directory_in_use_is_refused_naming_the_owne
                    *QUIET)  # fmt: skip
     try:
         run = tmp_path / "tiny"
-        _wait_for(run, 20, first)
+        wait_for_snapshot(run, 20, first)
         for args in (["resume", TINY, f"out_dir={tmp_path}", *QUIET, "steps=100000",
                       "checkpoint.every=20", "checkpoint.keep_last=2", "--from", "latest"],
                      ["run", TINY, f"out_dir={tmp_path}", *QUIET]):  # fmt: skip
@@ -62,7 +52,7 @@ def test_a_second_run_or_resume_of_a_directory_in_use_is_refused_naming_the_owne
             assert f"run directory {run} is in use by pid {first.pid} on host" in res.stderr
             assert "Traceback" not in res.stderr
         before = checkpoint.list_snapshots(run)[-1][0]
-        _wait_for(run, before + 40, first)  # it trained on, unharmed
+        wait_for_snapshot(run, before + 40, first)  # it trained on, unharmed
     finally:
         first.send_signal(signal.SIGTERM)  # a preemption: it writes its last snapshot
         first.communicate(timeout=120)
