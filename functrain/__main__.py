@@ -1,7 +1,5 @@
 """`python -m functrain ...`, the form torchrun launches."""
 
-import sys
+from functrain.cli import console
 
-from functrain.cli import main
-
-sys.exit(main())
+console()

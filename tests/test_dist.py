@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import orjson
@@ -213,3 +214,29 @@ def test_buckets_group_by_dtype_within_the_size_limit():
     big = _buckets([torch.zeros(100), torch.zeros(1)], limit=32)  # an oversized tensor alone
     assert [len(b) for b in big] == [1, 1]
     assert len(_buckets(tensors, limit=1 << 20)) == 3  # one bucket per dtype
+
+
+LEAVING = """
+import atexit, sys, threading, time
+from functrain import distributed
+atexit.register(lambda: print("atexit ran", flush=True))
+def late():
+    time.sleep(0.3)
+    print("thread done")
+threading.Thread(target=late).start()
+sys.stdout.write("buffered ")
+distributed.leave(7)
+print("not reached")
+"""
+
+
+def test_a_worker_leaves_with_its_code_after_threads_exit_functions_and_flush():
+    """A torchrun worker ends through `distributed.leave`, skipping the C++ teardown that
+    may abort on a gloo group DTensor's caches keep alive: what Python's own shutdown does
+    must still happen first (a snapshot write's thread finishes, atexit runs, stdout is
+    flushed), and the status is the one given."""
+    out = subprocess.run(
+        [sys.executable, "-c", LEAVING], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 7, out.stderr
+    assert out.stdout.split("\n")[:3] == ["buffered thread done", "atexit ran", ""], out.stdout

@@ -11,6 +11,6 @@
 It drives the engine (`functrain.run`) and reads snapshots (`functrain.checkpoint`).
 """
 
-from functrain.cli.main import main
+from functrain.cli.main import console, main
 
-__all__ = ["main"]
+__all__ = ["console", "main"]

@@ -37,7 +37,7 @@ from functrain.run import preempt, resume, rundir
 from functrain.run.build import build_and_probe
 from functrain.run.trainer import Trainer
 
-__all__ = ["EXIT_PEER_LOST", "EXIT_USER_ERROR", "main"]
+__all__ = ["EXIT_PEER_LOST", "EXIT_USER_ERROR", "console", "main"]
 
 EXIT_USER_ERROR = 2
 EXIT_PEER_LOST = 3  # under torchrun: another rank died or timed out
@@ -73,6 +73,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PEER_LOST
     finally:
         distributed.close()
+
+
+def console() -> None:
+    """The process: `functrain ...` and `python -m functrain ...`. A torchrun worker ends
+    through `distributed.leave` (see there why), with the status `main` returns or, for a
+    bug, 1 after its traceback."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as err:  # argparse's, before any process group
+        code = err.code if isinstance(err.code, int) else 1 if err.code else 0
+    except BaseException:  # noqa: BLE001 -- a bug: its traceback, as Python prints it
+        traceback.print_exc()
+        code = 1
+    distributed.leave(code)
 
 
 def _write_error(path: Path, err: UserError) -> None:

@@ -1,6 +1,7 @@
 """Parallel training under torchrun: the machinery the pure core knows only as protocols.
 
     context.py   Context (the core's Placement plus agreement between ranks), init, close
+    agree.py     Agreement: stop and failure flags agreed a few steps late, without a sync
     reduce.py    the gradient all-reduce transform of data-parallel (`ddp`) runs
     fsdp.py      FSDP2: shard a model; its `Sharding` implements `functrain.parallel.Sharding`
     trace.py     FUNCTRAIN_TRACE: which samples each rank trains on
@@ -11,6 +12,7 @@ step; with `parallel: fsdp` each rank holds a shard and FSDP2's backward reduce-
 the gradients.
 """
 
+from functrain.distributed.agree import Agreement
 from functrain.distributed.context import (
     DEFAULT_TIMEOUT_S,
     TIMEOUT_ENV,
@@ -18,12 +20,14 @@ from functrain.distributed.context import (
     close,
     env_rank,
     init,
+    leave,
     peer_failure,
 )
 from functrain.distributed.reduce import all_reduce_grads, transforms
 from functrain.distributed.trace import TRACE_ENV, read_trace, sample_digests, traced
 
 __all__ = [
+    "Agreement",
     "DEFAULT_TIMEOUT_S",
     "TIMEOUT_ENV",
     "TRACE_ENV",
@@ -32,6 +36,7 @@ __all__ = [
     "close",
     "env_rank",
     "init",
+    "leave",
     "peer_failure",
     "read_trace",
     "sample_digests",

@@ -142,6 +142,7 @@ class Trainer:
             meta_now=_data_state(built.train),
         )
         self.preemption = preempt.Preemption(self.recipe.checkpoint.signal)
+        self.agreement = distributed.Agreement(self.ctx.world_size)  # every rank: a collective
         self.progress = Progress(self.recipe.steps, int(state.step)) if self.ctx.is_main else None
         parent = resumed_from.parent if resumed_from is not None else None
         branched = parent is not None and parent.resolve() != run_dir.resolve()
@@ -195,7 +196,8 @@ class Trainer:
         batches = self._batches(int(state.data["samples"]))
         self._last_log = (time.perf_counter(), int(state.data["samples"]))  # the loader is up
         counted = self.progress is None  # tokens per sample: from the first batch only
-        while (now := int(state.step)) < steps:
+        now = int(state.step)  # from here on counted on the host
+        while now < steps:
             batch = next(batches)
             if not counted:
                 self.progress.tokens, counted = tokens_per_sample(batch), True
@@ -206,13 +208,14 @@ class Trainer:
                 raise
             now += 1
             state = self._log(state, now)
-            stop = now < steps and self._should_stop()
+            stop = now < steps and self._should_stop(now)
             if stop:
                 self._warn_if_late()
             self.snapshots.maybe_save(state, last=stop or now == steps)
             if stop:
                 break
-        return state
+        self.agreement.drain()  # posts not yet due: a stop or failure they carry comes too
+        return state  # late to act on; a failed write is settled by the final wait
 
     def _batches(self, start: int) -> Iterator[Any]:
         loader = train_loader(self.built, start=start, restored=self.data_restored)
@@ -242,11 +245,8 @@ class Trainer:
     def _log(self, state: TrainState, now: int) -> TrainState:
         """On log and eval steps: the metrics (one host sync), the eval loss, one record;
         returns the state with `stats.best_eval` updated on eval steps."""
-        r = self.recipe
-        eval_now = bool(r.eval.every and self.built.val is not None) and (
-            now % r.eval.every == 0 or now == r.steps
-        )
-        if not (now % r.log_every == 0 or now == r.steps or eval_now):
+        log_now, eval_now = self._logs(now)
+        if not (log_now or eval_now):
             return state
         samples, t = int(state.data["samples"]), time.perf_counter()
         t_last, samples_last = self._last_log
@@ -357,11 +357,24 @@ class Trainer:
             "more often (checkpoint.every)."
         )
 
-    def _should_stop(self) -> bool:
-        """Asked on every rank after every step but the last; all get the same answer. A
-        failed async write, on any rank, is settled here too (stop or warn, per policy)."""
+    def _logs(self, now: int) -> tuple[bool, bool]:
+        """Whether step `now` writes a metrics record, and whether it evaluates."""
+        r = self.recipe
+        eval_now = bool(r.eval.every and self.built.val is not None) and (
+            now % r.eval.every == 0 or now == r.steps
+        )
+        return now % r.log_every == 0 or now == r.steps, eval_now
+
+    def _should_stop(self, now: int) -> bool:
+        """Asked on every rank after every step but the last; all get the same answer, at
+        the same step. A failed async write, on any rank, is settled here too (stop or
+        warn, per policy). Without a host sync: the flags this step posts are read `LAG`
+        steps later (`functrain.distributed.agree`), or at once on a step that syncs
+        anyway (it logs, evaluates or snapshots)."""
+        every = self.recipe.checkpoint.every
+        synced = any(self._logs(now)) or bool(every and now % every == 0)
         asked = self.preemption.requested is not None
-        stop, failed = self.ctx.any_ranks(asked, self.snapshots.failed)
+        stop, failed = self.agreement.post(now, asked, self.snapshots.failed, now=synced)
         if failed:
             self.snapshots.settle()
         return stop
