@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import pytest
+import torch
 from _dist_common import _env, _torchrun_cmd, launch
 from conftest import timeless_metrics, wait_for_snapshot
 
@@ -172,3 +174,57 @@ def test_auto_resume_starts_continues_finishes_and_refuses_a_changed_recipe(tmp_
     assert "is finished already" in done.stderr
     changed = cli(*args, "optim.lr=1e-4", "steps=30", check=False)
     assert changed.returncode == 2 and "the recipe differs" in changed.stderr
+
+
+PLACED = """
+import os, sys
+import orjson, torch
+import torch.distributed as td
+from functrain import distributed
+from functrain.run import build
+
+ctx = distributed.init()
+seen = {"rank": ctx.rank, "local_rank": ctx.local_rank, "backend": str(td.get_backend()),
+        "auto": str(build.resolve_device("auto", ctx.local_rank))}
+# A node with 2 GPUs, faked after the group is up (gloo): which one does this process take?
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 2
+torch.cuda.set_device = lambda d: seen.__setitem__("current", str(d))
+seen["cuda"] = str(build.resolve_device("cuda", ctx.local_rank))
+open(os.path.join(sys.argv[1], f"rank{ctx.rank}.json"), "wb").write(orjson.dumps(seen))
+distributed.close()
+"""
+
+
+def test_on_two_nodes_each_process_takes_the_gpu_of_its_local_rank(tmp_path):
+    """Two torchrun agents, one process each (`--nnodes=2`, c10d rendezvous on localhost):
+    global ranks 0 and 1, both local rank 0. Each takes cuda:LOCAL_RANK (here cuda:0 on both
+    nodes, where RANK % device_count gave the second node cuda:1) and makes it current; a
+    machine without CUDA gets a gloo group and the CPU."""
+    script = tmp_path / "placed.py"
+    script.write_text(PLACED)
+    port = _free_port()
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+             "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
+             f"--rdzv-id=nodes-{os.getpid()}", str(script), str(tmp_path)]  # fmt: skip
+    first = subprocess.Popen(agent, stderr=subprocess.PIPE, text=True, env=_env(None))
+    time.sleep(0.5)  # it binds the rendezvous store
+    second = subprocess.Popen(agent, stderr=subprocess.PIPE, text=True, env=_env(None))
+    for p in (first, second):
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    seen = [orjson.loads((tmp_path / f"rank{r}.json").read_bytes()) for r in range(2)]
+    assert [(s["rank"], s["local_rank"]) for s in seen] == [(0, 0), (1, 0)]
+    for s in seen:
+        assert (s["backend"], s["auto"]) == ("gloo", "cpu")
+        assert s["cuda"] == s["current"] == "cuda:0"
+
+
+def test_more_processes_on_a_node_than_gpus_is_refused_by_name(monkeypatch):
+    from functrain.errors import UserError
+    from functrain.run import build
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match=r"local rank 2 on its node, which has 2 CUDA device"):
+        build.resolve_device("cuda", local_rank=2)

@@ -37,7 +37,10 @@ def env_rank() -> int:
 
 @attrs.frozen
 class Context(Placement):
-    """This process's place in the job, and the collectives that keep the ranks agreed."""
+    """This process's place in the job, and the collectives that keep the ranks agreed.
+    `local_rank`: its place on its node (torchrun's LOCAL_RANK), which picks its GPU."""
+
+    local_rank: int = 0
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -110,24 +113,34 @@ class Context(Placement):
 
 
 def init() -> Context:
-    """Join the torchrun job if there is one: gloo on CPU, NCCL when CUDA is present."""
+    """Join the torchrun job if there is one (`backend` says with what)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Context()
     if not td.is_initialized():
         timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         store = _store(timeout)
         td.init_process_group(
-            backend=backend,
+            backend=backend(),
             timeout=datetime.timedelta(seconds=timeout),
             store=store,
             rank=int(os.environ["RANK"]) if store is not None else -1,
             world_size=world_size if store is not None else -1,
         )
-    return Context(world_size=td.get_world_size(), rank=td.get_rank())
+    return Context(
+        world_size=td.get_world_size(),
+        rank=td.get_rank(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def backend() -> str:
+    """The process group's backends: gloo for CPU tensors and, where CUDA is present, NCCL
+    for CUDA tensors. The group is made before the recipe is read (the ranks agree on it
+    through the group), so both are named; a CUDA tensor is what picks NCCL, and NCCL
+    makes its communicator at its first collective: a `device: cpu` run on a GPU machine
+    never has one, and agreement, barriers and object collectives stay on gloo."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def _store(timeout: float) -> td.Store | None:

@@ -68,8 +68,9 @@ class Built:
     # records it, and the resume plan compares a snapshot's with it
 
 
-def resolve_device(name: str, rank: int = 0) -> torch.device:
-    """`auto` picks CUDA when present (one device per local rank), else CPU."""
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` picks CUDA when present, else CPU; `cuda` is `cuda:LOCAL_RANK` (the process's
+    place on its node: on a second node rank 8 is local rank 0), made the current device."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -78,8 +79,16 @@ def resolve_device(name: str, rank: int = 0) -> torch.device:
             raise BuildError(
                 "device: 'cuda' was asked for but torch sees no CUDA device; use device=cpu"
             )
+        count = torch.cuda.device_count()
         if device.index is None:
-            device = torch.device("cuda", rank % torch.cuda.device_count())
+            if local_rank >= count:
+                raise BuildError(
+                    f"this process is local rank {local_rank} on its node, which has {count} "
+                    "CUDA device(s): start at most one process per GPU "
+                    "(torchrun --nproc_per_node)"
+                )
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)  # NCCL, FSDP's mesh and `cuda` tensors all use it
     return device
 
 
@@ -225,7 +234,7 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
         )
     parts = step_parts(recipe)
     _check_canonical(recipe, ctx.world_size, parts)
-    device = resolve_device(recipe.device, ctx.rank)
+    device = resolve_device(recipe.device, ctx.local_rank)
     exactness = determinism.configure(device, compiled=recipe.compile.enabled)
     splits = _make("data.dataset", recipe.data.dataset)
     if not isinstance(splits, dict) or "train" not in splits:
