@@ -16,42 +16,82 @@ Eager CPU kernels already do. Two places do not by default:
 Uninitialised memory is not filled (`fill_uninitialized_memory = False`): the state never
 reads it, and filling every `torch.empty` costs time. The settings are process-wide, like
 the global RNG; a run records what it set in each snapshot's manifest.
+
+The recipe picks a mode (`determinism:`):
+- `strict` (default): the above on every device, CPU included (a CPU op such as `put_`
+  with repeated indices has no deterministic kernel either); an op without a
+  deterministic kernel stops the run with a message naming it (`refusal`).
+- `warn`: the same settings, but such an op runs and torch warns: not promised bitwise.
+- `off`: torch's defaults (cuDNN may pick algorithms by timing): not promised bitwise.
+`tf32: true` lets float32 matmuls and convolutions on CUDA use TF32 (faster, less precise,
+still deterministic: bitwise resume holds); false (default) keeps full float32.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
-__all__ = ["CUBLAS_WORKSPACE", "configure", "needed"]
+__all__ = ["CUBLAS_WORKSPACE", "MODES", "configure", "promised", "refusal", "refused_op"]
+
+#: The recipe's `determinism:` values.
+MODES = ("strict", "warn", "off")
 
 #: The cuBLAS workspace setting deterministic algorithms need (torch's documented choice).
 CUBLAS_WORKSPACE = ":4096:8"
 
 
-def needed(device: torch.device, compiled: bool) -> bool:
-    """Whether a run on `device` (compiled or not) needs deterministic algorithms."""
-    return device.type == "cuda" or compiled
-
-
-def configure(device: torch.device, compiled: bool) -> dict[str, object]:
-    """Set what bitwise resume needs for a run on `device`; return the settings in effect.
-
-    Call it before the first CUDA kernel runs (cuBLAS reads its workspace setting once).
-    """
-    if needed(device, compiled):
-        torch.use_deterministic_algorithms(True)
+def configure(
+    device: torch.device, compiled: bool, mode: str = "strict", tf32: bool = False
+) -> dict[str, object]:
+    """Set what bitwise resume needs for a run on `device` in `mode` (see the module's
+    docstring); return the settings in effect. Call it before the first CUDA kernel runs
+    (cuBLAS reads its workspace setting once)."""
+    if mode not in MODES:
+        raise ValueError(f"determinism mode must be one of {MODES}, got {mode!r}")
+    exact = mode != "off"
+    torch.use_deterministic_algorithms(exact, warn_only=mode == "warn")
+    if exact:
         torch.utils.deterministic.fill_uninitialized_memory = False
     if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-        torch.backends.cudnn.deterministic = True
+        if exact:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        torch.backends.cudnn.deterministic = exact
         torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     if compiled:
         import torch._inductor.config as inductor
 
-        inductor.deterministic = True
-    return current(device, compiled)
+        inductor.deterministic = exact
+    return {"mode": mode, "tf32": tf32, **current(device, compiled)}
+
+
+def promised(settings: dict | None) -> bool:
+    """Whether a manifest's determinism settings keep the bitwise promise (a snapshot from
+    before the modes existed was strict)."""
+    return (settings or {}).get("mode", "strict") == "strict"
+
+
+_NO_KERNEL = re.compile(r"^(\S+?)(?: with [^,]*)? does not have a deterministic implementation")
+
+
+def refused_op(err: BaseException) -> str | None:
+    """The op, if `err` is torch refusing one that has no deterministic kernel."""
+    found = isinstance(err, RuntimeError) and _NO_KERNEL.search(str(err).strip())
+    return found.group(1) if found else None
+
+
+def refusal(op: str) -> str:
+    """The message for a strict run that met `op`."""
+    return (
+        f"determinism: strict: the model ran {op}, which has no deterministic kernel on this "
+        "device, so the run could not be resumed bitwise. Use another op (e.g. index_add_ "
+        "or a scatter that sorts), or set determinism: warn (it runs, torch warns, and the "
+        "run is no longer promised bitwise) or determinism: off"
+    )
 
 
 def current(device: torch.device, compiled: bool) -> dict[str, object]:

@@ -35,12 +35,17 @@ def test_a_compiled_run_resumed_in_a_new_process_is_bitwise(tmp_path):
     flags = ("compile=true", "precision=bf16")
     a, _, _ = assert_branch_resumes_bitwise(tmp_path, TINY, *SHORT, *flags)
     settings = checkpoint.read_manifest(a / "state_12")["determinism"]
-    assert settings == {"deterministic_algorithms": True, "inductor_deterministic": True}
+    assert settings == {
+        "mode": "strict",
+        "tf32": False,
+        "deterministic_algorithms": True,
+        "inductor_deterministic": True,
+    }
     eager = tmp_path / "eager"
     cli("run", TINY, f"out_dir={tmp_path}", "name=eager", *SHORT, "precision=bf16")
     assert checkpoint.digests(eager / "state_12") != checkpoint.digests(a / "state_12")
     eager_settings = checkpoint.read_manifest(eager / "state_12")["determinism"]
-    assert eager_settings == {"deterministic_algorithms": False}  # eager CPU needs none
+    assert eager_settings == {"mode": "strict", "tf32": False, "deterministic_algorithms": True}
 
 
 def test_an_autotuning_compile_mode_is_refused(tmp_path):

@@ -37,6 +37,7 @@ from functrain.checkpoint import dcp
 from functrain.checkpoint.manifest import versions
 from functrain.checkpoint.pretrained import content_hash
 from functrain.data import fingerprint_changes
+from functrain.determinism import promised
 from functrain.errors import MismatchError
 from functrain.hashing import ABSENT, canonical_hash, diff
 from functrain.parallel import UNSHARDED
@@ -152,6 +153,12 @@ def plan_resume(
     _check_init(manifest, now)
     _check_frozen(path, manifest, now)
     warnings = _world_size(path, manifest, now) + _environment(manifest, now)
+    if not promised(manifest.get("determinism")):
+        mode = manifest["determinism"]["mode"]
+        warnings.append(
+            f"{path} was trained with determinism: {mode}: nondeterministic kernels were "
+            "allowed, so the resumed run is not promised the bits of an unbroken one"
+        )
     return Plan(snapshot=path, step=int(manifest["step"]), allowed=allowed, warnings=warnings)
 
 

@@ -103,6 +103,12 @@ def check(
         raise RunError(f"--keep {keep} exists; name a new directory")
     resume_nproc = nproc
     notes = []
+    if recipe.determinism != "strict":
+        notes.append(
+            f"determinism: {recipe.determinism}: nondeterministic kernels are allowed, so "
+            "this recipe is not promised bitwise: equal bits here are this run's luck, not "
+            "a guarantee (set determinism: strict for the promise)"
+        )
     if os.environ.get("WORLD_SIZE") or os.environ.get("RANK"):
         raise RunError(
             "functrain check launches its own processes (torchrun too, with --nproc 2); run "
@@ -146,9 +152,10 @@ def check(
     for note in notes:
         log(f"check: note: {note}")
     if found is None:
+        luck = "" if recipe.determinism == "strict" else " (this time: not promised, see note)"
         verdict(
-            f"check: bitwise: {recipe_path} resumes exactly on this machine: {shape} end with "
-            "every state entry equal at every step and the same metrics"
+            f"check: bitwise{luck}: {recipe_path} resumes exactly on this machine: {shape} end "
+            "with every state entry equal at every step and the same metrics"
         )
         return 0
     verdict(f"check: DIFFERS: {shape}: {found.describe(k)}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import torch
 
-from functrain import checkpoint
+from functrain import checkpoint, determinism
 from functrain.errors import RunError
 
 __all__ = ["inspect", "lineage"]
@@ -55,6 +55,7 @@ def _snapshot_report(path: Path) -> dict:
         # counted only where the manifest says a step went NaN: a second read of every byte
         "nonfinite": _nonfinite(path) if not problems and not manifest.get("finite", True) else {},
         "sizes": sizes,
+        "bitwise": determinism.promised(manifest.get("determinism")),
         "manifest": manifest,
     }
 
@@ -80,6 +81,8 @@ def _print_snapshot(r: dict) -> None:
         print(f"{event['kind']:<9} {_event(event)}")
     if not m.get("finite", True):
         print("finite    NO: a step before it had a non-finite loss or gradients")
+    if not r["bitwise"]:
+        print(f"bitwise   NOT PROMISED: {_unpromised(m)}")
     print(f"{'entry':<10}{'bytes':>14}  sha256")
     for entry, size in r["sizes"].items():
         bad = r["nonfinite"].get(entry)
@@ -108,9 +111,9 @@ def _snapshot_row(path: Path) -> dict:
     try:
         m = checkpoint.read_manifest(path)
         created, size = m["created"], sum(f["bytes"] for f in m["files"].values())
-        finite = m.get("finite", True)
+        finite, bitwise = m.get("finite", True), determinism.promised(m.get("determinism"))
     except checkpoint.SnapshotError:
-        created, size, finite = None, None, True
+        created, size, finite, bitwise = None, None, True, True
     return {
         "name": path.name,
         "step": checkpoint.snapshot_step(path),
@@ -119,7 +122,16 @@ def _snapshot_row(path: Path) -> dict:
         "valid": not problems,
         "problem": problems[0] if problems else None,
         "finite": finite,
+        "bitwise": bitwise,
     }
+
+
+def _unpromised(manifest: dict) -> str:
+    mode = manifest["determinism"]["mode"]
+    return (
+        f"trained with determinism: {mode} (nondeterministic kernels allowed), so a resume "
+        "is not promised the bits of an unbroken run"
+    )
 
 
 def _print_run(path: Path, rows: list[dict]) -> None:
@@ -128,6 +140,7 @@ def _print_run(path: Path, rows: list[dict]) -> None:
     for r in rows:
         status = "valid" if r["valid"] else f"INVALID: {r['problem']}"
         status += "" if r["finite"] else ", NON-FINITE (a step before it went NaN or inf)"
+        status += "" if r["bitwise"] else ", not promised bitwise (determinism)"
         print(f"{r['step']:>10}  {r['created'] or '?':<27}{r['bytes'] or 0:>14}  {status}")
 
 

@@ -244,6 +244,8 @@ def _field_value(
         if isinstance(raw, bool) and "enabled" in config_fields(f.type):
             raw = {"enabled": raw}  # `compile: true` is short for `compile: {enabled: true}`
         return _section(f.type, raw, path, problems)
+    if raw is False and "false_is" in f.metadata:  # `determinism: off`, read by YAML as false
+        raw = f.metadata["false_is"]
     problem = scalar_problem(raw, f, path)
     if problem:
         problems.append(problem)

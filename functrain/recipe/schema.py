@@ -19,11 +19,19 @@ SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGXCPU")
 
 
 def _field(
-    *, expect: str, check: Callable[[Any], bool] | None = None, key: str | None = None, **kw: Any
+    *,
+    expect: str,
+    check: Callable[[Any], bool] | None = None,
+    key: str | None = None,
+    false_is: str | None = None,
+    **kw: Any,
 ) -> Any:
     """A config field: `expect` says what is allowed, `check` tests the value past its type,
-    `key` is its recipe key when that is no Python name (see `config_fields`)."""
+    `key` is its recipe key when that is no Python name (see `config_fields`), `false_is`
+    the choice YAML's `off` means (YAML 1.1 reads `off` and `no` as false)."""
     metadata = {"expect": expect, "check": check, **({"key": key} if key else {})}
+    if false_is is not None:
+        metadata["false_is"] = false_is
     return attrs.field(metadata=metadata, validator=_on_set, **kw)
 
 
@@ -202,6 +210,18 @@ class Recipe:
         expect="'stop' (a step with a non-finite loss or gradients ends the run, naming the "
         "step; nothing after it is saved), 'skip' (its update is left out and counted) or "
         "'continue' (counted only)",
+    )
+    determinism: Literal["strict", "warn", "off"] = _field(
+        default="strict",
+        expect="'strict' (deterministic kernels only: an op without one stops the run, "
+        "naming it; resume is bitwise), 'warn' (such an op runs and torch warns) or 'off' "
+        "(torch's defaults); with warn or off the run is not promised bitwise",
+        false_is="off",
+    )
+    tf32: bool = _field(
+        default=False,
+        expect="true or false (true: float32 matmuls and convolutions on CUDA use TF32, "
+        "faster and less precise, still deterministic)",
     )
     compile: CompileConfig = attrs.field(factory=lambda: CompileConfig(enabled=False))
     model: Component

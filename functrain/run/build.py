@@ -235,7 +235,9 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
     parts = step_parts(recipe)
     _check_canonical(recipe, ctx.world_size, parts)
     device = resolve_device(recipe.device, ctx.local_rank)
-    exactness = determinism.configure(device, compiled=recipe.compile.enabled)
+    exactness = determinism.configure(
+        device, recipe.compile.enabled, mode=recipe.determinism, tf32=recipe.tf32
+    )
     splits = _make("data.dataset", recipe.data.dataset)
     if not isinstance(splits, dict) or "train" not in splits:
         raise BuildError(
@@ -453,6 +455,8 @@ def probe(built: Built) -> None:
     except (BuildError, DataError, ComponentError):
         raise  # already names what to change
     except Exception as err:
+        if (op := determinism.refused_op(err)) is not None:
+            raise BuildError(determinism.refusal(op)) from err
         misfit = isinstance(err, ConfigError) or _raised_by_component(err, built.recipe)
         if distributed.peer_failure(err) is not None or not misfit:
             raise

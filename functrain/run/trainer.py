@@ -22,8 +22,9 @@ import torch
 from torch.utils.data import default_collate
 
 from functrain import data as data_lib
-from functrain import distributed
+from functrain import determinism, distributed
 from functrain.checkpoint import NonFiniteError, Policy, Snapshots
+from functrain.errors import RunError
 from functrain.metrics import Metric, finish, measure
 from functrain.recipe import CheckpointConfig
 from functrain.run import preempt, rundir, sinks
@@ -141,6 +142,11 @@ class Trainer:
             keep=[resumed_from],
             meta_now=_data_state(built.train),
         )
+        if self.recipe.determinism != "strict":
+            self.ctx.warn(
+                f"determinism: {self.recipe.determinism}: ops without a deterministic kernel "
+                "may run, so this run is not promised bitwise (on resume either)"
+            )
         self.preemption = preempt.Preemption(self.recipe.checkpoint.signal)
         self.agreement = distributed.Agreement(self.ctx.world_size)  # every rank: a collective
         self.progress = Progress(self.recipe.steps, int(state.step)) if self.ctx.is_main else None
@@ -203,8 +209,10 @@ class Trainer:
                 self.progress.tokens, counted = tokens_per_sample(batch), True
             try:
                 state = run_step(state, to_device(batch, device))
-            except Exception:
+            except Exception as err:
                 self._step_failed(now + 1)
+                if (op := determinism.refused_op(err)) is not None:
+                    raise RunError(determinism.refusal(op)) from err
                 raise
             now += 1
             state = self._log(state, now)

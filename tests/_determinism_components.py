@@ -1,0 +1,16 @@
+"""A model for tests/test_determinism.py to name from recipes (tests/ on PYTHONPATH): the
+tiny GPT, plus one op that has no deterministic kernel (`put_` with a repeated index)."""
+
+from __future__ import annotations
+
+import torch
+
+from functrain.models import GPT
+
+
+class PutGPT(GPT):
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(idx)
+        bump = torch.zeros(2, device=logits.device)
+        bump.put_(torch.tensor([0, 0], device=logits.device), torch.ones(2, device=logits.device))
+        return logits + bump[1]  # adds 0: the bits of the plain GPT
