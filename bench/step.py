@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import resource
 import statistics
 import subprocess
@@ -191,6 +192,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H100/H200 bf16)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     determinism.configure(torch.device(a.device), compiled=a.compile)
@@ -216,22 +218,30 @@ def main() -> None:
         f"time ratio (median of {a.rounds}): {statistics.median(ratios):.3f}, spread "
         f"{min(ratios):.3f}-{max(ratios):.3f}  (goal <= 1.03)"
     )
+    figures: dict = {
+        "size": a.size, "device": a.device, "precision": a.precision, "compile": a.compile,
+        "time_ratio_median": statistics.median(ratios), "time_ratios": ratios,
+    }  # fmt: skip
     x, _ = data[0]
     tokens = x.numel() * a.steps
     for name, ts in times.items():
         rate = tokens / statistics.median(ts)
         line = f"{name}: {rate:,.0f} tokens/s"
+        figures[f"{name}_tokens_per_s"] = rate
         if a.device == "cuda":
             flops = _flops_per_token(model, SIZES[a.size]) * rate
             line += f", MFU {flops / (a.peak_tflops * 1e12):.1%} of {a.peak_tflops:g} TFLOPS"
+            figures[f"{name}_mfu"] = flops / (a.peak_tflops * 1e12)
         print(line)
     if a.no_memory:
-        return
+        return _write(a.json, figures)
     base_before, base = peak_memory("torch", a)
+    figures["peak_mib_torch"] = base
     growth = {}
     for kind in ("functrain", "functrain-pure", "functrain-ac"):
         before, peak = peak_memory(kind, a)
         growth[kind] = peak - before
+        figures[f"peak_mib_{kind}"] = peak
         print(
             f"peak memory {kind}: {peak:.0f} MiB vs torch {base:.0f} MiB, ratio {peak / base:.3f}; "
             f"growth during the loop {peak - before:.0f} vs {base - base_before:.0f} MiB"
@@ -241,6 +251,13 @@ def main() -> None:
         f"{growth['functrain-ac']:.0f} vs {growth['functrain']:.0f} MiB without it, ratio "
         f"{growth['functrain-ac'] / growth['functrain']:.2f}"
     )
+    _write(a.json, figures)
+
+
+def _write(path: str | None, figures: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

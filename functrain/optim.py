@@ -53,11 +53,17 @@ class Optimizer:
     """`init(params) -> opt`; `update(grads, opt, params, *, lr, step) -> (params, opt)`.
 
     `lr` is the base learning rate; the step multiplies it by the schedule's factor.
+    `elementwise`: `update` works in place, each param with its own slice of every `opt`
+    entry (`opt[name]` holds a TensorDict keyed like the params) and nothing summed across
+    params, so it gives the same bits on any subset of the params: a step that may have to
+    undo it (fp16's skipped steps) then keeps a copy of one group of params at a time, not
+    of the whole state. sgd and adamw are.
     """
 
     lr: float
     init: Callable[[TensorDict], TensorDict]
     update: Callable[..., tuple[TensorDict, TensorDict]]
+    elementwise: bool = False
 
 
 Decay = str | list[str]
@@ -129,7 +135,7 @@ def sgd(
         torch._foreach_add_(p, g, alpha=-lr)
         return params, opt
 
-    return Optimizer(lr=lr, init=init, update=update)
+    return Optimizer(lr=lr, init=init, update=update, elementwise=True)
 
 
 def _add_decay(
@@ -186,4 +192,4 @@ def adamw(
         torch._foreach_addcdiv_(p, mu, denom, step_size)
         return params, opt
 
-    return Optimizer(lr=lr, init=init, update=update)
+    return Optimizer(lr=lr, init=init, update=update, elementwise=True)

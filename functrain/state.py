@@ -123,17 +123,19 @@ class TrainState:
         self._check_live()
         return TensorDict({k: self._entries[k] for k in ENTRIES}, batch_size=[])
 
-    def load(self, tensors: TensorDict) -> TrainState:
+    def load(self, tensors: TensorDict, *, in_place: bool = False) -> TrainState:
         """A state with this one's static part and the entries of `tensors` (e.g. a snapshot).
 
         Structure, shapes and dtypes must match this state exactly; tensors are copied to
-        this state's devices.
+        this state's devices. `in_place`: into this state's own tensors, which the returned
+        state shares (no second copy of the state; this one then holds the same values).
         """
         self.check_fits(tensors)
         tensors = with_added(tensors, self.tensors())  # an older snapshot: their step-0 values
         tensors = self._static.sharding.localize(tensors)  # e.g. this rank's rows of each shard
         mine = self._entries
-        new = {k: _like(mine[k], _entry(tensors, k)) for k in ENTRIES if k != "metrics"}
+        copy = _into if in_place else _like
+        new = {k: copy(mine[k], _entry(tensors, k)) for k in ENTRIES if k != "metrics"}
         new["metrics"] = _metrics_like(mine["metrics"], tensors["metrics"])
         return TrainState(new, self._static)
 
@@ -308,6 +310,14 @@ def _like(mine: Any, theirs: Any) -> Any:
     return mine.apply(
         lambda m, t: t.to(m.device, copy=True).requires_grad_(m.requires_grad), theirs
     )
+
+
+@torch.no_grad()
+def _into(mine: Any, theirs: Any) -> Any:
+    """`theirs` copied into `mine`'s own tensors (their devices, dtypes, requires_grad)."""
+    if isinstance(mine, torch.Tensor):
+        return mine.copy_(theirs)
+    return mine.apply(lambda m, t: m.copy_(t), theirs)
 
 
 def _metrics_like(mine: TensorDict, theirs: TensorDict) -> TensorDict:

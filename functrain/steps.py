@@ -290,18 +290,55 @@ def _update(
     """The optimizer's update, masked out where `skip` (a 0-d flag, set in place) is set;
     with `recheck`, also where the params it gives are not finite."""
     static = state.static
+    optimizer = static.optimizer
     if skip is None:
-        return static.optimizer.update(state.grads, state.opt, state.params, lr=lr, step=step_now)
+        return optimizer.update(state.grads, state.opt, state.params, lr=lr, step=step_now)
+    if optimizer.elementwise and not recheck:  # a group of params at a time
+        for names in _groups(state.params, state.opt, UNDO_BYTES):
+            params, grads = state.params.select(*names), state.grads.select(*names)
+            opt = _opt_slice(state.opt, names)
+            kept = leaves(params) + leaves(opt)
+            before = [t.detach().clone() for t in kept]
+            optimizer.update(grads, opt, params, lr=lr, step=step_now)  # in place
+            with torch.no_grad():
+                keep_unless(skip.bool(), kept, before)
+        return state.params, state.opt
     kept = leaves(state.params) + leaves(state.opt)
     before = [t.detach().clone() for t in kept]
-    params, opt = static.optimizer.update(
-        state.grads, state.opt, state.params, lr=lr, step=step_now
-    )
+    params, opt = optimizer.update(state.grads, state.opt, state.params, lr=lr, step=step_now)
     with torch.no_grad():
-        if recheck:
+        if recheck:  # decided on the whole update: needs a copy of all of it
             torch.maximum(skip, _nonfinite(static, leaves(params)), out=skip)
         keep_unless(skip.bool(), leaves(params) + leaves(opt), before)
     return params, opt
+
+
+#: Bytes of params and optimizer state an update that may be undone (fp16's skipped steps)
+#: copies at a time, with an `elementwise` optimizer.
+UNDO_BYTES = 64 << 20
+
+
+def _opt_slice(opt: TensorDict, names: list) -> TensorDict:
+    """Each entry of an elementwise optimizer's state, for the params `names` only (the
+    same tensors: in place on the slice is in place on the whole)."""
+    keys = list(opt.keys())
+    return TensorDict({k: opt[k].select(*names) for k in keys}, batch_size=[])
+
+
+def _groups(params: TensorDict, opt: TensorDict, limit: int) -> list[list]:
+    """The param names in order, cut into groups whose params and optimizer slices hold at
+    most `limit` bytes (a bigger param alone)."""
+    groups: list[list] = [[]]
+    size = 0
+    for name in params.keys(include_nested=True, leaves_only=True):
+        n = sum(t.numel() * t.element_size() for t in leaves(_opt_slice(opt, [name])))
+        n += params.get(name).numel() * params.get(name).element_size()
+        if groups[-1] and size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    return groups
 
 
 def ema(decay: float = 0.999) -> Transform:

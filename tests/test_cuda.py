@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import cli, timeless_metrics
-from test_precision import SHORT, TINY
+from test_precision import ROOT, SHORT, TINY
 
 from functrain import checkpoint
 
@@ -60,3 +60,31 @@ def test_a_cuda_snapshot_loads_where_there_is_no_gpu(gpu_run):
               "precision=bf16", "compile=true", "--from", "state_6", "--name", "C", "--allow-change", "device",
               env={"CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
     assert "step 12/12" in res.stdout
+
+
+def test_fp16_with_its_loss_scaler_on_cuda_resumes_bitwise(tmp_path):
+    fp16 = ("device=cuda", "precision=fp16")
+    cli("run", TINY, f"out_dir={tmp_path}", "name=A", *SHORT, *fp16)
+    cli("resume", TINY, f"out_dir={tmp_path}", "name=A", *SHORT, *fp16,
+        "--from", "state_6", "--name", "B")  # fmt: skip
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert checkpoint.digests(b / "state_12") == checkpoint.digests(a / "state_12")
+    assert timeless_metrics(b) == timeless_metrics(a)
+
+
+@pytest.mark.parametrize("flags", [("precision=bf16",), ("precision=bf16", "compile=true")])
+def test_plain_steps_never_make_the_host_wait_for_the_gpu(tmp_path, flags):
+    """torch.cuda.set_sync_debug_mode("error") over every step that neither logs,
+    evaluates nor snapshots (after two of warm-up): one host sync there fails the run."""
+    steps, log, snap = 16, 5, 8
+    plain = [k for k in range(3, steps) if k % log and k % snap]
+    worker = ROOT / "tests" / "_cuda_sync_worker.py"
+    out = subprocess.run(
+        [sys.executable, str(worker), ",".join(map(str, plain)), "run", str(TINY),
+         f"out_dir={tmp_path}", "name=s", "device=cuda", *flags, f"steps={steps}",
+         f"log_every={log}", f"checkpoint.every={snap}", "eval.every=null",
+         "schedule.warmup_steps=2"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"checked {len(plain)} plain steps" in out.stdout

@@ -40,6 +40,7 @@ from _dist_common import (
 )
 
 from functrain import checkpoint
+from functrain.checkpoint.faults import SLOW_SAVE_ENV
 from functrain.distributed.reduce import _buckets
 
 NO_DROPOUT = ("model.dropout=0.0", "steps=12", "checkpoint.every=6", "log_every=1")
@@ -240,3 +241,18 @@ def test_a_worker_leaves_with_its_code_after_threads_exit_functions_and_flush():
     )
     assert out.returncode == 7, out.stderr
     assert out.stdout.split("\n")[:3] == ["buffered thread done", "atexit ran", ""], out.stdout
+
+
+def test_a_snapshot_write_longer_than_the_collective_timeout_holds_no_rank_past_it(tmp_path):
+    """Rank 0 alone writes an unsharded snapshot while rank 1 waits for its outcome: on a
+    gloo group of its own with the write timeout (hours), not the process group's (here
+    8 s). A write slowed to about 16 s ends well; on the process group it timed out."""
+    cmd = _torchrun_cmd(2, ["-m", "functrain", "run", str(TINY), f"out_dir={tmp_path}"])
+    cmd += ["name=w", "steps=2", "schedule.warmup_steps=1", "checkpoint.every=2"]
+    cmd += ["eval.every=null", "log_every=1"]
+    env = {**_env(None, timeout=8), SLOW_SAVE_ENV: "1.5"}  # 11 files: 16.5 s
+    start = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert time.monotonic() - start > 16
+    assert checkpoint.verify(tmp_path / "w" / "state_2") == []

@@ -40,6 +40,7 @@ from _dist_common import (
 from conftest import rewrite_manifest
 
 from functrain import checkpoint, cli
+from functrain.checkpoint import raw
 from functrain.checkpoint.faults import SLOW_SAVE_ENV as _SLOW_SAVE_ENV
 
 # Global batch 12: divisible by 1, 2 and 3 ranks.
@@ -169,6 +170,29 @@ def test_a_corrupt_shard_is_named(cross, tmp_path, capsys):
         checkpoint.load(bad)
     assert cli.main(["inspect", str(bad)]) == 1
     assert "__1_0.distcp: checksum mismatch" in capsys.readouterr().out
+
+
+def test_ranks_share_the_checksums_of_a_sharded_snapshot_and_all_skip_a_bad_one(cross, tmp_path):
+    """On resume each rank reads its rows, and verifies its part of the files (rank r: files
+    r, r + N, ...); every rank gets every verdict. A shard that only rank 1 checks is bad:
+    both ranks skip the snapshot and resume from the one before."""
+    run = tmp_path / "two"
+    shutil.copytree(cross / "two", run)
+    bad = run / "state_12"
+    manifest = checkpoint.read_manifest(bad)
+    name = list(manifest["files"])[1]  # rank 1's part of the check
+    with open(bad / name, "r+b") as f:
+        f.seek(10)
+        byte = f.read(1)
+        f.seek(10)
+        f.write(bytes([byte[0] ^ 1]))
+    assert raw.file_problems(bad, manifest, part=(0, 2)) == []  # rank 0 never reads it
+    assert len(raw.file_problems(bad, manifest, part=(1, 2))) == 1
+    res = launch(2, "resume", TINY, f"out_dir={tmp_path}", "name=two", *NO_DROPOUT,
+                 "--from", "latest")  # fmt: skip
+    assert f"skipping invalid snapshot {bad}" in res.stderr, res.stderr
+    assert "resumed" in res.stdout or "step 12/12" in res.stdout, res.stdout
+    assert checkpoint.verify(run / "state_12") == []  # written again, from step 6
 
 
 class _Boom:

@@ -40,6 +40,7 @@ from functrain.checkpoint.plan import (
     with_frozen_of,
     without_frozen,
 )
+from functrain.checkpoint.raw import file_problems
 from functrain.checkpoint.snapshot import check, load
 from functrain.errors import MismatchError, RunError, SnapshotError, warn
 from functrain.state import TrainState, missing_added
@@ -53,18 +54,33 @@ class Ranks(Protocol):
     @property
     def is_main(self) -> bool: ...
 
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
     def warn(self, message: str) -> None: ...
 
-    def all_ok(self, fn: Callable[[], Any]) -> Any: ...
+    def everyone(self, value: Any) -> list[Any]:
+        """Every rank's `value` (plain data), in rank order (a collective)."""
+
+    def all_ok(self, fn: Callable[[], Any], *, patient: bool = False) -> Any:
+        """`fn` on every rank, its failure on any raised on all (`patient`: `fn` may be a
+        long write on some ranks)."""
 
 
 class _OneProcess:
     """`Ranks` of a single process: nothing to agree with."""
 
     is_main = True
+    rank, world_size = 0, 1
     warn = staticmethod(warn)
 
-    def all_ok(self, fn: Callable[[], Any]) -> Any:
+    def everyone(self, value: Any) -> list[Any]:
+        return [value]
+
+    def all_ok(self, fn: Callable[[], Any], *, patient: bool = False) -> Any:
         return fn()
 
 
@@ -205,26 +221,40 @@ class Snapshots(ClosedOnExit):
         return self.place(path, tensors, manifest, like), path
 
     @staticmethod
-    def read(path: Path, *, sharded: bool = False) -> tuple[TensorDict | None, dict]:
+    def read(
+        path: Path, *, sharded: bool = False, ranks: Ranks | None = None
+    ) -> tuple[TensorDict | None, dict]:
         """(tensors, manifest) of a snapshot, every checksum verified. For a `sharded` state
-        a sharded snapshot gives tensors None: `place` reads each rank's rows."""
+        a sharded snapshot gives tensors None: `place` reads each rank's rows; the checksums
+        are shared out among the `ranks` (a collective), each rank reading its part of the
+        files once, and every rank gets every rank's verdict."""
         manifest = read_manifest(path)
         if not (sharded and manifest.get("layout") == "dcp"):
             return load(path)
-        check(path)  # on every rank, so that all pick the same snapshot
+        ranks = ranks or _OneProcess()
+        mine = file_problems(path, manifest, part=(ranks.rank, ranks.world_size))
+        problems = [p for found in ranks.everyone(mine) for p in found]
+        if problems:  # the same on every rank: all skip this snapshot, or none
+            raise SnapshotError(problems[0])
         dcp.read_metadata(path)  # DCP unpickles it on every rank: refuse a bad one here
         return None, manifest
 
     @staticmethod
     def place(
-        path: Path, tensors: TensorDict | None, manifest: dict, like: TrainState
+        path: Path,
+        tensors: TensorDict | None,
+        manifest: dict,
+        like: TrainState,
+        *,
+        in_place: bool = False,
     ) -> TrainState:
-        """`like` with what `read` gave: its `tensors`, or, when they are None, the rows each
-        rank reads for itself (a collective). Call it once `plan_resume` accepted the
+        """`like` with what `read` gave: its `tensors` (`in_place`: copied into `like`'s own,
+        no second state in memory), or, when they are None, the rows each rank reads for
+        itself into `like` (a collective). Call it once `plan_resume` accepted the
         snapshot; one that does not fit is still a MismatchError."""
         try:
             if tensors is not None:
-                return like.load(tensors)
+                return like.load(tensors, in_place=in_place)
             theirs = skeleton(manifest, like)
             like.check_fits(theirs)  # every rank alike, before any reads
             into = like.tensors()  # in place; a trainable_only snapshot's frozen stay `like`'s
@@ -336,7 +366,7 @@ class Snapshots(ClosedOnExit):
     def _agreed(self, fn: Callable[[], Any]) -> SnapshotError | RunError | None:
         """Run `fn` on every rank; the error any rank's `fn` raised, on every rank, or None."""
         try:
-            self._ctx.all_ok(fn)
+            self._ctx.all_ok(fn, patient=True)  # a write may outlast a collective's timeout
         except (SnapshotError, RunError) as err:  # RunError: another rank's failure
             return err
         return None

@@ -28,6 +28,11 @@ from functrain.parallel import Placement
 #: Seconds a collective may wait for the other ranks before the job ends with an error.
 TIMEOUT_ENV = "FUNCTRAIN_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
+#: Seconds the other ranks wait while a snapshot is written (rank 0 alone writes an
+#: unsharded one; a slow disk may take longer than a collective should): a rank that dies
+#: meanwhile is seen by torchrun, which ends the job, not by this timeout.
+WRITE_TIMEOUT_ENV = "FUNCTRAIN_WRITE_TIMEOUT"
+DEFAULT_WRITE_TIMEOUT_S = 4 * 3600.0
 
 
 def env_rank() -> int:
@@ -41,6 +46,9 @@ class Context(Placement):
     `local_rank`: its place on its node (torchrun's LOCAL_RANK), which picks its GPU."""
 
     local_rank: int = 0
+    #: A gloo group whose collectives wait up to `WRITE_TIMEOUT_ENV` seconds: for the ranks
+    #: that wait while others write a snapshot (`all_ok(..., patient=True)`).
+    patient: Any = attrs.field(default=None, eq=False, repr=False)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -67,6 +75,14 @@ class Context(Placement):
         td.all_gather(parts, t.contiguous())
         return torch.stack(parts)
 
+    def everyone(self, value: Any) -> list[Any]:
+        """Every rank's `value` (plain data), in rank order (a collective)."""
+        if self.world_size == 1:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        td.all_gather_object(out, value)
+        return out
+
     def share(self, value: Any) -> Any:
         """Rank 0's `value` (plain data) on every rank: a decision made once (a collective)."""
         if self.world_size == 1:
@@ -88,11 +104,13 @@ class Context(Placement):
                 "files and run the same software"
             )
 
-    def all_ok(self, fn: Callable[[], Any]) -> Any:
+    def all_ok(self, fn: Callable[[], Any], *, patient: bool = False) -> Any:
         """Run `fn` on every rank; if it fails on any rank, raise that error on all of them.
 
         The failing rank re-raises its own exception; the others raise a RunError naming the
-        first failing rank and its message, so every rank exits the same way.
+        first failing rank and its message, so every rank exits the same way. `patient`:
+        `fn` may take long on some ranks (a snapshot write on rank 0): the others wait for
+        it up to the write timeout, not the process group's.
         """
         error: BaseException | None = None
         result = None
@@ -102,7 +120,8 @@ class Context(Placement):
             error = err
         if self.world_size > 1:
             reports: list[Any] = [None] * self.world_size
-            td.all_gather_object(reports, None if error is None else str(error))
+            group = self.patient if patient else None
+            td.all_gather_object(reports, None if error is None else str(error), group=group)
             failed = [(r, m) for r, m in enumerate(reports) if m is not None]
             if failed and error is None:
                 rank, message = failed[0]
@@ -127,10 +146,14 @@ def init() -> Context:
             rank=int(os.environ["RANK"]) if store is not None else -1,
             world_size=world_size if store is not None else -1,
         )
+    write_timeout = float(os.environ.get(WRITE_TIMEOUT_ENV, DEFAULT_WRITE_TIMEOUT_S))
     return Context(
         world_size=td.get_world_size(),
         rank=td.get_rank(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        patient=td.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=write_timeout)
+        ),  # every rank: a collective
     )
 
 

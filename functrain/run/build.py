@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import gc
 import sys
 import traceback
 from pathlib import Path
@@ -221,8 +222,11 @@ def sharded(recipe: Recipe, world_size: int) -> bool:
     return recipe.parallel == "fsdp" and world_size > 1
 
 
-def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
-    """Instantiate the recipe's components and the state at step 0 for this process.
+def build(
+    recipe: Recipe, ctx: distributed.Context | None = None, *, splits: dict | None = None
+) -> Built:
+    """Instantiate the recipe's components and the state at step 0 for this process;
+    `splits`: the datasets of an earlier build of the same recipe, reused.
 
     Under torchrun the gradient all-reduce goes right after `forward_backward`.
     """
@@ -238,7 +242,7 @@ def build(recipe: Recipe, ctx: distributed.Context | None = None) -> Built:
     exactness = determinism.configure(
         device, recipe.compile.enabled, mode=recipe.determinism, tf32=recipe.tf32
     )
-    splits = _make("data.dataset", recipe.data.dataset)
+    splits = splits if splits is not None else _make("data.dataset", recipe.data.dataset)
     if not isinstance(splits, dict) or "train" not in splits:
         raise BuildError(
             f"data.dataset ({recipe.data.dataset.target}) must return a dict with a 'train' "
@@ -422,25 +426,35 @@ def val_loader(built: Built) -> StatefulDataLoader | None:
     )
 
 
-def build_and_probe(recipe: Recipe, ctx: distributed.Context) -> Built:
+def build_and_probe(recipe: Recipe, ctx: distributed.Context, *, resuming: bool = False) -> Built:
     """`build`, then `probe`, on every rank; a failure on any rank (e.g. missing data) fails
-    all of them alike."""
+    all of them alike.
+
+    The trial step spends the state it runs on: a copy to keep it would double the state in
+    memory at the start. So a run builds its state again afterwards, from the seed (bitwise
+    the first; the datasets are reused), once the trial state is gone; a resume (`resuming`)
+    gets the spent state, to read its snapshot into in place (every entry overwritten)."""
 
     def both() -> Built:
         sinks.require(recipe)
-        built = build(recipe, ctx)
-        probe(built)
-        return built
+        trial = probe(build(recipe, ctx))
+        if resuming:
+            return trial
+        splits = {"train": trial.train, "val": trial.val}
+        del trial
+        gc.collect()  # the trial state, with its model, before the run's is made
+        return build(recipe, ctx, splits=splits)
 
     return ctx.all_ok(both)
 
 
-def probe(built: Built) -> None:
-    """One trial step on a copy of the state and the first batch, its result thrown away.
+def probe(built: Built) -> Built:
+    """One trial step of the built state on the first batch; `built` with the state it
+    gave, which holds step 1 (the step spends the state it was given: no copy).
 
     Parts that validate one by one but do not fit together (a model shorter than the data's
     blocks, a batch that does not split into micro-batches) fail here, before any file is
-    written. The copy keeps the state, the cursor and the global RNG untouched.
+    written. The cursor of a stateful iterable and the global RNG are left untouched.
     """
     loader = train_loader(built, start=0)
     stateful = data_lib.is_stateful(built.train)
@@ -449,9 +463,8 @@ def probe(built: Built) -> None:
     try:
         batch = to_device(next(iter(loader)), built.device)
         if built.context.world_size == 1:  # the parts are the whole step: walk them
-            _trial_parts(built, batch)
-        else:
-            run_step(built.state, batch, donate=False)
+            return attrs.evolve(built, state=_trial_parts(built, batch))
+        return attrs.evolve(built, state=run_step(built.state, batch))
     except (BuildError, DataError, ComponentError):
         raise  # already names what to change
     except Exception as err:
@@ -472,11 +485,11 @@ def probe(built: Built) -> None:
             built.train.load_state_dict(saved)
 
 
-def _trial_parts(built: Built, batch: Any) -> None:
-    """`step(state, batch, donate=False)` part by part, checking that the part that leaves
+def _trial_parts(built: Built, batch: Any) -> TrainState:
+    """`step(built.state, batch)` part by part, checking that the part that leaves
     gradients in the state declares it: the reduction of a run on several processes, and
     canonical mode, are placed by that declaration alone."""
-    state = built.state.clone()
+    state = built.state
     for i, part in enumerate(built.parts.parts):
         had = state.grads is not None
         state = part.apply(state, batch)
@@ -488,7 +501,7 @@ def _trial_parts(built: Built, batch: Any) -> None:
                 "(which keeps its declarations), or build the transform with "
                 "Transform(..., produces_grads=True)"
             )
-    advance(state, batch)
+    return advance(state, batch)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

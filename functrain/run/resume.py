@@ -81,11 +81,11 @@ def _prepare(
     is_sharded = sharded(recipe, ctx.world_size)
     snap, (tensors, manifest) = ctx.all_ok(
         lambda: Snapshots(source_run, context=ctx).find(
-            source, lambda s: Snapshots.read(s, sharded=is_sharded)
+            source, lambda s: Snapshots.read(s, sharded=is_sharded, ranks=ctx)
         )
     )
     ctx.agree("snapshot (step, manifest digest)", (manifest["step"], canonical_hash(manifest)))
-    built = build_and_probe(recipe, ctx)
+    built = build_and_probe(recipe, ctx, resuming=True)
     ctx.agree("data fingerprint", canonical_hash(built.fingerprint))
     tensors = with_frozen_of(built.state, manifest, tensors)  # trainable_only: ours, checked
     plan = plan_resume(
@@ -102,7 +102,9 @@ def _prepare(
         )
     branching = target.resolve() != snap.parent.resolve()
     newer = _newer_snapshots(target, snap, step, source) if not branching else []
-    state = Snapshots.place(snap, tensors, manifest, built.state)
+    # into the state the trial step spent: one state in memory, every entry overwritten
+    state = Snapshots.place(snap, tensors, manifest, built.state, in_place=True)
+    del tensors  # read from the file: gone once placed
     ctx.agree("loaded step", int(state.step))
     r = recipe.data
     samples = int(state.data["samples"])
