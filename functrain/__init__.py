@@ -5,8 +5,8 @@ state = functrain.step(state, batch)
 
 The package is in layers, and imports point one way: `run` (the CLI and its loop) ->
 `checkpoint`, `dist`, `recipe` -> the core (this module and what it names: state, step,
-transform, parallel, optim, schedule, rng, losses, precision, determinism, recompute, models,
-data, errors). The core imports nothing of the layers above it, nor `torch.distributed`
+transform, parallel, optim, schedule, rng, losses, precision, determinism, deferred, recompute,
+models, data, errors). The core imports nothing of the layers above it, nor `torch.distributed`
 (tests/test_layers.py checks).
 """
 

@@ -36,6 +36,7 @@ CORE = {
     "functrain.recompute",
     "functrain.precision",
     "functrain.determinism",
+    "functrain.deferred",
     "functrain.canonical",
 }
 CORE_PACKAGES = ("functrain.models", "functrain.data")

@@ -35,6 +35,10 @@ class _Block(nn.Module):
 class GPT(nn.Module):
     """Token and position embeddings, `n_layer` pre-norm blocks, a tied output head."""
 
+    #: Its constructor only makes and fills its own tensors: under torchrun it is built on
+    #: the meta device and made after sharding, bitwise as built eagerly (`functrain.deferred`).
+    replays_on_meta = True
+
     def __init__(
         self,
         vocab_size: int = 256,

@@ -8,6 +8,8 @@ from torch import nn
 class MLP(nn.Sequential):
     """`in_features -> hidden x depth -> classes`, with BatchNorm, GELU and dropout."""
 
+    replays_on_meta = True  # built on meta under torchrun, as `GPT` is
+
     def __init__(
         self,
         in_features: int = 16,

@@ -17,10 +17,11 @@ from typing import Any
 
 import attrs
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from functrain import canonical, checkpoint, determinism, distributed, recompute, rng
+from functrain import canonical, checkpoint, deferred, determinism, distributed, recompute, rng
 from functrain import data as data_lib
 from functrain.distributed import fsdp
 from functrain.errors import BuildError, ComponentError, ConfigError, DataError, UserError
@@ -248,8 +249,12 @@ def build(
             f"data.dataset ({recipe.data.dataset.target}) must return a dict with a 'train' "
             f"dataset (and optionally 'val'), got {type(splits).__name__}"
         )
-    with rng.seeded(rng.init_seed(recipe.seed)):  # the global RNG is left as it was
-        model = _make("model", recipe.model)
+    later = _deferred(recipe, ctx)  # on meta, made after sharding: see `_deferred`
+    if later is not None:
+        model = later.module
+    else:
+        with rng.seeded(rng.init_seed(recipe.seed)):  # the global RNG is left as it was
+            model = _make("model", recipe.model)
     init = None
     if recipe.init_from is not None:  # before freezing and sharding: the whole model
         init = checkpoint.init_from(model, recipe.init_from, recipe.init_from_map)
@@ -265,11 +270,14 @@ def build(
                 "parallel: ddp, or compile: false"
             )
         fsdp.shard(
-            model.to(device),
+            model if later is not None else model.to(device),
             world_size=ctx.world_size,
             device=device.type,
             compute_dtype=precision.compute_dtype,
         )
+    if later is not None:
+        _materialize(later, device, recipe.seed)
+    if sharded(recipe, ctx.world_size):
         sharding = fsdp.Sharding.of(model)
     if recipe.compile.enabled:
         # Static shapes: a graph per shape, never one made dynamic by the shapes seen before
@@ -330,6 +338,41 @@ def build(
         determinism=exactness,
         description=described,
     )
+
+
+def _deferred(recipe: Recipe, ctx: distributed.Context) -> deferred.Deferred | None:
+    """Under torchrun, a model whose class says it `replays_on_meta` (functrain's own) is
+    built on the meta device and made later, after sharding, on its device: no process
+    ever holds the whole of it (FSDP: each rank makes only its rows), with bitwise the
+    values of an eager build (`functrain.deferred`). Not with `init_from`, which loads
+    whole weights into the whole model."""
+    if ctx.world_size == 1 or recipe.init_from is not None:
+        return None
+    target, _ = resolve(recipe.model.target)
+    if not getattr(target, "replays_on_meta", False):
+        return None
+    return deferred.record(lambda: _make("model", recipe.model))
+
+
+@torch.no_grad()
+def _materialize(later: deferred.Deferred, device: torch.device, seed: int) -> None:
+    """The deferred model's tensors on `device`, this rank's rows of sharded ones."""
+    model = later.module
+    model.to_empty(device=device)
+    found = dict(model.named_parameters()) | dict(model.named_buffers())
+
+    def put(name: str, full: torch.Tensor) -> None:
+        mine = found[name]
+        if isinstance(mine, DTensor):  # FSDP2: rows of dim 0, in rank order
+            local = mine.to_local()
+            if local.numel():
+                rows = full.chunk(mine.device_mesh.size(), dim=0)[mine.device_mesh.get_local_rank()]
+                local.copy_(rows)
+        else:
+            mine.copy_(full)
+
+    with rng.seeded(rng.init_seed(seed)):  # the eager build's draws, in its order
+        later.materialize(put)
 
 
 def _freeze(model: Any, patterns: list[str]) -> None:
