@@ -139,6 +139,11 @@ class TrainState:
         new["metrics"] = _metrics_like(mine["metrics"], tensors["metrics"])
         return TrainState(new, self._static)
 
+    def with_metrics(self, metrics: TensorDict) -> TrainState:
+        """This state with a snapshot's `metrics` (any keys a transform added), on this
+        state's devices."""
+        return self.replace(metrics=_metrics_like(self.metrics, metrics))
+
     def check_fits(self, tensors: TensorDict) -> None:
         """Raise ValueError naming where whole `tensors` (e.g. a snapshot's) differ from this
         state in keys, shapes or dtypes. A sharded state is compared by its whole shapes."""

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import attrs
+import torch
 from tensordict import TensorDict
 
 from functrain.checkpoint import dcp, raw
 from functrain.checkpoint._files import list_snapshots, remove, snapshot_path, snapshot_step
 from functrain.checkpoint.async_writer import AsyncWriter, ClosedOnExit
-from functrain.checkpoint.manifest import read_manifest
+from functrain.checkpoint.manifest import DTYPES, read_manifest
 from functrain.checkpoint.plan import (
     KNOWN_META,
     frozen_hash,
@@ -40,7 +41,7 @@ from functrain.checkpoint.plan import (
     with_frozen_of,
     without_frozen,
 )
-from functrain.checkpoint.raw import file_problems
+from functrain.checkpoint.raw import file_problems, nest, read_into
 from functrain.checkpoint.snapshot import check, load
 from functrain.errors import MismatchError, RunError, SnapshotError, warn
 from functrain.state import TrainState, missing_added
@@ -222,14 +223,18 @@ class Snapshots(ClosedOnExit):
 
     @staticmethod
     def read(
-        path: Path, *, sharded: bool = False, ranks: Ranks | None = None
+        path: Path, *, sharded: bool = False, ranks: Ranks | None = None, tensors: bool = True
     ) -> tuple[TensorDict | None, dict]:
         """(tensors, manifest) of a snapshot, every checksum verified. For a `sharded` state
         a sharded snapshot gives tensors None: `place` reads each rank's rows; the checksums
         are shared out among the `ranks` (a collective), each rank reading its part of the
-        files once, and every rank gets every rank's verdict."""
+        files once, and every rank gets every rank's verdict. `tensors=False`: only the
+        checks (tensors None), for a read that comes later."""
         manifest = read_manifest(path)
         if not (sharded and manifest.get("layout") == "dcp"):
+            if not tensors:
+                check(path)
+                return None, manifest
             return load(path)
         ranks = ranks or _OneProcess()
         mine = file_problems(path, manifest, part=(ranks.rank, ranks.world_size))
@@ -257,6 +262,8 @@ class Snapshots(ClosedOnExit):
                 return like.load(tensors, in_place=in_place)
             theirs = skeleton(manifest, like)
             like.check_fits(theirs)  # every rank alike, before any reads
+            if manifest.get("layout") != "dcp":
+                return _read_into(path, manifest, like)
             into = like.tensors()  # in place; a trainable_only snapshot's frozen stay `like`'s
             if manifest.get("trainable_only"):
                 into = without_frozen(into)
@@ -375,6 +382,27 @@ class Snapshots(ClosedOnExit):
         if self.policy.on_error == "stop" or last:
             raise SnapshotError(stopped_by_error(error, last)) from error
         self._ctx.warn(f"{error}; training goes on (checkpoint.on_error: continue)")
+
+
+def _read_into(path: Path, manifest: dict, like: TrainState) -> TrainState:
+    """An unsharded snapshot read straight into `like`'s own tensors (no second copy of the
+    state in memory), its `metrics` as the snapshot has them; leaves it lacks (an older
+    format's) stay `like`'s. `like` must fit it (`check_fits`)."""
+    mine, metrics = like.tensors(), {}
+
+    def into(entry: str, key: str) -> torch.Tensor:
+        where = (entry, *key.split("/")) if key else entry
+        if entry == "metrics":  # whatever a transform put there: the snapshot's own
+            spec = next(x for x in manifest["entries"][entry]["leaves"] if x["key"] == key)
+            metrics[key] = torch.empty(spec["shape"], dtype=DTYPES[spec["dtype"]])
+            return metrics[key]
+        return mine[where].detach()
+
+    read_into(path, manifest, into)
+    found: dict = {}
+    for key, t in metrics.items():
+        nest(found, key.split("/"), t)
+    return like.with_metrics(TensorDict(found, batch_size=[]))
 
 
 def stopped_by_error(error: Exception, last: bool) -> str:

@@ -209,6 +209,59 @@ def _read_file(path: Path, want: dict, pool: ThreadPoolExecutor, keep: bool = Tr
     return buf
 
 
+def read_into(
+    path: str | os.PathLike, manifest: dict, into: Callable[[str, str], torch.Tensor]
+) -> None:
+    """Read every leaf straight into `into(entry, key)`, a tensor of the leaf's dtype and
+    shape: into its memory when it is a contiguous CPU tensor (no second copy of the
+    snapshot), else through a buffer of that one leaf. Each file's size and crc32 are
+    checked as it is read; a bad one raises SnapshotError, part of it already written."""
+    with ThreadPoolExecutor(1, thread_name_prefix="functrain-crc") as pool:
+        for entry, spec in manifest["entries"].items():
+            want = manifest["files"][spec["file"]]
+            name = Path(path) / spec["file"]
+            with open_inside(name, f"data file listed in {MANIFEST}") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != want["bytes"]:
+                    raise SnapshotError(size_problem(name, size, want["bytes"]))
+                crc, pos = _files.Crc(pool), 0
+                for leaf in sorted(spec["leaves"], key=lambda x: x["offset"]):
+                    pos = _skip(f, name, crc, pos, leaf["offset"])
+                    t = into(entry, leaf["key"])
+                    direct = t.device.type == "cpu" and t.is_contiguous()
+                    buf = t if direct else torch.empty(t.shape, dtype=t.dtype)
+                    view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+                    pos = _fill(f, name, crc, pos, view, want["bytes"])
+                    if not direct:
+                        crc.value()  # the buffer is read by the copy below
+                        t.copy_(buf)
+                pos = _skip(f, name, crc, pos, size)
+            if (got := crc.value()) != want["crc32"]:
+                raise SnapshotError(crc_problem(name, got, want["crc32"]))
+
+
+def _fill(f: Any, name: Path, crc: Any, pos: int, view: memoryview, total: int) -> int:
+    """Read len(view) bytes of `f` into `view`, adding them to `crc`; the new position."""
+    done = 0
+    while done < len(view):
+        part = view[done : done + _CHUNK]
+        n = f.readinto(part)
+        if not n:
+            raise SnapshotError(size_problem(name, pos + done, total))
+        crc.update(part[:n])
+        done += n
+    return pos + done
+
+
+def _skip(f: Any, name: Path, crc: Any, pos: int, to: int) -> int:
+    """Read (and checksum) the bytes of `f` from `pos` up to `to`: gaps between leaves."""
+    while pos < to:
+        scratch = memoryview(bytearray(min(_CHUNK, to - pos)))
+        pos = _fill(f, name, crc, pos, scratch, to)
+        crc.value()
+    return pos
+
+
 def _unflatten(buf: torch.Tensor, spec: dict, device: torch.device) -> Any:
     """Carve an entry's leaves out of its file buffer (views, `.view(dtype)` via uint8)."""
     tree: dict[str, Any] = {}

@@ -79,13 +79,20 @@ def _prepare(
     until: int | None,
 ) -> Resumed:
     is_sharded = sharded(recipe, ctx.world_size)
-    snap, (tensors, manifest) = ctx.all_ok(
+    # Checked now (every checksum), read after the trial step: the snapshot's tensors and
+    # the trial's gradients are never in memory together.
+    snap, (_, manifest) = ctx.all_ok(
         lambda: Snapshots(source_run, context=ctx).find(
-            source, lambda s: Snapshots.read(s, sharded=is_sharded, ranks=ctx)
+            source, lambda s: Snapshots.read(s, sharded=is_sharded, ranks=ctx, tensors=False)
         )
     )
     ctx.agree("snapshot (step, manifest digest)", (manifest["step"], canonical_hash(manifest)))
     built = build_and_probe(recipe, ctx, resuming=True)
+    tensors = None  # read later, into the state: each rank its rows of a sharded snapshot,
+    # or the whole of an unsharded one straight into its tensors
+    dcp_layout = manifest.get("layout") == "dcp"
+    if is_sharded != dcp_layout or manifest.get("trainable_only"):  # whole, then copied
+        tensors, _ = ctx.all_ok(lambda: Snapshots.read(snap, sharded=is_sharded, ranks=ctx))
     ctx.agree("data fingerprint", canonical_hash(built.fingerprint))
     tensors = with_frozen_of(built.state, manifest, tensors)  # trainable_only: ours, checked
     plan = plan_resume(
