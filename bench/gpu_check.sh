@@ -42,7 +42,7 @@ try:
     import torch
 
     found["torch"] = torch.__version__
-    found["cuda"] = torch.version.cuda
+    found["cuda_version"] = torch.version.cuda
     found["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 except Exception as err:  # noqa: BLE001 -- reported, not raised
     found["torch"] = f"not importable: {err}"

@@ -3,8 +3,8 @@
     python bench/init_memory.py [--layers 8] [--width 1024] [--sizes 1,2,4] [--rounds 3]
 
 For each world size N, `torchrun --nproc_per_node=N` builds the state of recipes/lm.yaml
-with a GPT of `--layers` x `--width` and `parallel: fsdp` (`functrain.run.build.build`,
-the probe left out), twice: built on the meta device and made after sharding, each rank
+with a GPT of `--layers` x `--width`, `parallel: fsdp` and plain SGD (no optimizer state:
+the model is what is measured) (`functrain.run.build.build`, the probe left out), twice: built on the meta device and made after sharding, each rank
 only its rows (`functrain.deferred`, the default), and built eagerly on every rank first
 (as before; `GPT.replays_on_meta` switched off). Each rank reports its peak RSS above what
 it held after its imports; the medians over `--rounds` of the largest rank are printed.
@@ -42,7 +42,8 @@ def child(eager: bool, layers: int, width: int) -> None:
     recipe = load_recipe(
         ROOT / "recipes" / "lm.yaml",
         [f"model.n_layer={layers}", f"model.n_embd={width}", "model.n_head=8",
-         "parallel=fsdp", "data.dataset.max_bytes=200000", "data.batch_size=8"],
+         "parallel=fsdp", "data.dataset.max_bytes=200000", "data.batch_size=32",
+         "optim={_component_: functrain.optim.sgd, lr: 0.1}"],
     )  # fmt: skip
     built = build(recipe, ctx)
     params = sum(t.numel() for t in built.state.params.values(True, True))
