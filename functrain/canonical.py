@@ -13,7 +13,8 @@ is to add the V gradients in one order that N does not change. That order is one
   [r * 2^(a-b), (r + 1) * 2^(a-b)): it sums that subtree itself, as its micro-batches
   finish, with a stack (`TreeSum`: at most a - b + 1 partial sums held).
 - The ranks then add their subtree sums in the same tree, siblings first
-  (`functrain.distributed.reduce.tree_reduce_grads`: recursive halving, then doubling). IEEE
+  (`functrain.distributed.reduce.tree_reduce_grads`: an all-to-all, each rank adding its
+  slice of every rank's sums in the tree, then an all-gather). IEEE
   addition is commutative, so both partners of a pair get the same bits.
 
 So every N that is a power of two dividing V gives the same bits as one process; other N

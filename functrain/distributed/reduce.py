@@ -70,10 +70,10 @@ def tree_reduce_grads(bucket_bytes: int = _BUCKET_BYTES) -> Transform:
     """Add the ranks' canonical subtree sums of gradients and loss (`functrain.canonical`)
     in the canonical tree, siblings first; unscale (fp16); broadcast rank 0's buffers.
 
-    Per flat bucket: recursive halving (round k: rank r and r ^ 2^k swap halves of what
-    they hold and each adds the half it keeps, so after log2 N rounds each holds 1/N of the
-    sum), then recursive doubling gathers the pieces back: 2 (N - 1) / N of the bucket sent
-    per rank, as a ring all-reduce sends, and the same bits on every rank and on any N.
+    Per flat bucket, two collectives (`_tree_sum`): an all-to-all hands each rank 1/N of
+    every rank's bucket, which it adds in the tree over ranks, and an all-gather puts the
+    sums together: 2 (N - 1) / N of the bucket sent per rank, as a ring all-reduce sends,
+    and the same bits on every rank and on any N.
     """
 
     def apply(state: TrainState, batch: Any) -> TrainState:
@@ -97,30 +97,29 @@ def tree_reduce_grads(bucket_bytes: int = _BUCKET_BYTES) -> Transform:
 
 
 def _tree_sum(flat: torch.Tensor, world: int, rank: int) -> None:
-    """`flat` becomes, on every rank, the sum over ranks in the tree pairing siblings first."""
-    sizes = (c.numel() for c in torch.tensor_split(flat, world))
+    """`flat` becomes, on every rank, the sum over ranks in the tree pairing siblings first.
+
+    Two collectives, whatever N: an all-to-all gives rank j piece j of every rank's `flat`,
+    rank j adds those N pieces in the tree over ranks ((0 + 1) + (2 + 3)) + ..., and an
+    all-gather puts the N sums back together. Every addition pairs the same two values the
+    tree does (IEEE addition is commutative), so the bits are those of one process.
+    """
+    sizes = [c.numel() for c in torch.tensor_split(flat, world)]
     edges = [0, *itertools.accumulate(sizes)]  # where each rank's piece starts
-    lo, hi, d = 0, world, 1
-    while d < world:  # recursive halving: keep the half of [lo, hi) that bit d selects
-        mid = (lo + hi) // 2
-        keep, give = ((lo, mid), (mid, hi)) if not rank & d else ((mid, hi), (lo, mid))
-        mine = flat[edges[keep[0]] : edges[keep[1]]]
-        theirs = torch.empty_like(mine)
-        _swap(flat[edges[give[0]] : edges[give[1]]], theirs, rank ^ d)
-        mine += theirs
-        (lo, hi), d = keep, d * 2
-    while d > 1:  # recursive doubling: swap pieces with the partner that holds the sibling
-        d //= 2
-        size = hi - lo
-        other = (lo - size, lo) if rank & d else (hi, hi + size)
-        _swap(flat[edges[lo] : edges[hi]], flat[edges[other[0]] : edges[other[1]]], rank ^ d)
-        lo, hi = min(lo, other[0]), max(hi, other[1])
-
-
-def _swap(send: torch.Tensor, recv: torch.Tensor, peer: int) -> None:
-    ops = [td.P2POp(td.isend, send, peer), td.P2POp(td.irecv, recv, peer)]
-    for work in td.batch_isend_irecv(ops):
-        work.wait()
+    got = torch.empty(world * sizes[rank], dtype=flat.dtype, device=flat.device)
+    td.all_to_all_single(
+        got, flat, output_split_sizes=[sizes[rank]] * world, input_split_sizes=sizes
+    )
+    parts = list(got.view(world, sizes[rank]))  # part i: rank i's piece `rank`
+    while len(parts) > 1:  # siblings first: (0 + 1), (2 + 3), then their sums
+        parts = [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
+    width = max(sizes)  # all-gather wants equal sizes: pieces differ by at most one
+    mine = torch.zeros(width, dtype=flat.dtype, device=flat.device)
+    mine[: sizes[rank]] = parts[0]
+    every = torch.empty(world * width, dtype=flat.dtype, device=flat.device)
+    td.all_gather_into_tensor(every, mine)
+    for j, rows in enumerate(every.view(world, width)):
+        flat[edges[j] : edges[j + 1]] = rows[: sizes[j]]
 
 
 def _broadcast_buffers(state: TrainState, bucket_bytes: int) -> None:
