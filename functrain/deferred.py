@@ -17,7 +17,10 @@ drawn into and freed at once, and a param's or buffer's is handed to `put` at it
 and freed. So the CPU holds about one param at a time, whatever the model's size.
 
 A constructor that reads values (`.item()`), or makes CPU tensors of its own, cannot be
-recorded: `record` raises `NotRecordable`, and the caller builds eagerly instead.
+recorded: `record` raises `NotRecordable` (functrain's build then builds eagerly). A model
+may also record fine and replay other values than an eager build would (one that inits
+differently on meta, as `transformers` models do): so the build uses this only for a
+class that says it `replays_on_meta`.
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ ENTRIES = ("step", "params", "frozen", "buffers", "opt", "rng", "data", "stats",
 _ADDED_LATER = ("frozen",)
 #: Leaves a snapshot written before they existed may lack; they then keep this state's.
 ADDED_LEAVES = (("stats", "nonfinite_steps"), ("stats", "first_nonfinite"))
+#: Their values at step 0, which an older snapshot is taken to have held.
+_ADDED_AT_0 = {"nonfinite_steps": 0, "first_nonfinite": -1}
 #: What a step does when its loss or gradients are not finite (`create`'s `nan_policy`).
 NAN_POLICIES = ("stop", "skip", "continue")
 #: Entries that live between transforms of one step only (gradients), never saved.
@@ -250,14 +252,24 @@ def missing_added(tensors: TensorDict, mine: TensorDict) -> list[tuple[str, str]
 
 
 def with_added(tensors: TensorDict, mine: TensorDict) -> TensorDict:
-    """`tensors` with the `ADDED_LEAVES` it lacks taken from `mine` (not changed in place)."""
+    """`tensors` with the `ADDED_LEAVES` it lacks at their step-0 values, shaped as `mine`'s
+    (not changed in place)."""
     missing = missing_added(tensors, mine)
     if not missing:
         return tensors
     out = tensors.clone(recurse=False)
     for entry, name in missing:
-        out[entry] = out[entry].clone(recurse=False).set(name, mine[entry, name])
+        at_0 = torch.full_like(mine[entry, name], _ADDED_AT_0[name])
+        out[entry] = out[entry].clone(recurse=False).set(name, at_0)
     return out
+
+
+@torch.no_grad()
+def reset_added(mine: TensorDict, missing: list[tuple[str, str]]) -> None:
+    """Set the `missing` `ADDED_LEAVES` of a state's tensors to their step-0 values, in place
+    (what a snapshot that lacks them is read into)."""
+    for entry, name in missing:
+        mine[entry, name].fill_(_ADDED_AT_0[name])
 
 
 def _has_leaves(td: TensorDict) -> bool:

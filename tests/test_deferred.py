@@ -61,3 +61,21 @@ def test_every_rank_makes_its_part_of_the_eager_init(tmp_path, nproc, parallel):
         entry, _, name = key.partition("/")
         assert torch.equal(t, eager[(entry, *name.split("."))]), key
     assert len(found["tensors"]) == len(list(eager.select("params", "buffers").keys(True, True)))
+
+
+def test_only_a_class_that_says_so_itself_is_built_on_meta_and_a_failure_builds_eagerly(
+    monkeypatch, capsys
+):
+    from functrain.distributed import Context
+    from functrain.run import build as build_lib
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    two = Context(world_size=2, rank=0)
+    recipe = load_recipe(TINY, [])
+    assert build_lib._deferred(recipe, two) is not None  # functrain's GPT
+    assert build_lib._deferred(recipe, Context()) is None  # one process: eager
+    mine = load_recipe(TINY, ["model._component_=_determinism_components.MyGPT"])
+    assert build_lib._deferred(mine, two) is None  # inherited, not said: eager
+    reads = load_recipe(TINY, ["model._component_=_determinism_components.ReadsOnInit"])
+    assert build_lib._deferred(reads, two) is None
+    assert "built eagerly on every rank" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import os
 
 import orjson
 from _dist_common import ROOT, TINY
-from conftest import cli
+from conftest import cli, rewrite_manifest
 
 from functrain import checkpoint
 
@@ -83,3 +83,23 @@ def test_check_says_a_warn_recipe_is_not_promised(tmp_path):
     text = res.stdout + res.stderr
     assert "check: note: determinism: warn: nondeterministic kernels are allowed" in text, text
     assert "check: bitwise (this time: not promised, see note)" in text, text
+
+
+def test_a_snapshot_from_before_the_modes_resumes_as_strict_and_bitwise(tmp_path):
+    """A manifest whose recipe has no `determinism` or `tf32` (and whose settings no
+    `mode`) was written by a strict run without TF32: it resumes without --allow-change,
+    promised bitwise."""
+    cli("run", TINY, f"out_dir={tmp_path}", "name=a", *SHORT)
+    snap = tmp_path / "a" / "state_2"
+    manifest = checkpoint.read_manifest(snap)
+    for key in ("determinism", "tf32"):
+        del manifest["recipe"][key]
+    for key in ("mode", "tf32"):
+        del manifest["determinism"][key]
+    rewrite_manifest(snap, manifest)
+    res = cli("resume", TINY, f"out_dir={tmp_path}", "name=a", *SHORT, "--from", "state_2",
+              "--name", "b")  # fmt: skip
+    assert "not promised" not in res.stderr, res.stderr
+    assert checkpoint.digests(tmp_path / "b" / "state_4") == checkpoint.digests(
+        tmp_path / "a" / "state_4"
+    )

@@ -159,8 +159,11 @@ def test_ranks_disagreeing_on_the_recipe_all_stop(tmp_path, monkeypatch):
     assert "functrain run: error:" in res.stderr and not (tmp_path / "tiny").exists()
 
 
-def test_a_failed_load_on_one_rank_stops_all(cross, monkeypatch):
-    monkeypatch.setenv("FUNCTRAIN_FAULT", "load")
+@pytest.mark.parametrize("fault", ["load", "read"])
+def test_a_failed_load_on_one_rank_stops_all(cross, monkeypatch, fault):
+    """Rank 1 alone cannot read the snapshot: when checking it, or (`read`) once checked,
+    reading it into the state the trial step spent. Every rank stops with its message."""
+    monkeypatch.setenv("FUNCTRAIN_FAULT", fault)
     args = ("resume", TINY, f"out_dir={cross}", "name=two", *NO_DROPOUT, "--from", "state_6")
     res = launch(2, *args, "--name", "fault", script=FAULT, check=False)
     _assert_clean_failure(res, "on rank 1: state_6 is unreadable here")

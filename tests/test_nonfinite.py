@@ -119,3 +119,22 @@ def test_a_snapshot_written_before_the_counters_existed_still_loads(tmp_path):
     assert int(loaded.stats["nonfinite_steps"]) == 0
     assert int(loaded.stats["first_nonfinite"]) == -1
     assert torch.equal(loaded.stats["loss_ema"], state.stats["loss_ema"])
+
+
+def test_an_older_snapshot_read_in_place_gets_step_0_counters_not_the_trial_steps(tmp_path):
+    """A resume reads its snapshot into the state the trial step spent: counters the
+    snapshot lacks must come back at their step-0 values, whatever that step left there."""
+    state = _train("stop", at=99)[2]
+    tensors = state.tensors()
+    old = tensors.exclude(("stats", "nonfinite_steps"), ("stats", "first_nonfinite"))
+    path = checkpoint.save(tmp_path / "state_3", old, {"step": 3})
+    manifest = checkpoint.read_manifest(path)
+    for read_whole in (False, True):
+        spent = _train("stop", at=99)[0]
+        spent.stats["nonfinite_steps"].fill_(5)  # as if the trial step had gone non-finite
+        spent.stats["first_nonfinite"].fill_(1)
+        whole = checkpoint.load(path)[0] if read_whole else None
+        loaded = checkpoint.Snapshots.place(path, whole, manifest, spent, in_place=True)
+        assert_states_equal(loaded.tensors().exclude("stats"), tensors.exclude("stats"))
+        assert int(loaded.stats["nonfinite_steps"]) == 0
+        assert int(loaded.stats["first_nonfinite"]) == -1

@@ -44,7 +44,7 @@ from functrain.checkpoint.plan import (
 from functrain.checkpoint.raw import file_problems, nest, read_into
 from functrain.checkpoint.snapshot import check, load
 from functrain.errors import MismatchError, RunError, SnapshotError, warn
-from functrain.state import TrainState, missing_added
+from functrain.state import TrainState, missing_added, reset_added
 
 __all__ = ["Policy", "Ranks", "Snapshots"]
 
@@ -237,7 +237,10 @@ class Snapshots(ClosedOnExit):
                 return None, manifest
             return load(path)
         ranks = ranks or _OneProcess()
-        mine = file_problems(path, manifest, part=(ranks.rank, ranks.world_size))
+        try:  # every rank reaches `everyone` below, whatever its files do
+            mine = file_problems(path, manifest, part=(ranks.rank, ranks.world_size))
+        except Exception as err:  # noqa: BLE001 -- reported as this rank's problem
+            mine = [f"{path}: {type(err).__name__}: {err}"]
         problems = [p for found in ranks.everyone(mine) for p in found]
         if problems:  # the same on every rank: all skip this snapshot, or none
             raise SnapshotError(problems[0])
@@ -262,12 +265,13 @@ class Snapshots(ClosedOnExit):
                 return like.load(tensors, in_place=in_place)
             theirs = skeleton(manifest, like)
             like.check_fits(theirs)  # every rank alike, before any reads
+            reset_added(like.tensors(), missing_added(theirs, like.tensors()))  # an older one's
             if manifest.get("layout") != "dcp":
                 return _read_into(path, manifest, like)
             into = like.tensors()  # in place; a trainable_only snapshot's frozen stay `like`'s
             if manifest.get("trainable_only"):
                 into = without_frozen(into)
-            into = into.exclude(*missing_added(theirs, into))  # an older one: these stay `like`'s
+            into = into.exclude(*missing_added(theirs, into))
             dcp.read_shards(path, into, like.static.sharding)
             return like
         except ValueError as err:

@@ -182,6 +182,7 @@ def _is_under(key: str, prefixes: Iterable[str]) -> bool:
 #: recipe without them did: an older manifest's recipe is read with these filled in.
 ADDED_KEYS = {
     "init_from": None, "init_from_map": {}, "freeze": [], "metrics": [], "nan_policy": "stop",
+    "determinism": "strict", "tf32": False,
 }  # fmt: skip
 
 

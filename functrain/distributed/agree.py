@@ -15,6 +15,7 @@ One process: no collective, no lag; the flags are the answer.
 from __future__ import annotations
 
 import array
+import datetime
 from collections import deque
 
 import torch
@@ -31,11 +32,12 @@ class Agreement:
     """`post(step, *flags)` after every step, on every rank, with as many flags; it returns
     for each flag whether any rank raised it in a post now due (all False when none is)."""
 
-    def __init__(self, world_size: int, lag: int = LAG) -> None:
+    def __init__(self, world_size: int, lag: int = LAG, timeout: float | None = None) -> None:
         self.lag = lag
         # gloo on the CPU whatever the training backend: the flags live on the host, and
         # waiting for them never waits for a device
-        self._group = td.new_group(backend="gloo") if world_size > 1 else None
+        wait = datetime.timedelta(seconds=timeout) if timeout is not None else None
+        self._group = td.new_group(backend="gloo", timeout=wait) if world_size > 1 else None
         self._posted: deque[tuple[int, array.array, td.Work]] = deque()
 
     def post(self, step: int, *flags: bool, now: bool = False) -> tuple[bool, ...]:

@@ -137,7 +137,7 @@ def init() -> Context:
     if world_size == 1:
         return Context()
     if not td.is_initialized():
-        timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        timeout = collective_timeout()
         store = _store(timeout)
         td.init_process_group(
             backend=backend(),
@@ -155,6 +155,11 @@ def init() -> Context:
             backend="gloo", timeout=datetime.timedelta(seconds=write_timeout)
         ),  # every rank: a collective
     )
+
+
+def collective_timeout() -> float:
+    """Seconds a collective waits for the other ranks (`FUNCTRAIN_DIST_TIMEOUT`)."""
+    return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
 
 
 def backend() -> str:

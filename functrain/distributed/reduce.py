@@ -73,7 +73,7 @@ def tree_reduce_grads(bucket_bytes: int = _BUCKET_BYTES) -> Transform:
     Per flat bucket, two collectives (`_tree_sum`): an all-to-all hands each rank 1/N of
     every rank's bucket, which it adds in the tree over ranks, and an all-gather puts the
     sums together: 2 (N - 1) / N of the bucket sent per rank, as a ring all-reduce sends,
-    and the same bits on every rank and on any N.
+    and the same bits on every rank and on any power-of-two N.
     """
 
     def apply(state: TrainState, batch: Any) -> TrainState:

@@ -72,7 +72,8 @@ class Built:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """`auto` picks CUDA when present, else CPU; `cuda` is `cuda:LOCAL_RANK` (the process's
-    place on its node: on a second node rank 8 is local rank 0), made the current device."""
+    place on its node: on a second node rank 8 is local rank 0), or `cuda:0` where the
+    process sees one GPU only, made the current device."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -83,6 +84,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             )
         count = torch.cuda.device_count()
         if device.index is None:
+            if count == 1:  # one GPU made visible to each process (CUDA_VISIBLE_DEVICES)
+                local_rank = 0
             if local_rank >= count:
                 raise BuildError(
                     f"this process is local rank {local_rank} on its node, which has {count} "
@@ -349,9 +352,13 @@ def _deferred(recipe: Recipe, ctx: distributed.Context) -> deferred.Deferred | N
     if ctx.world_size == 1 or recipe.init_from is not None:
         return None
     target, _ = resolve(recipe.model.target)
-    if not getattr(target, "replays_on_meta", False):
+    if not getattr(target, "__dict__", {}).get("replays_on_meta", False):  # not inherited
         return None
-    return deferred.record(lambda: _make("model", recipe.model))
+    try:  # a failure the eager build will name, or a constructor meta cannot replay
+        return deferred.record(lambda: instantiate(recipe.model))
+    except Exception as err:  # noqa: BLE001 -- the eager build decides
+        ctx.warn(f"model ({recipe.model.target}): built eagerly on every rank ({err})")
+        return None
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """`functrain resume`: find the snapshot, check it through the one resume plan
 (`functrain.checkpoint.plan`: structure, recipe, data, init source, world size, software),
-read it into a freshly built state, and prepare the run directory — all before a step runs.
+read it into the state a trial step has just spent, and prepare the run directory — all before a step runs.
 
 Every check runs on every rank before anything is written, so a refusal leaves the run
 directory as it was and stops all ranks alike.
@@ -110,8 +110,10 @@ def _prepare(
     branching = target.resolve() != snap.parent.resolve()
     newer = _newer_snapshots(target, snap, step, source) if not branching else []
     # into the state the trial step spent: one state in memory, every entry overwritten
-    state = Snapshots.place(snap, tensors, manifest, built.state, in_place=True)
-    del tensors  # read from the file: gone once placed
+    state = ctx.all_ok(  # reads files on every rank: a failure on one stops all alike
+        lambda: Snapshots.place(snap, tensors, manifest, built.state, in_place=True)
+    )
+    tensors = None  # read from the file: gone once placed
     ctx.agree("loaded step", int(state.step))
     r = recipe.data
     samples = int(state.data["samples"])

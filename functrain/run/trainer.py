@@ -148,7 +148,9 @@ class Trainer:
                 "may run, so this run is not promised bitwise (on resume either)"
             )
         self.preemption = preempt.Preemption(self.recipe.checkpoint.signal)
-        self.agreement = distributed.Agreement(self.ctx.world_size)  # every rank: a collective
+        self.agreement = distributed.Agreement(  # every rank: a collective
+            self.ctx.world_size, timeout=distributed.collective_timeout()
+        )
         self.progress = Progress(self.recipe.steps, int(state.step)) if self.ctx.is_main else None
         parent = resumed_from.parent if resumed_from is not None else None
         branched = parent is not None and parent.resolve() != run_dir.resolve()
