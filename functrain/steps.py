@@ -330,9 +330,10 @@ def _groups(params: TensorDict, opt: TensorDict, limit: int) -> list[list]:
     most `limit` bytes (a bigger param alone)."""
     groups: list[list] = [[]]
     size = 0
+    entries = [opt[k] for k in opt.keys()]  # noqa: SIM118 -- a TensorDict
     for name in params.keys(include_nested=True, leaves_only=True):
-        n = sum(t.numel() * t.element_size() for t in leaves(_opt_slice(opt, [name])))
-        n += params.get(name).numel() * params.get(name).element_size()
+        mine = [params.get(name), *(e.get(name) for e in entries)]  # the param, its moments
+        n = sum(t.numel() * t.element_size() for t in mine)
         if groups[-1] and size + n > limit:
             groups.append([])
             size = 0

@@ -394,13 +394,12 @@ def _read_into(path: Path, manifest: dict, like: TrainState) -> TrainState:
     format's) stay `like`'s. `like` must fit it (`check_fits`)."""
     mine, metrics = like.tensors(), {}
 
-    def into(entry: str, key: str) -> torch.Tensor:
-        where = (entry, *key.split("/")) if key else entry
+    def into(entry: str, leaf: dict) -> torch.Tensor:
+        key = leaf["key"]
         if entry == "metrics":  # whatever a transform put there: the snapshot's own
-            spec = next(x for x in manifest["entries"][entry]["leaves"] if x["key"] == key)
-            metrics[key] = torch.empty(spec["shape"], dtype=DTYPES[spec["dtype"]])
+            metrics[key] = torch.empty(leaf["shape"], dtype=DTYPES[leaf["dtype"]])
             return metrics[key]
-        return mine[where].detach()
+        return mine[(entry, *key.split("/")) if key else entry].detach()
 
     read_into(path, manifest, into)
     found: dict = {}

@@ -181,53 +181,41 @@ def _entries(path: str | os.PathLike, manifest: dict) -> Iterator[tuple[str, dic
             yield entry, spec, _read_file(Path(path) / spec["file"], want, pool)
 
 
-def _read_file(path: Path, want: dict, pool: ThreadPoolExecutor, keep: bool = True) -> torch.Tensor:
+def _read_file(
+    path: Path, want: dict, pool: ThreadPoolExecutor, keep: bool = True
+) -> torch.Tensor | None:
     """A data file as a uint8 tensor, after checking its size and crc32 against `want`.
 
     With keep=False only the checks are made, streaming through one reusable chunk.
     """
-    f = open_inside(path, f"data file listed in {MANIFEST}")
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        if size != want["bytes"]:
-            raise SnapshotError(size_problem(path, size, want["bytes"]))
-        buf = torch.empty(size if keep else min(size, _CHUNK), dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        crc, pos = _files.Crc(pool), 0
-        while pos < size:
-            part = view[pos : pos + _CHUNK] if keep else view[: size - pos]
-            n = f.readinto(part)
-            if not n:
-                raise SnapshotError(size_problem(path, pos, want["bytes"]))
-            crc.update(part[:n])  # overlaps the next read when keeping the data
-            if not keep:
-                crc.value()  # the chunk is about to be overwritten
-            pos += n
-    got = crc.value()
-    if got != want["crc32"]:
-        raise SnapshotError(crc_problem(path, got, want["crc32"]))
+    crc, buf = _files.Crc(pool), None
+    with _opened(path, want) as f:
+        if keep:
+            buf = torch.empty(want["bytes"], dtype=torch.uint8)
+            _fill(f, path, crc, 0, memoryview(buf.numpy()), want["bytes"])
+        else:
+            _skip(f, path, crc, 0, want["bytes"])
+    _check_crc(path, crc, want)
     return buf
 
 
 def read_into(
-    path: str | os.PathLike, manifest: dict, into: Callable[[str, str], torch.Tensor]
+    path: str | os.PathLike, manifest: dict, into: Callable[[str, dict], torch.Tensor]
 ) -> None:
-    """Read every leaf straight into `into(entry, key)`, a tensor of the leaf's dtype and
-    shape: into its memory when it is a contiguous CPU tensor (no second copy of the
-    snapshot), else through a buffer of that one leaf. Each file's size and crc32 are
-    checked as it is read; a bad one raises SnapshotError, part of it already written."""
+    """Read every leaf straight into `into(entry, leaf)` (`leaf`: its manifest record), a
+    tensor of the leaf's dtype and shape: into its memory when it is a contiguous CPU
+    tensor (no second copy of the snapshot), else through a buffer of that one leaf. Each
+    file's size and crc32 are checked as it is read; a bad one raises SnapshotError, part
+    of it already written."""
     with ThreadPoolExecutor(1, thread_name_prefix="functrain-crc") as pool:
         for entry, spec in manifest["entries"].items():
             want = manifest["files"][spec["file"]]
             name = Path(path) / spec["file"]
-            with open_inside(name, f"data file listed in {MANIFEST}") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != want["bytes"]:
-                    raise SnapshotError(size_problem(name, size, want["bytes"]))
-                crc, pos = _files.Crc(pool), 0
+            crc, pos = _files.Crc(pool), 0
+            with _opened(name, want) as f:
                 for leaf in sorted(spec["leaves"], key=lambda x: x["offset"]):
                     pos = _skip(f, name, crc, pos, leaf["offset"])
-                    t = into(entry, leaf["key"])
+                    t = into(entry, leaf)
                     direct = t.device.type == "cpu" and t.is_contiguous()
                     buf = t if direct else torch.empty(t.shape, dtype=t.dtype)
                     view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
@@ -235,13 +223,28 @@ def read_into(
                     if not direct:
                         crc.value()  # the buffer is read by the copy below
                         t.copy_(buf)
-                pos = _skip(f, name, crc, pos, size)
-            if (got := crc.value()) != want["crc32"]:
-                raise SnapshotError(crc_problem(name, got, want["crc32"]))
+                _skip(f, name, crc, pos, want["bytes"])
+            _check_crc(name, crc, want)
+
+
+def _opened(path: Path, want: dict) -> Any:
+    """A data file of a snapshot, open for reading, once its size is the manifest's."""
+    f = open_inside(path, f"data file listed in {MANIFEST}")
+    size = os.fstat(f.fileno()).st_size
+    if size != want["bytes"]:
+        f.close()
+        raise SnapshotError(size_problem(path, size, want["bytes"]))
+    return f
+
+
+def _check_crc(path: Path, crc: _files.Crc, want: dict) -> None:
+    if (got := crc.value()) != want["crc32"]:
+        raise SnapshotError(crc_problem(path, got, want["crc32"]))
 
 
 def _fill(f: Any, name: Path, crc: Any, pos: int, view: memoryview, total: int) -> int:
-    """Read len(view) bytes of `f` into `view`, adding them to `crc`; the new position."""
+    """Read len(view) bytes of `f` into `view`, adding them to `crc` (computed while the
+    next part is read: `view` must stay as it is); the new position."""
     done = 0
     while done < len(view):
         part = view[done : done + _CHUNK]
@@ -254,11 +257,12 @@ def _fill(f: Any, name: Path, crc: Any, pos: int, view: memoryview, total: int) 
 
 
 def _skip(f: Any, name: Path, crc: Any, pos: int, to: int) -> int:
-    """Read (and checksum) the bytes of `f` from `pos` up to `to`: gaps between leaves."""
+    """Read (and checksum) the bytes of `f` from `pos` up to `to` through one reused chunk:
+    gaps between leaves, or a whole file that is only checked."""
+    scratch = memoryview(bytearray(min(_CHUNK, max(to - pos, 0))))
     while pos < to:
-        scratch = memoryview(bytearray(min(_CHUNK, to - pos)))
-        pos = _fill(f, name, crc, pos, scratch, to)
-        crc.value()
+        pos = _fill(f, name, crc, pos, scratch[: to - pos], to)
+        crc.value()  # the chunk is about to be overwritten
     return pos
 
 
