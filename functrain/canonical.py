@@ -100,6 +100,25 @@ class TreeSum:
             node, height = left, height + 1
         self._stack.append((height, node))
 
+    def closes(self) -> bool:
+        """Whether the next push completes the sum (its count reaches width * 2^k)."""
+        heights = [h for h, _ in reversed(self._stack)]  # from the top: 0, 1, 2, ... merge
+        return self._in_unit + 1 == self.width and heights == list(range(len(heights)))
+
+    def close(self, i: int, tensor: torch.Tensor) -> torch.Tensor:
+        """Leaf `i` of the push that completes the sum (`closes()`), added to the partial
+        sums exactly as `push` adds it: a caller can finish each leaf as it comes (and start
+        reducing it), then hand the finished leaves to `closed`."""
+        node = tensor if self._unit is None else self._unit[i].add_(tensor)
+        for _, left in reversed(self._stack):  # left + right, from the top of the stack
+            node = left[i].add_(node)
+        return node
+
+    def closed(self, tensors: list[torch.Tensor]) -> None:
+        """End the sum with `tensors`, every leaf finished by `close` (or what became of
+        them: reduced over ranks); `result()` returns them."""
+        self._unit, self._in_unit, self._stack = None, 0, [(len(self._stack), tensors)]
+
     def result(self) -> list[torch.Tensor]:
         """The sum of everything pushed; the count must have been width * 2^k."""
         if self._unit is not None or len(self._stack) != 1:

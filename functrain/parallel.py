@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import torch
@@ -22,6 +22,10 @@ from tensordict import TensorDict
 from torch import nn
 
 from functrain.errors import ConfigError
+from functrain.optim import leaves
+
+if TYPE_CHECKING:
+    from functrain.canonical import TreeSum
 
 __all__ = ["UNSHARDED", "Placement", "Sharding", "Unsharded", "module_buffers"]
 
@@ -54,18 +58,48 @@ class Sharding(Protocol):
         ...
 
     def backward(
-        self, loss: torch.Tensor, params: list[torch.Tensor], acc: list[torch.Tensor] | None
+        self,
+        loss: torch.Tensor,
+        params: list[torch.Tensor],
+        acc: list[torch.Tensor] | None,
+        last: bool = False,
     ) -> list[torch.Tensor] | None:
-        """Backpropagate one micro-batch's `loss`, accumulating into `acc` (None at first)."""
+        """Backpropagate one micro-batch's `loss`, accumulating into `acc` (None at first).
+        `last`: the step's last backward, whose gradients a sharding that `reduces` (DDP
+        overlapped) averages over ranks as they come."""
         ...
 
     def gradients(self, params: TensorDict, acc: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """The accumulated gradients, one per leaf of `params`, in its leaf order."""
         ...
 
-    def global_norm(self, local: torch.Tensor) -> torch.Tensor:
-        """The L2 norm over all ranks of a tensor whose local L2 norm is `local`."""
+    def whole_backward(
+        self, loss: torch.Tensor, params: TensorDict, tree: TreeSum | None = None
+    ) -> list[torch.Tensor] | None:
+        """One canonical micro-batch's gradients of the whole params, in the leaf order of
+        `params`, not reduced over ranks, for the caller to push into its tree. Given
+        `tree` (the `TreeSum` this micro-batch completes), a sharding that `reduces`
+        instead closes it a gradient at a time as backward makes them, reducing each over
+        ranks in the canonical tree meanwhile, and returns None."""
         ...
+
+    def local_grads(self, grads: TensorDict) -> TensorDict:
+        """The step's gradients cut to this process's pieces of the params (canonical
+        gradients stay whole until the optimizer takes its rows)."""
+        ...
+
+    def global_norm(self, local: torch.Tensor) -> torch.Tensor:
+        """The L2 norm of the whole gradients from `local`, that of the gradients this
+        process holds."""
+        ...
+
+    def any_rank(self, flag: torch.Tensor) -> torch.Tensor:
+        """A 0/1 flag set where it is set on any rank (of values that may differ by rank)."""
+        ...
+
+    #: Whether `backward(last=True)` and `whole_backward(tree=)` reduce the gradients over
+    #: ranks themselves (so the step's reduction transform does the loss and buffers only).
+    reduces: bool
 
     def localize(self, tensors: TensorDict) -> TensorDict:
         """Whole `tensors` (a snapshot's entries) cut to this process's pieces."""
@@ -83,6 +117,8 @@ class Sharding(Protocol):
 
 class Unsharded:
     """The whole state in this process: the `Sharding` of single-process and DDP runs."""
+
+    reduces = False
 
     def split(self, model: nn.Module, device: torch.device | str) -> tuple[TensorDict, TensorDict]:
         model.to(device)
@@ -114,21 +150,15 @@ class Unsharded:
         return swapped_into(params, model)
 
     def backward(
-        self, loss: torch.Tensor, params: list[torch.Tensor], acc: list[torch.Tensor] | None
+        self,
+        loss: torch.Tensor,
+        params: list[torch.Tensor],
+        acc: list[torch.Tensor] | None,
+        last: bool = False,
     ) -> list[torch.Tensor]:
-        if loss.dim() != 0:
-            raise ConfigError(
-                f"the loss must be a scalar, got a tensor of shape {list(loss.shape)}: reduce "
-                "it (mean) in the loss function"
-            )
+        check_scalar(loss)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        unused = sum(g is None for g in grads)
-        if unused:
-            raise ConfigError(
-                f"{unused} trainable parameter(s) are not used by the loss (a pooler or head "
-                "the task does not need?): freeze them (the recipe's freeze:, or "
-                "requires_grad=False), or use them"
-            )
+        check_used(grads)
         if acc is None:
             return list(grads)
         torch._foreach_add_(acc, grads)
@@ -139,8 +169,19 @@ class Unsharded:
             raise ValueError("no gradients: backward was never called (an empty batch?)")
         return acc
 
+    def whole_backward(
+        self, loss: torch.Tensor, params: TensorDict, tree: TreeSum | None = None
+    ) -> list[torch.Tensor]:
+        return self.backward(loss, leaves(params), None)
+
+    def local_grads(self, grads: TensorDict) -> TensorDict:
+        return grads
+
     def global_norm(self, local: torch.Tensor) -> torch.Tensor:
         return local
+
+    def any_rank(self, flag: torch.Tensor) -> torch.Tensor:
+        return flag  # the replicas hold the same values
 
     def localize(self, tensors: TensorDict) -> TensorDict:
         return tensors
@@ -153,6 +194,24 @@ class Unsharded:
 
 
 UNSHARDED = Unsharded()
+
+
+def check_scalar(loss: torch.Tensor) -> None:
+    if loss.dim() != 0:
+        raise ConfigError(
+            f"the loss must be a scalar, got a tensor of shape {list(loss.shape)}: reduce "
+            "it (mean) in the loss function"
+        )
+
+
+def check_used(grads: tuple[torch.Tensor | None, ...]) -> None:
+    unused = sum(g is None for g in grads)
+    if unused:
+        raise ConfigError(
+            f"{unused} trainable parameter(s) are not used by the loss (a pooler or head "
+            "the task does not need?): freeze them (the recipe's freeze:, or "
+            "requires_grad=False), or use them"
+        )
 
 
 def swapped_into(tensors: TensorDict, module: nn.Module) -> contextlib.AbstractContextManager:

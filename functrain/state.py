@@ -19,7 +19,14 @@ from torch import nn
 from functrain import rng
 from functrain.errors import ConfigError, ConsumedStateError
 from functrain.optim import Optimizer
-from functrain.parallel import UNSHARDED, Placement, Sharding, aliases, swapped_into
+from functrain.parallel import (
+    UNSHARDED,
+    Placement,
+    Sharding,
+    Unsharded,
+    aliases,
+    swapped_into,
+)
 from functrain.precision import Precision
 from functrain.schedule import Schedule, constant
 from functrain.transform import Transform, compose
@@ -184,7 +191,7 @@ class TrainState:
         snapshot of it whole with `functrain.checkpoint.load` and use `load_into` instead.
         """
         self._check_live()
-        if self._static.sharding is not UNSHARDED:
+        if not isinstance(self._static.sharding, Unsharded):
             raise ValueError(
                 "state_dict() of a sharded state would hold this rank's rows only: load a "
                 "snapshot of it whole (functrain.checkpoint.load) and call load_into"
@@ -302,7 +309,7 @@ def load_into(
     EMA) and buffers into the plain `module`, strictly by name (non-persistent buffers,
     which `module.state_dict()` leaves out, are left as they are); return the module."""
     tensors = source.tensors() if isinstance(source, TrainState) else source
-    if isinstance(source, TrainState) and source.static.sharding is not UNSHARDED:
+    if isinstance(source, TrainState) and not isinstance(source.static.sharding, Unsharded):
         raise ValueError("load_into needs the whole state: load a snapshot of it instead")
     found = weights(tensors, ema=ema)
     alias = aliases(module)

@@ -19,7 +19,6 @@ from torch.utils._pytree import tree_flatten, tree_map
 from functrain import canonical, rng
 from functrain.errors import ConfigError
 from functrain.optim import leaves
-from functrain.parallel import Unsharded
 from functrain.precision import keep_unless
 from functrain.state import TrainState
 from functrain.transform import Transform, compose
@@ -128,7 +127,9 @@ def forward_backward(micro_batches: int = 1, *, micro_batch_size: int | None = N
                 micro = tree_map(lambda t, i=i: _chunk(t, micro_batches, i), batch)
                 with precision.autocast(device):
                     loss = static.loss(model, micro).float() / micro_batches
-                acc = static.sharding.backward(precision.scale(loss, state.stats), params, acc)
+                scaled = precision.scale(loss, state.stats)
+                last = i == micro_batches - 1  # DDP overlapped: reduced as backward runs
+                acc = static.sharding.backward(scaled, params, acc, last=last)
                 total = total + loss.detach()
         grads = static.sharding.gradients(state.params, acc)
         precision.unscale_(grads, state.stats)
@@ -149,12 +150,12 @@ def _canonical(state: TrainState, batch: Any, size: int) -> TrainState:
     """`forward_backward(micro_batch_size=size)`: this rank's share of the global batch's
     micro-batches, summed in the canonical tree (`functrain.canonical`).
 
-    Unsharded, each micro-batch's loss is divided by the global count V, so the ranks'
-    subtree sums add up to the mean, and the canonical reduction (`functrain.distributed`) adds
-    them. Sharded (FSDP2), whose backward reduce-scatters and averages over ranks itself,
-    the micro-batches are accumulated in order with the same seeds: exact for a given
-    world size, not across world sizes. Running buffers (BatchNorm) are kept as micro-batch
-    0 of the global batch left them, which the rank holding it broadcasts.
+    Each micro-batch's loss is divided by the global count V, so the ranks' subtree sums
+    add up to the mean, and the canonical reduction (`functrain.distributed`) adds them.
+    Sharded (FSDP2) too: the sharding hands over each micro-batch's whole gradients
+    unreduced (`Sharding.whole_backward`), so the bits are those of an unsharded run on any
+    fitting world size. Running buffers (BatchNorm) are kept as micro-batch 0 of the global
+    batch left them, which the rank holding it broadcasts.
     """
     static, placement = state.static, state.static.placement
     n = _batch_size(batch)
@@ -165,34 +166,30 @@ def _canonical(state: TrainState, batch: Any, size: int) -> TrainState:
         )
     count = n // size
     canonical.check_fit(placement.world_size, n * placement.world_size, size)
-    unsharded = isinstance(static.sharding, Unsharded)
-    scale_by = count * placement.world_size if unsharded else count
+    scale_by = count * placement.world_size  # V
     first = placement.rank * count  # this rank's first micro-batch, in the global batch
-    params = leaves(state.params)
-    device = params[0].device
+    device = leaves(state.params)[0].device
     precision, step_now = static.precision, int(state.step)
-    tree = canonical.TreeSum(canonical.odd_part(count))
-    acc, total, first_buffers = None, torch.zeros((), device=device), None
+    tree = canonical.TreeSum(canonical.odd_part(count))  # of the gradients
+    losses = canonical.TreeSum(canonical.odd_part(count))  # the same tree, of the losses
+    first_buffers = None
     with state.bind() as model:
         for i, micro in enumerate(split(batch, size)):
             with rng.seeded(rng.micro_seed(state.rng, step_now, first + i), device):
                 with precision.autocast(device):
                     loss = static.loss(model, micro).float() / scale_by
+                losses.push([loss.detach()])
                 scaled = precision.scale(loss, state.stats)
-                if unsharded:
-                    tree.push([*static.sharding.backward(scaled, params, None), loss.detach()])
-                else:
-                    acc = static.sharding.backward(scaled, params, acc)
-                    total = total + loss.detach()
+                closing = tree if i == count - 1 else None  # DDP overlapped: closes it
+                grads = static.sharding.whole_backward(scaled, state.params, closing)
+                if grads is not None:
+                    tree.push(grads)
             if i == 0 and count > 1:
                 first_buffers = [b.clone() for b in leaves(state.buffers)]
     if first_buffers:  # the running statistics as micro-batch 0 left them
         torch._foreach_copy_(leaves(state.buffers), first_buffers)
-    if unsharded:
-        *grads, total = tree.result()
-    else:
-        grads = static.sharding.gradients(state.params, acc)
-    if not unsharded or placement.world_size == 1:
+    grads, (total,) = tree.result(), losses.result()
+    if placement.world_size == 1:
         precision.unscale_(grads, state.stats)  # else after the ranks' sums are added
     return state.replace(
         grads=_like_params(state.params, grads),
@@ -254,18 +251,19 @@ def apply_optimizer() -> Transform:
         static = state.static
         step_now = int(state.step)
         lr = static.optimizer.lr * static.schedule(step_now)
-        grads = leaves(state.grads)
+        local = static.sharding.local_grads(state.grads)  # canonical FSDP: this rank's rows
+        grads = leaves(local)
         if static.precision.scaling:  # the scaler checks the gradients; we, the loss
             skip = _nonfinite(static, grads)
             bad = _nonfinite(static, [state.metrics["loss"].reshape(1)])
-            params, opt = _update(state, lr, step_now, skip)
+            params, opt = _update(state, local, lr, step_now, skip)
             static.precision.update_(state.stats, skip)
         elif static.nan_policy == "skip":  # the gradients, or the params they would give
             bad = _nonfinite(static, grads)
-            params, opt = _update(state, lr, step_now, bad, recheck=True)
+            params, opt = _update(state, local, lr, step_now, bad, recheck=True)
         else:  # a non-finite loss gives non-finite gradients
             bad = _nonfinite(static, grads)
-            params, opt = _update(state, lr, step_now, None)
+            params, opt = _update(state, local, lr, step_now, None)
         with torch.no_grad():
             stats = state.stats
             stats["nonfinite_steps"].add_(bad.to(torch.int64))
@@ -280,32 +278,37 @@ def apply_optimizer() -> Transform:
 def _nonfinite(static: Any, tensors: list[torch.Tensor]) -> torch.Tensor:
     """1.0 where any of `tensors` on any rank holds an inf or a NaN, else 0.0 (0-d, no sync)."""
     found = static.precision.nonfinite([t.detach() for t in tensors])
-    # The norm over ranks of 0/1 flags is nonzero where any rank found one.
-    return static.sharding.global_norm(found).sign()
+    return static.sharding.any_rank(found)
 
 
 def _update(
-    state: TrainState, lr: float, step_now: int, skip: torch.Tensor | None, recheck: bool = False
+    state: TrainState,
+    grads: TensorDict,
+    lr: float,
+    step_now: int,
+    skip: torch.Tensor | None,
+    recheck: bool = False,
 ):
-    """The optimizer's update, masked out where `skip` (a 0-d flag, set in place) is set;
-    with `recheck`, also where the params it gives are not finite."""
+    """The optimizer's update with `grads` (this process's), masked out where `skip` (a 0-d
+    flag, set in place) is set; with `recheck`, also where the params it gives are not
+    finite."""
     static = state.static
     optimizer = static.optimizer
     if skip is None:
-        return optimizer.update(state.grads, state.opt, state.params, lr=lr, step=step_now)
+        return optimizer.update(grads, state.opt, state.params, lr=lr, step=step_now)
     if optimizer.elementwise and not recheck:  # a group of params at a time
         for names in _groups(state.params, state.opt, UNDO_BYTES):
-            params, grads = state.params.select(*names), state.grads.select(*names)
+            params, group = state.params.select(*names), grads.select(*names)
             opt = _opt_slice(state.opt, names)
             kept = leaves(params) + leaves(opt)
             before = [t.detach().clone() for t in kept]
-            optimizer.update(grads, opt, params, lr=lr, step=step_now)  # in place
+            optimizer.update(group, opt, params, lr=lr, step=step_now)  # in place
             with torch.no_grad():
                 keep_unless(skip.bool(), kept, before)
         return state.params, state.opt
     kept = leaves(state.params) + leaves(state.opt)
     before = [t.detach().clone() for t in kept]
-    params, opt = optimizer.update(state.grads, state.opt, state.params, lr=lr, step=step_now)
+    params, opt = optimizer.update(grads, state.opt, state.params, lr=lr, step=step_now)
     with torch.no_grad():
         if recheck:  # decided on the whole update: needs a copy of all of it
             torch.maximum(skip, _nonfinite(static, leaves(params)), out=skip)

@@ -31,9 +31,9 @@ from functrain.run import trainer
 
 HOST_ENTRIES = ("step", ("data", "samples"), ("metrics", "lr"), "rng")
 COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "barrier",
-    "broadcast", "broadcast_object_list", "gather", "gather_object", "reduce_scatter_tensor",
-    "scatter", "monitored_barrier",
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
+    "all_gather_object", "barrier", "broadcast", "broadcast_object_list", "gather",
+    "gather_object", "reduce_scatter_tensor", "scatter", "monitored_barrier",
 )  # fmt: skip
 
 steps: dict[int, dict] = {}

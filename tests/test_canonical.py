@@ -3,7 +3,8 @@
 In-process: the tree sum, the fit rule, and a rank's share of the micro-batches (seeds,
 scaling, BatchNorm statistics) adding up to one process's bits. Under torchrun (gloo, CPU,
 no mocks, dropout on): runs on 1, 2 and 4 processes to step 12 are bitwise equal, and
-resumes 2 -> 1, 1 -> 2, 4 -> 2, 2 -> 4 at step 6 give the unbroken run's bits. Every
+resumes 2 -> 1, 1 -> 2, 4 -> 2, 2 -> 4 at step 6 give the unbroken run's bits; FSDP2 runs
+on 2 and 4 processes, and their resumes 4 -> 2 and 2 -> 1, give the same bits again. Every
 launch has OMP_NUM_THREADS=1: torch's intra-op threads split CPU reductions, so their
 count is part of what a CPU run's bits depend on (torchrun sets 1 for several processes).
 """
@@ -169,13 +170,56 @@ def test_a_world_size_that_does_not_fit_is_refused_before_any_step(tmp_path, thr
     assert not (tmp_path / "w3").exists()
 
 
-def test_fsdp_with_canonical_micro_batches_resumes_n_to_n_bitwise(tmp_path, threads_one):
-    """parallel: fsdp keeps the canonical micro-batches and their seeds, but FSDP2 reduces
-    gradients itself: bitwise N -> N (here 2 -> 2), close across world sizes (README)."""
-    args = (f"out_dir={tmp_path}", "parallel=fsdp", *CANONICAL)
-    launch(2, "run", TINY, "name=A", *args)
-    launch(2, "resume", TINY, "name=A", *args, "--from", "state_6", "--name", "B")
-    assert checkpoint.digests(tmp_path / "B" / "state_12") == checkpoint.digests(
-        tmp_path / "A" / "state_12"
-    )
-    assert timeless_metrics(tmp_path / "B") == timeless_metrics(tmp_path / "A")
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, threads_one):
+    """The same canonical recipe under FSDP2 on 2 and 4 processes."""
+    out = tmp_path_factory.mktemp("sharded")
+    for nproc in (2, 4):
+        launch(nproc, "run", TINY, f"out_dir={out}", f"name=f{nproc}", "parallel=fsdp", *CANONICAL)
+    return out
+
+
+def test_fsdp_gives_the_bits_of_one_process_on_two_and_four(unbroken, sharded):
+    """parallel: fsdp keeps each rank's rows only, but its gradients follow the canonical
+    tree (whole per micro-batch, then the ranks' sums scattered in the tree's order): every
+    entry of its snapshot equals the unsharded run's, clipping's norm included."""
+    ref = checkpoint.digests(unbroken / "w1" / "state_12")
+    for nproc in (2, 4):
+        run = sharded / f"f{nproc}"
+        assert checkpoint.read_manifest(run / "state_12")["layout"] == "dcp"  # really sharded
+        assert checkpoint.digests(run / "state_12") == ref
+        assert timeless_metrics(run) == timeless_metrics(unbroken / "w1")
+
+
+def test_fsdp_resumes_four_to_two_and_two_to_one_bitwise(unbroken, sharded):
+    ref = checkpoint.digests(unbroken / "w1" / "state_12")
+    for wrote, then in ((4, 2), (2, 1)):
+        name = f"f{wrote}to{then}"
+        res = launch(
+            then, "resume", TINY, f"out_dir={sharded}", f"name=f{wrote}", "--from", "state_6",
+            "--name", name, "parallel=fsdp", *CANONICAL,
+        )  # fmt: skip
+        assert "written by" not in res.stderr  # no world-size warning: the run is canonical
+        assert checkpoint.digests(sharded / name / "state_12") == ref
+        assert timeless_metrics(sharded / name) == timeless_metrics(unbroken / "w1")
+
+
+def test_a_ddp_snapshot_resumes_under_fsdp_bitwise(unbroken, sharded):
+    """ddp 2 -> fsdp 4: a recipe change (allowed by name), the same bits."""
+    launch(
+        4, "resume", TINY, f"out_dir={unbroken}", "name=w2", "--from", "state_6",
+        "--name", "w2_fsdp", "parallel=fsdp", *CANONICAL, "--allow-change", "parallel",
+    )  # fmt: skip
+    ref = checkpoint.digests(unbroken / "w1" / "state_12")
+    assert checkpoint.digests(unbroken / "w2_fsdp" / "state_12") == ref
+
+
+def test_fsdp_in_bf16_gives_the_bits_of_one_process(tmp_path, threads_one):
+    """Canonical FSDP gathers float32 params and autocasts as an unsharded run does (not
+    FSDP2's bf16 param gathers, whose bits would differ from one process's)."""
+    args = (f"out_dir={tmp_path}", "precision=bf16", *CANONICAL)
+    launch(1, "run", TINY, "name=one", *args)
+    launch(2, "run", TINY, "name=two", "parallel=fsdp", *args)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert checkpoint.digests(two / "state_12") == checkpoint.digests(one / "state_12")
+    assert timeless_metrics(two) == timeless_metrics(one)

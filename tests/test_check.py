@@ -100,14 +100,14 @@ def test_bad_arguments_are_one_paragraph(tmp_path, args, message):
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
-def test_fsdp_recipe_resumes_on_2_processes(tmp_path):
-    """FSDP reduces in its own order: 2 -> 1 is not bitwise, so the check resumes on 2."""
+def test_canonical_fsdp_recipe_resumes_on_1_process(tmp_path):
+    """FSDP with canonical micro-batches reduces in the canonical tree: 2 -> 1 is bitwise."""
     out = cli(
         "check", TINY, "parallel=fsdp", "step.0.micro_batches=1", "step.0.micro_batch_size=2",
         "--steps", "4", "--nproc", "2", cwd=tmp_path,
     )  # fmt: skip
     assert out.stdout.startswith("check: bitwise:"), out.stdout + out.stderr
-    assert "(2 processes, resumed on 2)" in out.stdout
+    assert "(2 processes, resumed on 1)" in out.stdout
 
 
 def test_check_switches_the_recipes_sinks_off(tmp_path, monkeypatch):

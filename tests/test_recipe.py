@@ -215,7 +215,7 @@ def test_unknown_keys_list_allowed_and_suggest_close_match():
     )
     assert any(
         p.startswith(
-            "optimizer: unknown key; did you mean 'optim'? allowed: activation_checkpointing, auto_resume, checkpoint,"
+            "optimizer: unknown key; did you mean 'optim'? allowed: activation_checkpointing, auto_resume, bucket_mb, checkpoint,"
         )
         for p in found
     )
@@ -435,7 +435,7 @@ def test_override_can_replace_a_whole_component_and_its_target():
         ),
         (
             "stpes=3",
-            "stpes: unknown key; did you mean 'steps'? allowed: activation_checkpointing, auto_resume, checkpoint, compile, data,",
+            "stpes: unknown key; did you mean 'steps'? allowed: activation_checkpointing, auto_resume, bucket_mb, checkpoint, compile, data,",
         ),
         (
             "checkpoint.evry=3",

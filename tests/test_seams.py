@@ -49,17 +49,17 @@ def test_a_declared_wrapper_keeps_canonical_mode_whatever_its_name():
     )  # fmt: skip
     parts = step_parts(recipe)
     assert (parts.grads, parts.micro_batch_size, parts.parts[0].name) == (0, 2, "my_grads")
-    assert world_size_exact(recipe, 2, parts)
-    names = [t.name for t in _with_reduction(parts, Placement(world_size=2), False)]
+    assert world_size_exact(recipe, parts)
+    names = [t.name for t in _with_reduction(parts, Placement(world_size=2), None)]
     assert names == ["my_grads", "tree_reduce_grads", "clip_by_global_norm", "apply_optimizer"]
 
 
 def test_under_several_processes_an_undeclared_gradient_source_is_refused():
     recipe = load_recipe(TINY, ["step.0._component_=_seam_components.hidden_wrapper"])
     parts = step_parts(recipe)
-    assert parts.grads is None and not world_size_exact(recipe, 2, parts)
+    assert parts.grads is None and not world_size_exact(recipe, parts)
     with pytest.raises(BuildError, match=r"no transform declares produces_grads.*\.wrap"):
-        _with_reduction(parts, Placement(world_size=2), False)
+        _with_reduction(parts, Placement(world_size=2), None)
 
 
 def test_a_wrapper_hiding_its_gradients_is_refused_before_any_file(tmp_path):

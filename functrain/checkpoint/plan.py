@@ -40,7 +40,7 @@ from functrain.data import fingerprint_changes
 from functrain.determinism import promised
 from functrain.errors import MismatchError
 from functrain.hashing import ABSENT, canonical_hash, diff
-from functrain.parallel import UNSHARDED
+from functrain.parallel import Unsharded
 from functrain.state import TrainState
 
 __all__ = [
@@ -182,7 +182,7 @@ def _is_under(key: str, prefixes: Iterable[str]) -> bool:
 #: recipe without them did: an older manifest's recipe is read with these filled in.
 ADDED_KEYS = {
     "init_from": None, "init_from_map": {}, "freeze": [], "metrics": [], "nan_policy": "stop",
-    "determinism": "strict", "tf32": False,
+    "determinism": "strict", "tf32": False, "bucket_mb": 25.0,
 }  # fmt: skip
 
 
@@ -330,7 +330,7 @@ def with_frozen_of(
     plan checks they are the ones it was trained on); any other snapshot's as they are."""
     if tensors is None or not manifest.get("trainable_only"):
         return tensors
-    if like.static.sharding is not UNSHARDED:  # whole tensors, and frozen shards: no fit
+    if not isinstance(like.static.sharding, Unsharded):  # frozen shards: no fit
         raise MismatchError(
             "this trainable_only snapshot was written unsharded and cannot be resumed under "
             "parallel: fsdp yet; resume it with parallel: ddp (or write a whole snapshot: "

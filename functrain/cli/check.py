@@ -115,12 +115,12 @@ def check(
             "it as one plain process, not under torchrun"
         )
     if nproc == 2:
-        if world_size_exact(recipe, 2):  # canonical, and not sharded on 2 processes
+        if world_size_exact(recipe):  # canonical micro-batches
             resume_nproc = 1
         else:
             notes.append(
-                "2 -> 1 processes is not bitwise for this recipe (no step.N.micro_batch_size, "
-                "or parallel: fsdp), so the resume ran on 2 processes; give forward_backward "
+                "2 -> 1 processes is not bitwise for this recipe (no step.N.micro_batch_size), "
+                "so the resume ran on 2 processes; give forward_backward "
                 "a micro_batch_size for bits that do not depend on the world size"
             )
     scratch = Path(tempfile.mkdtemp(prefix="functrain-check-")) if keep is None else keep

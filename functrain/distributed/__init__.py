@@ -2,7 +2,8 @@
 
     context.py   Context (the core's Placement plus agreement between ranks), init, close
     agree.py     Agreement: stop and failure flags agreed a few steps late, without a sync
-    reduce.py    the gradient all-reduce transform of data-parallel (`ddp`) runs
+    reduce.py    the gradient reductions of data-parallel (`ddp`) runs: during backward
+                 (`Overlapped`, a Sharding) or after it (transforms), canonical or not
     fsdp.py      FSDP2: shard a model; its `Sharding` implements `functrain.parallel.Sharding`
     trace.py     FUNCTRAIN_TRACE: which samples each rank trains on
 
@@ -24,10 +25,11 @@ from functrain.distributed.context import (
     leave,
     peer_failure,
 )
-from functrain.distributed.reduce import all_reduce_grads, transforms
+from functrain.distributed.reduce import Overlapped, all_reduce_grads, transforms
 from functrain.distributed.trace import TRACE_ENV, read_trace, sample_digests, traced
 
 __all__ = [
+    "Overlapped",
     "Agreement",
     "DEFAULT_TIMEOUT_S",
     "TIMEOUT_ENV",

@@ -27,6 +27,7 @@ import torch.distributed as td
 from tensordict import TensorDict
 from torch import nn
 
+from functrain.errors import ConfigError
 from functrain.parallel import module_buffers
 from functrain.recompute import blocks
 
@@ -60,10 +61,16 @@ class Sharding:
     module: nn.Module
     mesh: object  # a 1-D torch.distributed DeviceMesh
     pieces: dict[Key, Piece]
+    #: Canonical micro-batches: FSDP2 gathers params but does not reduce gradients; each
+    #: micro-batch's whole gradients go to the canonical tree (`whole_backward`), and the
+    #: step keeps them whole until the optimizer takes this rank's rows (`local_grads`).
+    canonical: bool = False
+    _unreduced: dict[Key, Any] = attrs.field(factory=dict)  # key -> FSDP2's FSDPParam
 
     @classmethod
-    def of(cls, module: nn.Module) -> Sharding:
-        """Read the sharding off a module that `fully_shard` has been applied to."""
+    def of(cls, module: nn.Module, *, canonical: bool = False) -> Sharding:
+        """Read the sharding off a module that `fully_shard` has been applied to; with
+        `canonical`, switch its gradient reduction off (`whole_backward` reads them)."""
         pieces, mesh = {}, None
         for name, p in module.named_parameters():
             spec = getattr(p, "placements", None)
@@ -79,7 +86,10 @@ class Sharding:
             pieces[tuple(name.split("."))] = Piece(
                 p.shape, p.stride(), start, p.to_local().shape[0]
             )
-        return cls(module=module, mesh=mesh, pieces=pieces)
+        if not canonical:
+            return cls(module=module, mesh=mesh, pieces=pieces)
+        module.set_requires_gradient_sync(False)  # FSDP2 keeps each backward's whole grads
+        return cls(module, mesh, pieces, canonical=True, unreduced=_fsdp_params(module))
 
     def split(self, model: nn.Module, device: Any = None) -> tuple[TensorDict, TensorDict]:
         """A copy of this rank's shard of every param, and of the buffers (the state's at
@@ -101,7 +111,11 @@ class Sharding:
         finally:
             _reshard(self.module)
 
-    def backward(self, loss: torch.Tensor, params: list[torch.Tensor], acc: None) -> None:
+    reduces = False  # FSDP2 reduce-scatters, or canonical: the tree transform reduces
+
+    def backward(
+        self, loss: torch.Tensor, params: list[torch.Tensor], acc: None, last: bool = False
+    ) -> None:
         """FSDP2 reduce-scatters (and accumulates) into the module's own `.grad`."""
         loss.backward()
 
@@ -116,15 +130,57 @@ class Sharding:
             p.grad = None
         return grads
 
+    def whole_backward(
+        self, loss: torch.Tensor, params: TensorDict, tree: object = None
+    ) -> list[torch.Tensor]:
+        """One micro-batch's whole gradients, in the leaf order of `params`, taken from
+        FSDP2 before any reduction (canonical mode: the tree and its scatter reduce them).
+        A param the loss did not use gets zeros."""
+        loss.backward()
+        out = []
+        for key, shard in _leaves(params):
+            fp = self._unreduced[key]
+            # Mixed precision converts a backward's grads to the reduce dtype, which the
+            # next backward would add to: taken out, every micro-batch's stay its own.
+            grad, fp.unsharded_accumulated_grad = fp.unsharded_accumulated_grad, None
+            unsharded = getattr(fp, "_unsharded_param", None)  # none before a first gather
+            if grad is None and unsharded is not None:
+                grad = unsharded.grad
+            if unsharded is not None:
+                unsharded.grad = None
+            if grad is None:
+                grad = torch.zeros(self.pieces[key].shape, dtype=shard.dtype, device=shard.device)
+            out.append(grad)
+        return out
+
+    def local_grads(self, grads: TensorDict) -> TensorDict:
+        """This rank's rows of whole (canonical) gradients; reduce-scattered ones as they are."""
+        if not self.canonical:
+            return grads
+        rows = {}
+        for key, g in _leaves(grads):
+            p = self.pieces[key]
+            rows[key] = g.narrow(0, p.start, p.rows)
+        return TensorDict(rows, batch_size=[])
+
     def _params(self, keys) -> list[nn.Parameter]:
         named = dict(self.module.named_parameters())
         return [named[".".join(k)] for k in keys]
 
     def global_norm(self, local: torch.Tensor) -> torch.Tensor:
-        """The L2 norm over all ranks from this rank's L2 norm (a collective)."""
+        """The L2 norm over all ranks from this rank's L2 norm (a collective); canonical,
+        the gradients are whole on every rank and `local` is already that norm."""
+        if self.canonical:
+            return local
         total = local.square()
         td.all_reduce(total, op=td.ReduceOp.SUM, group=self.mesh.get_group())
         return total.sqrt()
+
+    def any_rank(self, flag: torch.Tensor) -> torch.Tensor:
+        """The flag's maximum over ranks (a collective)."""
+        out = flag.clone()
+        td.all_reduce(out, op=td.ReduceOp.MAX, group=self.mesh.get_group())
+        return out
 
     def piece(self, entry: str, key: Key, shape: torch.Size, whole: bool = False) -> Piece | None:
         """The sharding of the leaf `entry/key` if it mirrors a param, else None.
@@ -210,6 +266,39 @@ def shard(
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def _fsdp_params(module: nn.Module) -> dict[Key, Any]:
+    """Param key -> the FSDP2 object that holds its unsharded gradient after a backward
+    without reduction. FSDP2 has no public reader of those: this reads its internals, and
+    names the torch that lacks them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    prefixes = {id(m): name for name, m in module.named_modules()}
+    out = {}
+    try:
+        for m in module.modules():
+            if not isinstance(m, FSDPModule):
+                continue
+            state = m._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:  # torch < 2.10: at most one group per module
+                groups = [g for g in [state._fsdp_param_group] if g is not None]
+            for group in groups:
+                for fp in group.fsdp_params:
+                    info = fp._module_info
+                    prefix = prefixes[id(info.module)]
+                    key = (*prefix.split("."), info.param_name) if prefix else (info.param_name,)
+                    fp.unsharded_accumulated_grad  # noqa: B018 -- present in this torch?
+                    out[key] = fp
+    except AttributeError as err:
+        raise ConfigError(
+            f"canonical micro-batches (micro_batch_size) with parallel: fsdp read FSDP2's "
+            f"unreduced gradients, which torch {torch.__version__} keeps elsewhere ({err}); "
+            "it is tested with torch 2.13. Use parallel: ddp, or micro_batches instead of "
+            "micro_batch_size"
+        ) from err
+    return out
 
 
 def _reshard(module: nn.Module) -> None:

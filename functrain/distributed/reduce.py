@@ -14,29 +14,147 @@ from typing import Any
 
 import torch
 import torch.distributed as td
+from tensordict import TensorDict
 
+from functrain.canonical import TreeSum
 from functrain.optim import leaves
-from functrain.parallel import Placement
+from functrain.parallel import Placement, Unsharded, check_scalar, check_used
 from functrain.state import TrainState
 from functrain.transform import Transform
 
-__all__ = ["all_reduce_grads", "transforms", "tree_reduce_grads"]
+__all__ = ["Overlapped", "all_reduce_grads", "transforms", "tree_reduce_grads"]
 
 _BUCKET_BYTES = 25 << 20
 
+# torch 2.13 renamed all_gather_into_tensor (which now warns at every call)
+_all_gather = getattr(td, "all_gather_single", None) or td.all_gather_into_tensor
+
 
 def transforms(
-    placement: Placement, sharded: bool = False, *, canonical: bool = False
+    placement: Placement, sharded: bool = False, *, canonical: bool = False, reduces: bool = False
 ) -> list[Transform]:
     """The transforms a distributed step needs right after `forward_backward` (none for one
-    process). Sharded (FSDP2), gradients are already reduce-scattered: only the loss is
-    averaged and the buffers broadcast. `canonical` (`forward_backward(micro_batch_size=)`,
-    unsharded): the ranks' subtree sums are added in the canonical tree."""
+    process). `canonical` (`forward_backward(micro_batch_size=)`): the ranks' subtree sums
+    of whole gradients are added in the canonical tree, sharded (FSDP2) or not. Otherwise
+    sharded, gradients are already reduce-scattered: only the loss is averaged and the
+    buffers broadcast. `reduces`: the state's sharding (`Overlapped`) reduced the gradients
+    while backward ran, so only the loss and buffers are left."""
     if placement.world_size == 1:
         return []
-    if canonical and not sharded:
-        return [tree_reduce_grads()]
-    return [all_reduce_grads(grads=not sharded)]
+    if canonical:
+        return [tree_reduce_grads(grads=not reduces)]
+    return [all_reduce_grads(grads=not (sharded or reduces))]
+
+
+class Overlapped(Unsharded):
+    """The replicated state of `parallel: ddp`, its gradients reduced while backward runs.
+
+    On the step's last backward a hook on each param takes its gradient as autograd makes
+    it, finishes it (adds the earlier micro-batches' sum, or closes the canonical tree
+    for it) and copies it into its bucket: params in reverse order (the order backward
+    reaches them), grouped by dtype into flat buckets of about `bucket_bytes`. A full
+    bucket starts its collective at once, without waiting: an all-reduce, or the canonical
+    tree's all-to-all (`_tree_start`), whose all-gather follows after backward. So the
+    communication of the last layers runs while backward computes the first, as DDP's
+    buckets do, and the bits are those of the reduction after backward: the same additions
+    of the same values (canonical: any bucketing; in-order: all-reduce bits follow the
+    bucket's size and offset, which are fixed, so N -> N stays bitwise).
+
+    Every rank must run the same graph (the buckets fill in the order backward reaches
+    them), as with DDP.
+    """
+
+    reduces = True
+
+    def __init__(self, world_size: int, bucket_bytes: int = _BUCKET_BYTES) -> None:
+        self.world_size, self.bucket_bytes = world_size, bucket_bytes
+
+    def backward(
+        self,
+        loss: torch.Tensor,
+        params: list[torch.Tensor],
+        acc: list[torch.Tensor] | None,
+        last: bool = False,
+    ) -> list[torch.Tensor]:
+        if not last:
+            return super().backward(loss, params, acc)
+
+        def final(i: int, grad: torch.Tensor) -> torch.Tensor:
+            return grad if acc is None else acc[i].add_(grad)
+
+        def start(flat: torch.Tensor):
+            return td.all_reduce(flat, op=td.ReduceOp.SUM, async_op=True)
+
+        def end(flats: list[torch.Tensor], works: list) -> None:
+            for flat, work in zip(flats, works, strict=True):
+                work.wait()
+                flat /= self.world_size
+
+        return self._during_backward(loss, params, final, start, end)
+
+    def whole_backward(
+        self, loss: torch.Tensor, params: TensorDict, tree: TreeSum | None = None
+    ) -> list[torch.Tensor] | None:
+        if tree is None:
+            return super().whole_backward(loss, params)
+        if not tree.closes():
+            raise ValueError("whole_backward was given a tree this micro-batch does not close")
+        world, rank = self.world_size, td.get_rank()
+
+        def end(flats: list[torch.Tensor], works: list) -> None:
+            gathers = [_tree_middle(work, world, rank) for work in works]  # all started
+            for flat, gather in zip(flats, gathers, strict=True):
+                _tree_end(flat, gather)
+
+        grads = self._during_backward(
+            loss, leaves(params), tree.close, lambda flat: _tree_start(flat, world, rank), end
+        )
+        tree.closed(grads)
+        return None
+
+    def _during_backward(self, loss, params, final, start, end) -> list[torch.Tensor]:
+        """Backward of `loss`, each param's gradient `final(i, grad)` copied into its bucket
+        as it comes and each full bucket's collective `start`ed; after backward, `end`
+        (the flat buckets, their works). Returns views of the buckets, one per param."""
+        check_scalar(loss)
+        order = list(range(len(params)))[::-1]  # backward meets the last params first
+        plan = _buckets([params[i] for i in order], self.bucket_bytes)
+        where, flats, missing = {}, [], []
+        for b, bucket in enumerate(plan):
+            offset = 0
+            for t in bucket:
+                where[order[len(where)]] = (b, offset)
+                offset += t.numel()
+            flats.append(torch.empty(offset, dtype=bucket[0].dtype, device=bucket[0].device))
+            missing.append(len(bucket))
+        works: list = [None] * len(plan)
+        started: list[int] = []
+
+        def hook(i: int):
+            def on_grad(grad: torch.Tensor) -> None:
+                b, offset = where[i]
+                flats[b][offset : offset + grad.numel()].view_as(grad).copy_(final(i, grad))
+                missing[b] -= 1
+                if missing[b] == 0:
+                    works[b] = start(flats[b])
+                    started.append(b)
+
+            return on_grad
+
+        handles = [p.register_hook(hook(i)) for i, p in enumerate(params)]
+        try:
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        check_used(grads)
+        del grads
+        end([flats[b] for b in started], [works[b] for b in started])
+        out: list[torch.Tensor] = []
+        for i, p in enumerate(params):
+            b, offset = where[i]
+            out.append(flats[b][offset : offset + p.numel()].view_as(p))
+        return out
 
 
 def all_reduce_grads(bucket_bytes: int = _BUCKET_BYTES, *, grads: bool = True) -> Transform:
@@ -66,14 +184,17 @@ def all_reduce_grads(bucket_bytes: int = _BUCKET_BYTES, *, grads: bool = True) -
     return Transform(name="all_reduce_grads", apply=apply)
 
 
-def tree_reduce_grads(bucket_bytes: int = _BUCKET_BYTES) -> Transform:
+def tree_reduce_grads(bucket_bytes: int = _BUCKET_BYTES, *, grads: bool = True) -> Transform:
     """Add the ranks' canonical subtree sums of gradients and loss (`functrain.canonical`)
     in the canonical tree, siblings first; unscale (fp16); broadcast rank 0's buffers.
 
     Per flat bucket, two collectives (`_tree_sum`): an all-to-all hands each rank 1/N of
     every rank's bucket, which it adds in the tree over ranks, and an all-gather puts the
     sums together: 2 (N - 1) / N of the bucket sent per rank, as a ring all-reduce sends,
-    and the same bits on every rank and on any power-of-two N.
+    and the same bits on every rank and on any power-of-two N. Under FSDP2 the gradients
+    stay whole on every rank, so clipping sees the norm an unsharded run sees, and the
+    optimizer takes this rank's rows (`Sharding.local_grads`). With `grads=False`
+    (`Overlapped` reduced them during backward) only the loss goes through the tree.
     """
 
     def apply(state: TrainState, batch: Any) -> TrainState:
@@ -84,12 +205,12 @@ def tree_reduce_grads(bucket_bytes: int = _BUCKET_BYTES) -> Transform:
                 f"the canonical reduction needs a power-of-two world size, got {world}"
             )
         loss = state.metrics["loss"].detach().clone()
-        grads = leaves(state.grads)
-        for bucket in _buckets([*grads, loss], bucket_bytes):
+        grad_leaves = leaves(state.grads)
+        for bucket in _buckets([*grad_leaves, loss] if grads else [loss], bucket_bytes):
             flat = torch.cat([t.reshape(-1) for t in bucket])
             _tree_sum(flat, world, rank)
             _scatter(flat, bucket)
-        state.static.precision.unscale_(grads, state.stats)
+        state.static.precision.unscale_(grad_leaves, state.stats)
         _broadcast_buffers(state, bucket_bytes)
         return state.replace(metrics=state.metrics.replace(loss=loss))
 
@@ -104,20 +225,40 @@ def _tree_sum(flat: torch.Tensor, world: int, rank: int) -> None:
     all-gather puts the N sums back together. Every addition pairs the same two values the
     tree does (IEEE addition is commutative), so the bits are those of one process.
     """
+    _tree_end(flat, _tree_middle(_tree_start(flat, world, rank), world, rank))
+
+
+def _tree_start(flat: torch.Tensor, world: int, rank: int):
+    """Start the all-to-all of `_tree_sum`: rank j will hold piece j of every rank's `flat`."""
     sizes = [c.numel() for c in torch.tensor_split(flat, world)]
-    edges = [0, *itertools.accumulate(sizes)]  # where each rank's piece starts
     got = torch.empty(world * sizes[rank], dtype=flat.dtype, device=flat.device)
-    td.all_to_all_single(
-        got, flat, output_split_sizes=[sizes[rank]] * world, input_split_sizes=sizes
-    )
+    work = td.all_to_all_single(
+        got, flat, output_split_sizes=[sizes[rank]] * world, input_split_sizes=sizes,
+        async_op=True,
+    )  # fmt: skip
+    return work, got, sizes
+
+
+def _tree_middle(started, world: int, rank: int):
+    """Add this rank's pieces in the tree over ranks; start the all-gather of the sums."""
+    work, got, sizes = started
+    work.wait()
     parts = list(got.view(world, sizes[rank]))  # part i: rank i's piece `rank`
     while len(parts) > 1:  # siblings first: (0 + 1), (2 + 3), then their sums
         parts = [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
     width = max(sizes)  # all-gather wants equal sizes: pieces differ by at most one
-    mine = torch.zeros(width, dtype=flat.dtype, device=flat.device)
+    mine = torch.zeros(width, dtype=got.dtype, device=got.device)
     mine[: sizes[rank]] = parts[0]
-    every = torch.empty(world * width, dtype=flat.dtype, device=flat.device)
-    td.all_gather_into_tensor(every, mine)
+    every = torch.empty(world * width, dtype=got.dtype, device=got.device)
+    return _all_gather(every, mine, async_op=True), every, sizes
+
+
+def _tree_end(flat: torch.Tensor, gathering) -> None:
+    """Wait for the all-gather and write the sums back into `flat`."""
+    work, every, sizes = gathering
+    work.wait()
+    world, width = len(sizes), every.numel() // len(sizes)
+    edges = [0, *itertools.accumulate(sizes)]  # where each rank's piece starts
     for j, rows in enumerate(every.view(world, width)):
         flat[edges[j] : edges[j + 1]] = rows[: sizes[j]]
 

@@ -194,6 +194,13 @@ class Recipe:
         expect="'ddp' (under torchrun every rank holds the whole state) or 'fsdp' (params, "
         "gradients and optimizer state sharded over the ranks with FSDP2)",
     )
+    bucket_mb: float = _field(
+        default=25.0,
+        expect="a number of MiB >= 0: under torchrun with parallel: ddp, gradients are "
+        "reduced in buckets of about this size, each started as soon as backward has made "
+        "it (overlapping backward); 0: reduced after backward, without overlap",
+        check=lambda v: v >= 0,
+    )
     activation_checkpointing: bool = _field(
         default=False,
         expect="true or false (true: each block of the model's nn.ModuleLists recomputes its "

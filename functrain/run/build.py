@@ -202,11 +202,11 @@ def step_parts(recipe: Recipe) -> StepParts:
     )
 
 
-def world_size_exact(recipe: Recipe, world_size: int, parts: StepParts | None = None) -> bool:
+def world_size_exact(recipe: Recipe, parts: StepParts | None = None) -> bool:
     """Whether a run of `recipe` gives the same bits on any fitting number of processes:
-    canonical micro-batches and an unsharded (ddp) state."""
+    canonical micro-batches, sharded (fsdp) or not."""
     parts = parts or step_parts(recipe)
-    return parts.micro_batch_size is not None and not sharded(recipe, world_size)
+    return parts.micro_batch_size is not None
 
 
 def _check_canonical(recipe: Recipe, world_size: int, parts: StepParts) -> None:
@@ -276,12 +276,16 @@ def build(
             model if later is not None else model.to(device),
             world_size=ctx.world_size,
             device=device.type,
-            compute_dtype=precision.compute_dtype,
+            # canonical: float32 gathers, and autocast casts as in an unsharded run
+            compute_dtype=None if parts.micro_batch_size else precision.compute_dtype,
         )
     if later is not None:
         _materialize(later, device, recipe.seed)
     if sharded(recipe, ctx.world_size):
-        sharding = fsdp.Sharding.of(model)
+        sharding = fsdp.Sharding.of(model, canonical=parts.micro_batch_size is not None)
+    replicated = None  # ddp: gradients reduced as backward runs
+    if sharding is None and ctx.world_size > 1 and recipe.bucket_mb > 0:
+        replicated = distributed.Overlapped(ctx.world_size, int(recipe.bucket_mb * (1 << 20)))
     if recipe.compile.enabled:
         # Static shapes: a graph per shape, never one made dynamic by the shapes seen before
         # (eval's batch is not training's micro-batch), so what runs depends on no history.
@@ -291,11 +295,11 @@ def build(
         loss=_make("loss", recipe.loss),
         optimizer=_make("optim", recipe.optim),
         schedule=_make("schedule", recipe.schedule),
-        transforms=_with_reduction(parts, ctx, sharding is not None),
+        transforms=_with_reduction(parts, ctx, sharding or replicated),
         seed=recipe.seed,
         device=device,
         placement=ctx,
-        sharding=sharding,
+        sharding=sharding or replicated,
         precision=precision,
         nan_policy=recipe.nan_policy,
     )
@@ -316,7 +320,7 @@ def build(
         data=fingerprint,
         device=device.type,
         world_size=ctx.world_size,
-        world_size_exact=world_size_exact(recipe, ctx.world_size, parts),
+        world_size_exact=world_size_exact(recipe, parts),
         determinism=exactness,
         init_from=init,
         tied=tied_names(state.static.model),
@@ -423,12 +427,17 @@ def _checkpoint_activations(model: Any, is_sharded: bool) -> None:
         raise BuildError(f"activation_checkpointing: {err}") from err
 
 
-def _with_reduction(parts: StepParts, ctx: distributed.Context, is_sharded: bool) -> list:
+def _with_reduction(parts: StepParts, ctx: distributed.Context, sharding: Any) -> list:
     """The step's transforms, with the gradient reduction of several processes right after
     the one that declares `produces_grads` (the canonical tree when it declares a
-    `micro_batch_size`)."""
-    canonical_grads = parts.micro_batch_size is not None
-    extra = distributed.transforms(ctx, sharded=is_sharded, canonical=canonical_grads)
+    `micro_batch_size`; the loss and buffers only when the `sharding` reduces gradients
+    during backward)."""
+    extra = distributed.transforms(
+        ctx,
+        sharded=isinstance(sharding, fsdp.Sharding),
+        canonical=parts.micro_batch_size is not None,
+        reduces=getattr(sharding, "reduces", False),
+    )
     if not extra:
         return list(parts.parts)
     try:
