@@ -36,12 +36,9 @@ def main() -> None:
     a = p.parse_args()
     ctx = distributed.init()
     count = 32 // 8 // ctx.world_size
-    ours = ["step.0.micro_batch_size=8", "data.num_workers=0"]
-    theirs = [
-        f"step.0.micro_batches={count}",
-        "step.0.micro_batch_size=null",
-        "data.num_workers=0",
-    ]
+    after = ["data.num_workers=0", "bucket_mb=0"]  # both reduced after backward
+    ours = ["step.0.micro_batch_size=8", *after]
+    theirs = [f"step.0.micro_batches={count}", "step.0.micro_batch_size=null", *after]
     built = {
         name: build(load_recipe(ROOT / "recipes" / "lm.yaml", over), ctx)
         for name, over in (("canonical", ours), ("bucketed", theirs))

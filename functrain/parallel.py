@@ -65,8 +65,9 @@ class Sharding(Protocol):
         last: bool = False,
     ) -> list[torch.Tensor] | None:
         """Backpropagate one micro-batch's `loss`, accumulating into `acc` (None at first).
-        `last`: the step's last backward, whose gradients a sharding that `reduces` (DDP
-        overlapped) averages over ranks as they come."""
+        `last`: the step's last backward, whose gradients a sharding may average over ranks
+        as they come (DDP's `Overlapped`, whose `take_reduced()` then tells the step's
+        reduction transform to leave them)."""
         ...
 
     def gradients(self, params: TensorDict, acc: list[torch.Tensor] | None) -> list[torch.Tensor]:
@@ -78,8 +79,8 @@ class Sharding(Protocol):
     ) -> list[torch.Tensor] | None:
         """One canonical micro-batch's gradients of the whole params, in the leaf order of
         `params`, not reduced over ranks, for the caller to push into its tree. Given
-        `tree` (the `TreeSum` this micro-batch completes), a sharding that `reduces`
-        instead closes it a gradient at a time as backward makes them, reducing each over
+        `tree` (the `TreeSum` this micro-batch completes), a sharding may instead close
+        it a gradient at a time as backward makes them, reducing each over
         ranks in the canonical tree meanwhile, and returns None."""
         ...
 
@@ -97,10 +98,6 @@ class Sharding(Protocol):
         """A 0/1 flag set where it is set on any rank (of values that may differ by rank)."""
         ...
 
-    #: Whether `backward(last=True)` and `whole_backward(tree=)` reduce the gradients over
-    #: ranks themselves (so the step's reduction transform does the loss and buffers only).
-    reduces: bool
-
     def localize(self, tensors: TensorDict) -> TensorDict:
         """Whole `tensors` (a snapshot's entries) cut to this process's pieces."""
         ...
@@ -117,8 +114,6 @@ class Sharding(Protocol):
 
 class Unsharded:
     """The whole state in this process: the `Sharding` of single-process and DDP runs."""
-
-    reduces = False
 
     def split(self, model: nn.Module, device: torch.device | str) -> tuple[TensorDict, TensorDict]:
         model.to(device)

@@ -94,8 +94,9 @@ def forward_backward(micro_batches: int = 1, *, micro_batch_size: int | None = N
     The state's `Sharding` computes the gradients: with FSDP2 they come back reduce-
     scattered (this rank's shards, averaged over ranks). The state's `Precision` sets the
     dtype the loss is computed in (autocast) and, for fp16, scales the loss for backward;
-    the gradients this returns are unscaled (under several processes in canonical mode,
-    the canonical reduction that follows unscales them).
+    the gradients this returns are unscaled in one process; under several, the reduction
+    transform that follows unscales them (after adding them: the bits do not depend on
+    whether they were reduced during backward or after it).
     """
     if micro_batches < 1:
         raise ConfigError(f"micro_batches must be >= 1, got {micro_batches}")
@@ -132,7 +133,8 @@ def forward_backward(micro_batches: int = 1, *, micro_batch_size: int | None = N
                 acc = static.sharding.backward(scaled, params, acc, last=last)
                 total = total + loss.detach()
         grads = static.sharding.gradients(state.params, acc)
-        precision.unscale_(grads, state.stats)
+        if static.placement.world_size == 1:
+            precision.unscale_(grads, state.stats)  # else after the ranks' reduction
         return state.replace(
             grads=_like_params(state.params, grads),
             metrics=state.metrics.replace(loss=total),

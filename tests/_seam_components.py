@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import torch
+from tensordict import TensorDict
+
+from functrain.optim import leaves
 from functrain.steps import forward_backward
 from functrain.transform import Transform
 
@@ -17,6 +21,22 @@ def declared_wrapper(micro_batches: int = 1, micro_batch_size: int | None = None
         produces_grads=True,
         micro_batch_size=wrapped.micro_batch_size,
     )
+
+
+def own_grads(micro_batches: int = 1) -> Transform:
+    """Gradients made with `torch.autograd.grad` itself, the whole batch at once (it takes
+    `micro_batches` and ignores it), not through the state's sharding: under DDP the
+    reduction transform must still reduce them."""
+
+    def apply(state, batch):
+        with state.bind() as model:
+            loss = state.static.loss(model, batch).float()
+            grads = torch.autograd.grad(loss, leaves(state.params))
+        keys = state.params.keys(include_nested=True, leaves_only=True)
+        grads = TensorDict(dict(zip(keys, grads, strict=True)), batch_size=[])
+        return state.replace(grads=grads, metrics=state.metrics.replace(loss=loss.detach()))
+
+    return Transform(name="own_grads", apply=apply, produces_grads=True)
 
 
 def hidden_wrapper(micro_batches: int = 1, micro_batch_size: int | None = None):

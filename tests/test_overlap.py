@@ -15,6 +15,7 @@ import torch
 from _dist_common import ROOT, TINY, launch, timeless_metrics
 
 from functrain import canonical, checkpoint
+from functrain.distributed.reduce import slots
 
 WORKER = ROOT / "tests" / "_overlap_worker.py"
 SHORT = ("steps=6", "checkpoint.every=6", "log_every=1", "eval.every=null")
@@ -45,6 +46,16 @@ def test_closing_a_tree_a_leaf_at_a_time_is_pushing_its_last_list():
     assert not tree.closes()  # a sum of 2: a third push would not complete one of 4
 
 
+def test_buckets_follow_backward_and_keep_dtypes_apart():
+    f32, bf16 = torch.float32, torch.bfloat16
+    params = [torch.zeros(n, dtype=d) for n, d in [(3, f32), (5, bf16), (7, f32), (2, f32)]]
+    plan, where = slots(params, limit=40)  # 10 float32s a bucket
+    assert plan == [[3, 2], [0], [1]]  # reverse order, by dtype, cut at the limit
+    assert where == [(1, 0), (2, 0), (0, 2), (0, 0)]
+    for bucket in plan:
+        assert len({params[i].dtype for i in bucket}) == 1
+
+
 def _records(out, world: int) -> list[list]:
     every = [orjson.loads(out.with_name(f"{out.name}.rank{r}").read_bytes()) for r in range(world)]
     assert all(r == every[0] for r in every)  # every rank starts the same collectives
@@ -62,10 +73,18 @@ def threads_one():
         os.environ["OMP_NUM_THREADS"] = old
 
 
+FP16 = ("precision=fp16", "loss_scale.init=1000")  # a scale whose inverse is inexact
+
+
 @pytest.mark.parametrize(
     ("world", "extra", "started"),
-    [(2, (), "all_reduce"), (4, CANONICAL, "all_to_all_single")],
-    ids=["in_order_2", "canonical_4"],
+    [
+        (2, (), "all_reduce"),
+        (2, FP16, "all_reduce"),
+        (4, CANONICAL, "all_to_all_single"),
+        (2, ("step.0.micro_batches=1", "step.0.micro_batch_size=1"), "all_to_all_single"),
+    ],
+    ids=["in_order_2", "in_order_fp16_2", "canonical_4", "canonical_2_deep_tree"],
 )
 def test_buckets_start_while_backward_runs_with_the_bits_of_after(
     tmp_path, threads_one, world, extra, started
@@ -83,6 +102,18 @@ def test_buckets_start_while_backward_runs_with_the_bits_of_after(
     a, b = tmp_path / "b0.01", tmp_path / "b0"
     assert checkpoint.digests(a / "state_6") == checkpoint.digests(b / "state_6")
     assert timeless_metrics(a) == timeless_metrics(b)
-    if extra:  # canonical: one process's bits too
+    if any("micro_batch_size" in e for e in extra):  # canonical: one process's bits too
         launch(1, "run", TINY, f"out_dir={tmp_path}", "name=one", *SHORT, *extra)
         assert checkpoint.digests(a / "state_6") == checkpoint.digests(tmp_path / "one" / "state_6")
+
+
+def test_gradients_a_transform_makes_itself_are_still_reduced(tmp_path, threads_one, monkeypatch):
+    """A transform that declares gradients but makes them without the sharding's backward:
+    nothing was reduced during backward, so the reduction transform reduces them."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
+    own = ("step.0._component_=_seam_components.own_grads", "model.dropout=0.0")
+    for bucket_mb in ("25", "0"):
+        args = (f"out_dir={tmp_path}", f"name=b{bucket_mb}", f"bucket_mb={bucket_mb}")
+        launch(2, "run", TINY, *args, *SHORT, *own)
+    a, b = tmp_path / "b25", tmp_path / "b0"
+    assert checkpoint.digests(a / "state_6") == checkpoint.digests(b / "state_6")

@@ -118,6 +118,20 @@ def test_the_plan_accepts_what_fits_and_names_what_was_allowed():
     assert plan.allowed == ["optim.lr: 0.1 -> 0.2"] and plan.bitwise
 
 
+def test_a_bucket_size_change_is_refused_only_where_it_can_change_bits():
+    """bucket_mb cuts the overlapped reduction: free on 2 processes or for a canonical
+    run, a recipe change on more (an all-reduce's bits may follow its buckets)."""
+    recipe = {**RECIPE, "bucket_mb": 1.0}  # the snapshot's recipe: RECIPE (read as 0)
+    for world, exact in ((2, False), (1, False), (4, True)):
+        now = describe(recipe=recipe, data=_fingerprint(), device="cpu", world_size=world,
+                       world_size_exact=exact)  # fmt: skip
+        plan = plan_resume("s", _manifest(world_size=min(world, 2)), now)
+        assert plan.allowed == ["bucket_mb: 0.0 -> 1.0"] and plan.bitwise
+    now = describe(recipe=recipe, data=_fingerprint(), device="cpu", world_size=4)
+    with pytest.raises(MismatchError, match=r"bucket_mb: 0\.0 -> 1\.0"):
+        plan_resume("s", _manifest(world_size=4), now)
+
+
 def test_a_manifest_spelling_a_moved_path_is_no_change():
     old = {
         **RECIPE,

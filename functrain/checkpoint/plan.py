@@ -88,7 +88,7 @@ def describe(
     (with `versions`, which the manifest always has), compared by `plan_resume`.
 
     `world_size_exact`: the run's bits do not depend on its number of processes
-    (canonical micro-batches, unsharded). `init_from`: the source and content hash of the
+    (canonical micro-batches, with ddp or fsdp). `init_from`: the source and content hash of the
     weights it started from. `frozen_sha256`: the content hash of the frozen params, which
     a `trainable_only` snapshot leaves out. `tied`: the other names of tied weights (`lm_head.weight` ->
     `transformer.wte.weight`), which the state keeps once and an export writes under each."""
@@ -182,7 +182,7 @@ def _is_under(key: str, prefixes: Iterable[str]) -> bool:
 #: recipe without them did: an older manifest's recipe is read with these filled in.
 ADDED_KEYS = {
     "init_from": None, "init_from_map": {}, "freeze": [], "metrics": [], "nan_policy": "stop",
-    "determinism": "strict", "tf32": False, "bucket_mb": 25.0,
+    "determinism": "strict", "tf32": False, "bucket_mb": 0.0,
 }  # fmt: skip
 
 
@@ -199,7 +199,9 @@ def _check_recipe(manifest: Mapping, now: Mapping, allow: list[str]) -> list[str
     theirs = {**ADDED_KEYS, **names.current_plain(manifest["recipe"])}  # moved paths: no change
     ours = {**ADDED_KEYS, **now["recipe"]}  # a recipe of a loop of its own may lack them too
     changes = [c for c in diff(theirs, ours) if not _is_under(c[0], FREE_KEYS)]
-    refused = [c for c in changes if not _is_under(c[0], allow)]
+    refused = [
+        c for c in changes if not _is_under(c[0], allow) and not _same_bits(c[0], manifest, now)
+    ]
     if refused:
         problems = "\n".join(f"  {k}: {_show(old)} -> {_show(new)}" for k, old, new in refused)
         raise MismatchError(
@@ -209,6 +211,17 @@ def _check_recipe(manifest: Mapping, now: Mapping, allow: list[str]) -> list[str
             what="recipe",
         )
     return [f"{k}: {_show(old)} -> {_show(new)}" for k, old, new in changes]
+
+
+def _same_bits(key: str, manifest: Mapping, now: Mapping) -> bool:
+    """Whether a change of `key` keeps every bit of this resume: `bucket_mb` (how the
+    gradient reduction is cut while it overlaps backward) does when the run is canonical
+    (its tree adds the same values however they are bucketed) or neither run has more than
+    2 processes (an all-reduce of two values is one addition)."""
+    if key != "bucket_mb":
+        return False
+    sizes = (manifest.get("world_size", 1), now.get("world_size", 1))
+    return bool(now.get("world_size_exact")) or max(sizes) <= 2
 
 
 #: Which recipe key changes each field of a data fingerprint (`functrain.data.fingerprint`);
@@ -355,8 +368,8 @@ def _world_size(path: Path, manifest: Mapping, now: Mapping) -> list[str]:
         "and LR of every step stay the same, but params will be close to, not bitwise equal "
         "to, an unbroken run (gradients are reduced in another order and dropout masks are "
         "drawn per rank, or parallel: fsdp reduces in its own order; give forward_backward "
-        "a micro_batch_size, with parallel: ddp, for bits that do not depend on the world "
-        "size)"
+        "a micro_batch_size, with parallel: ddp or fsdp, for bits that do not depend on the "
+        "world size)"
     ]
 
 

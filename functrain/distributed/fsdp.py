@@ -8,7 +8,10 @@ this rank's rows of every param, and of every optimizer or EMA leaf shaped like 
 module itself is a workspace: before a forward pass the state's shards are copied into it
 (one copy of 1/N of the params), FSDP gathers them, and after backward FSDP reduce-scatters
 the gradients, which the step takes back as plain local tensors. Everything after that
-(clipping, the optimizer, EMA) runs on shards.
+(clipping, the optimizer, EMA) runs on shards. With canonical micro-batches
+(`Sharding.of(model, canonical=True)`) FSDP2 gathers but does not reduce: each
+micro-batch's whole gradients go to the canonical tree (`whole_backward`), reduced over
+ranks as under DDP, and the optimizer takes this rank's rows (`local_grads`).
 
 Snapshots of a sharded state go through torch.distributed.checkpoint
 (`functrain.checkpoint.dcp`): `views` wraps each shard as a DTensor view without copying,
@@ -111,8 +114,6 @@ class Sharding:
         finally:
             _reshard(self.module)
 
-    reduces = False  # FSDP2 reduce-scatters, or canonical: the tree transform reduces
-
     def backward(
         self, loss: torch.Tensor, params: list[torch.Tensor], acc: None, last: bool = False
     ) -> None:
@@ -136,6 +137,12 @@ class Sharding:
         """One micro-batch's whole gradients, in the leaf order of `params`, taken from
         FSDP2 before any reduction (canonical mode: the tree and its scatter reduce them).
         A param the loss did not use gets zeros."""
+        if not self.canonical:
+            raise ConfigError(
+                "forward_backward(micro_batch_size=...) under FSDP2 needs the sharding in "
+                "canonical mode: functrain.distributed.fsdp.Sharding.of(model, "
+                "canonical=True), with shard(model, compute_dtype=None) (autocast casts)"
+            )
         loss.backward()
         out = []
         for key, shard in _leaves(params):

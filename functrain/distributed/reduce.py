@@ -1,10 +1,13 @@
-"""Averaging gradients over data-parallel ranks inside the step: the all-reduce transform.
+"""Reducing gradients over data-parallel ranks inside the step.
 
-With `parallel: ddp` every rank holds the whole state; this transform, placed right after
-`forward_backward`, averages the gradients and the loss and broadcasts rank 0's buffers, so
-every rank applies the same update. With `parallel: fsdp` backward already reduce-scattered
-the gradients, and only the loss and buffers go through it.
-"""
+With `parallel: ddp` every rank holds the whole state and the ranks' gradients are
+averaged (in order) or added in the canonical tree (canonical micro-batches), so every rank
+applies the same update: during the step's last backward, bucket by bucket (`Overlapped`,
+the default), or after it by a transform placed right after `forward_backward`
+(`all_reduce_grads`, `tree_reduce_grads`), which also reduces the loss, unscales (fp16) and
+broadcasts rank 0's buffers. With `parallel: fsdp` backward reduce-scatters the gradients
+(only the loss and buffers go through the transform), or, canonical, the tree transform
+adds whole gradients as under ddp."""
 
 from __future__ import annotations
 
@@ -31,19 +34,19 @@ _all_gather = getattr(td, "all_gather_single", None) or td.all_gather_into_tenso
 
 
 def transforms(
-    placement: Placement, sharded: bool = False, *, canonical: bool = False, reduces: bool = False
+    placement: Placement, sharded: bool = False, *, canonical: bool = False
 ) -> list[Transform]:
     """The transforms a distributed step needs right after `forward_backward` (none for one
     process). `canonical` (`forward_backward(micro_batch_size=)`): the ranks' subtree sums
     of whole gradients are added in the canonical tree, sharded (FSDP2) or not. Otherwise
     sharded, gradients are already reduce-scattered: only the loss is averaged and the
-    buffers broadcast. `reduces`: the state's sharding (`Overlapped`) reduced the gradients
-    while backward ran, so only the loss and buffers are left."""
+    buffers broadcast. Gradients an `Overlapped` sharding reduced during this step's
+    backward are not reduced again (`_reduced_in_backward`)."""
     if placement.world_size == 1:
         return []
     if canonical:
-        return [tree_reduce_grads(grads=not reduces)]
-    return [all_reduce_grads(grads=not (sharded or reduces))]
+        return [tree_reduce_grads()]
+    return [all_reduce_grads(grads=not sharded)]
 
 
 class Overlapped(Unsharded):
@@ -64,10 +67,15 @@ class Overlapped(Unsharded):
     them), as with DDP.
     """
 
-    reduces = True
-
     def __init__(self, world_size: int, bucket_bytes: int = _BUCKET_BYTES) -> None:
-        self.world_size, self.bucket_bytes = world_size, bucket_bytes
+        self.world_size, self.bucket_bytes = world_size, max(1, bucket_bytes)
+        self.reduced = False  # set by a backward that reduced, cleared by the transform
+
+    def take_reduced(self) -> bool:
+        """Whether this step's backward reduced the gradients (a transform of the user's
+        that made them itself leaves them to the reduction transform); clears it."""
+        reduced, self.reduced = self.reduced, False
+        return reduced
 
     def backward(
         self,
@@ -117,27 +125,28 @@ class Overlapped(Unsharded):
         as it comes and each full bucket's collective `start`ed; after backward, `end`
         (the flat buckets, their works). Returns views of the buckets, one per param."""
         check_scalar(loss)
-        order = list(range(len(params)))[::-1]  # backward meets the last params first
-        plan = _buckets([params[i] for i in order], self.bucket_bytes)
-        where, flats, missing = {}, [], []
-        for b, bucket in enumerate(plan):
-            offset = 0
-            for t in bucket:
-                where[order[len(where)]] = (b, offset)
-                offset += t.numel()
-            flats.append(torch.empty(offset, dtype=bucket[0].dtype, device=bucket[0].device))
-            missing.append(len(bucket))
+        plan, where = slots(params, self.bucket_bytes)
+        flats = [
+            torch.empty(sum(params[i].numel() for i in bucket), dtype=params[bucket[0]].dtype,
+                        device=params[bucket[0]].device)
+            for bucket in plan
+        ]  # fmt: skip
+        views = [
+            flats[b][o : o + p.numel()].view_as(p) for p, (b, o) in zip(params, where, strict=True)
+        ]
+        missing = [len(bucket) for bucket in plan]
         works: list = [None] * len(plan)
         started: list[int] = []
 
         def hook(i: int):
-            def on_grad(grad: torch.Tensor) -> None:
-                b, offset = where[i]
-                flats[b][offset : offset + grad.numel()].view_as(grad).copy_(final(i, grad))
+            def on_grad(grad: torch.Tensor) -> torch.Tensor:
+                b = where[i][0]
+                views[i].copy_(final(i, grad))
                 missing[b] -= 1
                 if missing[b] == 0:
                     works[b] = start(flats[b])
                     started.append(b)
+                return views[i]  # what autograd hands back: no second copy held
 
             return on_grad
 
@@ -150,11 +159,8 @@ class Overlapped(Unsharded):
         check_used(grads)
         del grads
         end([flats[b] for b in started], [works[b] for b in started])
-        out: list[torch.Tensor] = []
-        for i, p in enumerate(params):
-            b, offset = where[i]
-            out.append(flats[b][offset : offset + p.numel()].view_as(p))
-        return out
+        self.reduced = True
+        return views
 
 
 def all_reduce_grads(bucket_bytes: int = _BUCKET_BYTES, *, grads: bool = True) -> Transform:
@@ -172,19 +178,21 @@ def all_reduce_grads(bucket_bytes: int = _BUCKET_BYTES, *, grads: bool = True) -
     def apply(state: TrainState, batch: Any) -> TrainState:
         world = state.static.placement.world_size
         loss = state.metrics["loss"].detach().clone()
-        reduced = [*leaves(state.grads), loss] if grads else [loss]
-        for bucket in _buckets(reduced, bucket_bytes):
+        grad_leaves = leaves(state.grads)
+        with_grads = grads and not _reduced_in_backward(state)
+        for bucket in _buckets([*grad_leaves, loss] if with_grads else [loss], bucket_bytes):
             flat = torch.cat([t.reshape(-1) for t in bucket])
             td.all_reduce(flat, op=td.ReduceOp.SUM)
             flat /= world
             _scatter(flat, bucket)
+        state.static.precision.unscale_(grad_leaves, state.stats)  # after: as in one process
         _broadcast_buffers(state, bucket_bytes)
         return state.replace(metrics=state.metrics.replace(loss=loss))
 
     return Transform(name="all_reduce_grads", apply=apply)
 
 
-def tree_reduce_grads(bucket_bytes: int = _BUCKET_BYTES, *, grads: bool = True) -> Transform:
+def tree_reduce_grads(bucket_bytes: int = _BUCKET_BYTES) -> Transform:
     """Add the ranks' canonical subtree sums of gradients and loss (`functrain.canonical`)
     in the canonical tree, siblings first; unscale (fp16); broadcast rank 0's buffers.
 
@@ -193,8 +201,8 @@ def tree_reduce_grads(bucket_bytes: int = _BUCKET_BYTES, *, grads: bool = True) 
     sums together: 2 (N - 1) / N of the bucket sent per rank, as a ring all-reduce sends,
     and the same bits on every rank and on any power-of-two N. Under FSDP2 the gradients
     stay whole on every rank, so clipping sees the norm an unsharded run sees, and the
-    optimizer takes this rank's rows (`Sharding.local_grads`). With `grads=False`
-    (`Overlapped` reduced them during backward) only the loss goes through the tree.
+    optimizer takes this rank's rows (`Sharding.local_grads`). Gradients `Overlapped`
+    reduced during backward are left as they are: only the loss goes through the tree.
     """
 
     def apply(state: TrainState, batch: Any) -> TrainState:
@@ -206,7 +214,8 @@ def tree_reduce_grads(bucket_bytes: int = _BUCKET_BYTES, *, grads: bool = True) 
             )
         loss = state.metrics["loss"].detach().clone()
         grad_leaves = leaves(state.grads)
-        for bucket in _buckets([*grad_leaves, loss] if grads else [loss], bucket_bytes):
+        with_grads = not _reduced_in_backward(state)
+        for bucket in _buckets([*grad_leaves, loss] if with_grads else [loss], bucket_bytes):
             flat = torch.cat([t.reshape(-1) for t in bucket])
             _tree_sum(flat, world, rank)
             _scatter(flat, bucket)
@@ -263,6 +272,25 @@ def _tree_end(flat: torch.Tensor, gathering) -> None:
         flat[edges[j] : edges[j + 1]] = rows[: sizes[j]]
 
 
+def _reduced_in_backward(state: TrainState) -> bool:
+    take = getattr(state.static.sharding, "take_reduced", None)
+    return take is not None and take()
+
+
+def slots(params: list[torch.Tensor], limit: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """`Overlapped`'s buckets: param indices in reverse order (the order backward meets
+    them), grouped by dtype into buckets of about `limit` bytes; and for each param, its
+    (bucket, offset) in its bucket's flat tensor."""
+    plan = _buckets(list(range(len(params)))[::-1], limit, tensor=params.__getitem__)
+    where: list[tuple[int, int]] = [(0, 0)] * len(params)
+    for b, bucket in enumerate(plan):
+        offset = 0
+        for i in bucket:
+            where[i] = (b, offset)
+            offset += params[i].numel()
+    return plan, where
+
+
 def _broadcast_buffers(state: TrainState, bucket_bytes: int) -> None:
     for bucket in _buckets(leaves(state.buffers), bucket_bytes):
         flat = torch.cat([t.reshape(-1) for t in bucket])
@@ -276,23 +304,25 @@ def _scatter(flat: torch.Tensor, bucket: list[torch.Tensor]) -> None:
     torch._foreach_copy_(bucket, [p.view_as(t) for p, t in zip(parts, bucket, strict=True)])
 
 
-def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
-    """Same-dtype groups of about `limit` bytes each, in order of first appearance.
+def _buckets(items: list, limit: int, tensor=lambda t: t) -> list[list]:
+    """Same-dtype groups of about `limit` bytes each, in order of first appearance, of
+    tensors (or of `items` that `tensor` maps to one).
 
     Grouping by dtype (not by runs of equal dtype) keeps interleaved mixed-precision params
     from splitting into many small collectives.
     """
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
-    for t in tensors:
-        by_dtype[t.dtype].append(t)
-    out: list[list[torch.Tensor]] = []
+    by_dtype: dict[torch.dtype, list] = defaultdict(list)
+    for item in items:
+        by_dtype[tensor(item).dtype].append(item)
+    out: list[list] = []
     for group in by_dtype.values():
         size = limit  # forces a new bucket for the group's first tensor
-        for t in group:
+        for item in group:
+            t = tensor(item)
             nbytes = t.numel() * t.element_size()
             if size + nbytes > limit and size > 0:
                 out.append([])
                 size = 0
-            out[-1].append(t)
+            out[-1].append(item)
             size += nbytes
     return out

@@ -430,13 +430,11 @@ def _checkpoint_activations(model: Any, is_sharded: bool) -> None:
 def _with_reduction(parts: StepParts, ctx: distributed.Context, sharding: Any) -> list:
     """The step's transforms, with the gradient reduction of several processes right after
     the one that declares `produces_grads` (the canonical tree when it declares a
-    `micro_batch_size`; the loss and buffers only when the `sharding` reduces gradients
-    during backward)."""
+    `micro_batch_size`)."""
     extra = distributed.transforms(
         ctx,
         sharded=isinstance(sharding, fsdp.Sharding),
         canonical=parts.micro_batch_size is not None,
-        reduces=getattr(sharding, "reduces", False),
     )
     if not extra:
         return list(parts.parts)
