@@ -178,6 +178,26 @@ def test_trainable_only_snapshots_under_fsdp_hold_no_frozen_shard_and_resume_bit
     assert res.returncode != 0 and "missing params/tok/weight" in res.stderr
 
 
+def test_an_unsharded_trainable_only_snapshot_resumes_under_fsdp_bitwise(tmp_path, monkeypatch):
+    """Written by one process, the adapter-style snapshot lacks the frozen params; under
+    FSDP each rank gathers the frozen ones it built to complete it, then keeps its rows.
+    Canonical micro-batches: the same bits as resuming in one process."""
+    from _dist_common import launch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = [f"out_dir={tmp_path}", *SHORT, "freeze=[pos.weight, tok.weight]",
+            "checkpoint.trainable_only=true", "step.0.micro_batches=1",
+            "step.0.micro_batch_size=2"]  # fmt: skip
+    launch(1, "run", TINY, *args, "name=a")
+    assert checkpoint.read_manifest(tmp_path / "a" / "state_6").get("layout") != "dcp"
+    launch(2, "resume", TINY, *args, "name=a", "parallel=fsdp", "--from", "state_6",
+           "--name", "b", "--allow-change", "parallel")  # fmt: skip
+    assert checkpoint.read_manifest(tmp_path / "b" / "state_12")["layout"] == "dcp"
+    assert checkpoint.digests(tmp_path / "b" / "state_12") == checkpoint.digests(
+        tmp_path / "a" / "state_12"
+    )
+
+
 # ---------------------------------------------------------------- LoRA and trainable_only
 
 

@@ -340,17 +340,19 @@ def with_frozen_of(
     like: TrainState, manifest: Mapping, tensors: TensorDict | None
 ) -> TensorDict | None:
     """A `trainable_only` snapshot's `tensors` completed with `like`'s frozen params (the
-    plan checks they are the ones it was trained on); any other snapshot's as they are."""
+    plan checks they are the ones it was trained on); any other snapshot's as they are.
+    Whole `tensors` (an unsharded snapshot) under FSDP get them whole, each gathered from
+    the ranks' shards, so every rank must call it."""
     if tensors is None or not manifest.get("trainable_only"):
         return tensors
-    if not isinstance(like.static.sharding, Unsharded):  # frozen shards: no fit
-        raise MismatchError(
-            "this trainable_only snapshot was written unsharded and cannot be resumed under "
-            "parallel: fsdp yet; resume it with parallel: ddp (or write a whole snapshot: "
-            "checkpoint.trainable_only=false)",
-            what="structure",
-        )
-    return tensors.exclude("frozen").set("frozen", like.frozen)
+    frozen = like.frozen
+    if not isinstance(like.static.sharding, Unsharded):  # whole tensors: ours gathered whole
+        views = like.static.sharding.views(like.tensors().select("frozen"))
+        whole = _Whole(views)  # one param at a time, a collective each: every rank calls
+        frozen = TensorDict({}, batch_size=[])
+        for key in views:
+            frozen.set(tuple(key.split("/")[1:]), whole[key])
+    return tensors.exclude("frozen").set("frozen", frozen)
 
 
 def _init_source(init: Mapping | None) -> str:
