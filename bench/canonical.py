@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 from pathlib import Path
+
+import _rounds
 
 from functrain import canonical, distributed
 from functrain.recipe import load_recipe
 from functrain.run.build import build, to_device, train_loader
-from functrain.steps import step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,21 +55,7 @@ def main() -> None:
 
     canonical.TreeSum.push = counted
 
-    def run(name: str) -> float:
-        ctx.barrier()
-        t = time.perf_counter()
-        for batch in batches:
-            states[name] = step(states[name], batch)
-        float(states[name].metrics["loss"])  # wait for the last step
-        ctx.barrier()
-        return time.perf_counter() - t
-
-    run("canonical"), run("bucketed")  # warm up
-    ratios = []
-    for r in range(a.rounds):
-        order = ("canonical", "bucketed") if r % 2 == 0 else ("bucketed", "canonical")
-        times = {name: run(name) for name in order}
-        ratios.append(times["canonical"] / times["bucketed"])
+    ratios = _rounds.ratios(ctx, states, batches, a.rounds, "bucketed")["canonical"]
     if ctx.is_main:
         v = 32 // 8
         print(

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
+
+import _rounds
 
 from functrain import distributed
 from functrain.recipe import load_recipe
 from functrain.run.build import build, to_device, train_loader
-from functrain.steps import step
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "in order, after"
@@ -65,24 +65,7 @@ def main() -> None:
     batches = [to_device(next(loader), built[BASELINE].device) for _ in range(a.steps)]
     states = {name: b.state for name, b in built.items()}
 
-    def run(name: str) -> float:
-        ctx.barrier()
-        t = time.perf_counter()
-        for batch in batches:
-            states[name] = step(states[name], batch)
-        float(states[name].metrics["loss"])  # wait for the last step
-        ctx.barrier()
-        return time.perf_counter() - t
-
-    names = list(variants)
-    for name in names:  # warm up
-        run(name)
-    ratios: dict[str, list[float]] = {name: [] for name in names if name != BASELINE}
-    for r in range(a.rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        times = {name: run(name) for name in order}
-        for name in ratios:
-            ratios[name].append(times[name] / times[BASELINE])
+    ratios = _rounds.ratios(ctx, states, batches, a.rounds, BASELINE)
     if ctx.is_main:
         print(
             f"{ctx.world_size} processes on {built[BASELINE].device.type}, bucket_mb "

@@ -62,6 +62,18 @@ def data():
     return toy_data()
 
 
+@pytest.fixture(scope="module")
+def threads_one():
+    """One OpenMP thread per torchrun worker while a module's processes run (2 cores here)."""
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = old
+
+
 def cli(*args, cwd=None, check=True, env=None) -> subprocess.CompletedProcess:
     """`python -m functrain ARGS` in a subprocess; with `check`, a non-zero exit fails."""
     out = subprocess.run(

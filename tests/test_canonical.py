@@ -11,8 +11,6 @@ count is part of what a CPU run's bits depend on (torchrun sets 1 for several pr
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from _dist_common import TINY, launch, timeless_metrics
@@ -121,17 +119,6 @@ def test_ranks_shares_add_up_to_one_process_with_dropout_and_batchnorm():
 
 
 # (3) torchrun: 1, 2, 4 processes, and resumes across them
-@pytest.fixture(scope="module")
-def threads_one():
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("OMP_NUM_THREADS")
-    else:
-        os.environ["OMP_NUM_THREADS"] = old
-
-
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory, threads_one):
     out = tmp_path_factory.mktemp("canonical")

@@ -7,8 +7,6 @@ process). In process: closing a canonical tree a leaf at a time is pushing its l
 
 from __future__ import annotations
 
-import os
-
 import orjson
 import pytest
 import torch
@@ -60,17 +58,6 @@ def _records(out, world: int) -> list[list]:
     every = [orjson.loads(out.with_name(f"{out.name}.rank{r}").read_bytes()) for r in range(world)]
     assert all(r == every[0] for r in every)  # every rank starts the same collectives
     return every[0]
-
-
-@pytest.fixture(scope="module")
-def threads_one():
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("OMP_NUM_THREADS")
-    else:
-        os.environ["OMP_NUM_THREADS"] = old
 
 
 FP16 = ("precision=fp16", "loss_scale.init=1000")  # a scale whose inverse is inexact
