@@ -201,6 +201,13 @@ def test_empty_file_lists_every_missing_required_key(tmp_path):
     assert (
         info.value.problems[1] == "steps: missing; required: an integer > 0 (total optimizer steps)"
     )
+    assert "model: missing; required: a component: a mapping with `_component_:" in str(info.value)
+    assert "<class" not in str(info.value)  # what is required is said in words, never a repr
+    with pytest.raises(RecipeError) as info:  # a section's missing component, too
+        path.write_text("data: {}\n")
+        load_recipe(path)
+    assert "data.dataset: missing; required: a component" in str(info.value)
+    assert "<class" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------- key and value errors

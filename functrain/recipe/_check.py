@@ -277,7 +277,13 @@ def describe(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     args = _union_args(hint)
-    return " or ".join(describe(a) for a in args) if args else str(hint)
+    if args:
+        return " or ".join(describe(a) for a in args)
+    if hint is Component:
+        return "a component: a mapping with `_component_: package.module.callable` and its arguments"
+    if attrs.has(hint):  # a config section
+        return "a mapping of its keys (README: Recipes)"
+    return getattr(hint, "__name__", "a value of another kind")  # never a <class ...> repr
 
 
 # ---------------------------------------------------------------------------- instantiate

@@ -255,7 +255,9 @@ class Recipe:
         },
     )
     loss: Component
-    data: DataConfig
+    data: DataConfig = attrs.field(
+        metadata={"expect": "a mapping with at least `dataset:` (a component) and `batch_size:`"}
+    )
     optim: Component
     # `fill`: a parameter of the target that, when accepted and not given, takes a sibling's value.
     schedule: Component = attrs.field(
