@@ -280,7 +280,9 @@ def describe(hint: Any) -> str:
     if args:
         return " or ".join(describe(a) for a in args)
     if hint is Component:
-        return "a component: a mapping with `_component_: package.module.callable` and its arguments"
+        return (
+            "a component: a mapping with `_component_: package.module.callable` and its arguments"
+        )
     if attrs.has(hint):  # a config section
         return "a mapping of its keys (README: Recipes)"
     return getattr(hint, "__name__", "a value of another kind")  # never a <class ...> repr
