@@ -286,7 +286,10 @@ def _has_leaves(td: TensorDict) -> bool:
 def tied_names(model: nn.Module) -> dict[str, str]:
     """Of a model `create` took over: each other name of a tied weight -> the name the state
     keeps it under (`head.weight` -> `emb.weight`)."""
-    tied = model.__dict__.get("_functrain_tied", [])
+    if "_functrain_tied" not in model.__dict__:  # sharded in place (FSDP): still tied
+        params = dict(model.named_parameters())
+        return {k: v for k, v in aliases(model).items() if k != v and v in params}
+    tied = model.__dict__["_functrain_tied"]
     return {".".join(alias): ".".join(first) for alias, first in tied}
 
 

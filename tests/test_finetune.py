@@ -232,6 +232,22 @@ def test_export_of_a_tied_model_loads_strictly_and_as_hf(tmp_path):
     assert res.returncode == 0  # an HF causal LM returns logits in its output: sample works
 
 
+def test_export_of_a_tied_model_trained_under_fsdp_loads_strictly(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from _dist_common import launch
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("PYTHONPATH", str(_hf_recipe(tmp_path)))
+    launch(2, "run", TINY, f"out_dir={tmp_path}", *SHORT, "model={_component_: hf_models.gpt2}",
+           "parallel=fsdp", "--until", "4")  # fmt: skip
+    snap = tmp_path / "tiny" / "state_4"  # the sharded module keeps its ties: recorded
+    assert checkpoint.read_manifest(snap)["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+    cli("export", snap, "--out", tmp_path / "w.safetensors")
+    fresh = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=256, n_positions=32, n_embd=32, n_layer=1, n_head=2))  # fmt: skip
+    fresh.load_state_dict(load_file(str(tmp_path / "w.safetensors")))  # strict: every key
+
+
 def test_export_hf_and_sample_refuse_what_they_cannot_do(tmp_path):
     cli("run", TINY, f"out_dir={tmp_path}", *SHORT, "--until", "4")
     snap = tmp_path / "tiny" / "state_4"
