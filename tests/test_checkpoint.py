@@ -21,6 +21,7 @@ import functrain as ft
 from functrain import checkpoint as ck
 from functrain.checkpoint import Policy, SnapshotError, Snapshots
 from functrain.checkpoint import raw as raw_layout
+from functrain.checkpoint.manifest import seal
 
 
 def sample() -> TensorDict:
@@ -378,6 +379,18 @@ def test_an_edited_manifest_is_caught_by_its_digest(tmp_path):
     with pytest.raises(
         SnapshotError, match="manifest.sha256: the digest of manifest.json is missing"
     ):
+        ck.load(snap)
+    (snap / "manifest.sha256").write_bytes(seal(body))
+    unsealed = body.replace(b'"step": 3', b'"step": 9').replace(b'  "sealed": true,\n', b"")
+    assert b"sealed" not in unsealed
+    (snap / "manifest.json").write_bytes(unsealed)  # removing `sealed` switches nothing off
+    with pytest.raises(SnapshotError, match="does not match its digest manifest.sha256"):
+        ck.load(snap)
+    (snap / "manifest.sha256").unlink()  # nor does removing the digest too, where the
+    (snap / "manifest.json").write_bytes(  # manifest has a field of the sealing writers
+        unsealed.replace(b'"step": 9', b'"step": 9, "finite": true')
+    )
+    with pytest.raises(SnapshotError, match="the digest of manifest.json is missing"):
         ck.load(snap)
 
 

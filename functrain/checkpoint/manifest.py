@@ -77,7 +77,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
         manifest = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise SnapshotError(f"{path}: not valid JSON ({e}); {_DAMAGED}") from e
-    if isinstance(manifest, dict) and manifest.get("sealed"):
+    if isinstance(manifest, dict) and _sealed(root, manifest):
         _check_seal(root, body)
     if not isinstance(manifest, dict):
         raise SnapshotError(f"{path}: not a JSON object; {_DAMAGED}")
@@ -126,6 +126,17 @@ def open_inside(path: Path, what: str) -> io.FileIO:
 def seal(body: bytes) -> bytes:
     """What `MANIFEST_DIGEST` holds for a manifest of these bytes: their sha256, in hex."""
     return hashlib.sha256(body).hexdigest().encode() + b"\n"
+
+
+# Fields only a writer that seals its manifests writes: one without `sealed` was edited.
+_SEALED_ERA = ("sealed", "finite")
+
+
+def _sealed(root: Path, manifest: dict) -> bool:
+    """Whether the manifest must match a digest: it says so, its digest lies beside it, or it
+    carries a field of the writers that seal (removing `sealed` does not switch the check
+    off). Manifests from before the seal have none of these and are read as they are."""
+    return any(k in manifest for k in _SEALED_ERA) or os.path.lexists(root / MANIFEST_DIGEST)
 
 
 def _check_seal(root: Path, body: bytes) -> None:
