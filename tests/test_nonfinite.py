@@ -98,6 +98,34 @@ def test_skip_leaves_the_bad_update_out_counted_and_the_rest_bitwise(tmp_path):
         assert_states_equal(clean[0].exclude("metrics"), other.exclude("metrics"))
 
 
+def test_a_nan_loss_with_finite_gradients_is_caught_under_every_policy():
+    """A NaN term the gradients do not see (a constant, a detached value): the loss is NaN,
+    every gradient finite; it counts as non-finite all the same."""
+
+    def loss(model, batch):
+        x, y, term = batch
+        return torch.nn.functional.cross_entropy(model(x), y) + term.sum()
+
+    def batches():
+        for i, (x, y) in enumerate(_poisoned(at=99)):
+            yield x, y, torch.full((len(x),), float("nan") if i + 1 == 3 else 0.0)
+
+    for policy in ("stop", "skip", "continue"):
+        state = ft.create(toy_model(), loss=loss, optimizer=ft.adamw(lr=1e-2),
+                          transforms=[ft.forward_backward(), ft.apply_optimizer()],
+                          nan_policy=policy)  # fmt: skip
+        states = []
+        for batch in batches():
+            state = ft.step(state, batch, donate=False)
+            states.append(state)
+        bad = states[2]
+        assert bad.metrics["loss"].isnan(), policy
+        assert int(bad.stats["first_nonfinite"]) == 3 and int(bad.stats["nonfinite_steps"]) == 1
+        moved = not torch.equal(states[1].params["0", "weight"], bad.params["0", "weight"])
+        assert moved == (policy != "skip"), policy  # finite gradients: only skip leaves it out
+        assert bad.params["0", "weight"].isfinite().all()
+
+
 def test_stop_in_a_loop_of_your_own_refuses_to_save_the_bad_state(tmp_path):
     states = _train("stop", at=3)
     assert int(states[-1].stats["first_nonfinite"]) == 3
