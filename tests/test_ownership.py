@@ -155,6 +155,26 @@ def test_a_snapshot_that_does_not_fit_names_the_space_and_leaves_no_temp_dir(sma
     assert res.returncode == 2 and "holds no snapshot to resume from" in res.stderr
 
 
+def test_metrics_that_no_longer_fit_end_the_run_in_one_paragraph_with_no_torn_line(small_disk):
+    _fill(small_disk, leave=16 << 10)  # the recipe, the lock and a few metric lines fit
+    args = ["run", TINY, f"out_dir={small_disk}", "steps=400", "checkpoint.every=400",
+            "log_every=1", "eval.every=null"]  # fmt: skip
+    res = cli(*args, check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "could not write" in res.stderr and "metrics.jsonl" in res.stderr
+    assert "the disk is full" in res.stderr and "resume" in res.stderr
+    body = (small_disk / "tiny" / "metrics.jsonl").read_bytes()
+    assert body.endswith(b"\n")  # the failed line was cut off again
+    steps = [orjson.loads(line)["step"] for line in body.splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and 0 < len(steps) < 400
+
+
+def test_a_torn_last_metrics_line_is_dropped_when_a_resume_cuts_the_log(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"step": 2}\n{"st')  # a writer killed mid-line
+    assert rundir.metrics_until(path, 5) == b'{"step": 1}\n{"step": 2}\n'
+
+
 # ---------------------------------------------------------------- a lost manifest
 
 

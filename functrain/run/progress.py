@@ -8,7 +8,9 @@ scheduler's capture), one plain line per logged step instead, which greps and ta
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,9 @@ import orjson
 import torch
 from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
+
+from functrain.errors import RunError
+from functrain.run import rundir
 
 __all__ = ["Progress", "append_metrics", "tokens_per_sample"]
 
@@ -134,6 +139,25 @@ def _eta(seconds: float) -> str:
 
 
 def append_metrics(path: Path, record: dict) -> None:
-    """Append one JSON line to the run's `metrics.jsonl`."""
-    with open(path, "ab") as f:
-        f.write(orjson.dumps(record) + b"\n")
+    """Append one JSON line to the run's `metrics.jsonl`; a failed write (a full disk) is cut
+    off again, so no torn line is left, and is a `RunError` naming the file and the space."""
+    line = memoryview(orjson.dumps(record) + b"\n")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise RunError(rundir.io_problem(path, err, len(line), then=_RESUME)) from err
+    try:
+        size, done = os.fstat(fd).st_size, 0
+        while done < len(line):
+            done += os.write(fd, line[done:])
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise RunError(rundir.io_problem(path, err, len(line), then=_RESUME)) from err
+    finally:
+        os.close(fd)
+
+
+_RESUME = (
+    "resume the run (functrain resume RECIPE --from latest, or the same --auto-resume command)"
+)

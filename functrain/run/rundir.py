@@ -263,12 +263,14 @@ def write_atomic(path: Path, content: bytes) -> None:
         raise RunError(io_problem(path, err, len(content))) from err
 
 
-def io_problem(path: Path, err: OSError, need: int) -> str:
+def io_problem(
+    path: Path, err: OSError, need: int, then: str = "run the same command again"
+) -> str:
     """One paragraph on a failed write of `need` bytes to `path`."""
     return (
         f"could not write {path}: {checkpoint.write_problem(err, path.parent, need)}. Nothing "
         "was left half-written; free space (or point out_dir elsewhere), or fix the "
-        "directory, and run the same command again."
+        f"directory, and {then}."
     )
 
 
@@ -276,10 +278,10 @@ def metrics_until(path: Path, step: int) -> bytes:
     """The lines of `metrics.jsonl` up to and including `step` (none after: no orphans)."""
     if not path.exists():
         return b""
-    kept = [
+    kept = [  # a torn last line (a writer killed mid-line) has no newline: dropped
         line
         for line in path.read_bytes().splitlines(keepends=True)
-        if line.strip() and orjson.loads(line)["step"] <= step
+        if line.endswith(b"\n") and line.strip() and orjson.loads(line)["step"] <= step
     ]
     return b"".join(kept)
 
