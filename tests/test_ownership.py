@@ -169,6 +169,17 @@ def test_metrics_that_no_longer_fit_end_the_run_in_one_paragraph_with_no_torn_li
     assert steps == list(range(1, len(steps) + 1)) and 0 < len(steps) < 400
 
 
+def test_an_export_that_does_not_fit_names_the_space_and_leaves_no_file(tmp_path, small_disk):
+    cli("run", TINY, f"out_dir={tmp_path}", "steps=10", "checkpoint.every=10", *QUIET)
+    _fill(small_disk, leave=16 << 10)  # less than the weights
+    res = cli("export", tmp_path / "tiny" / "state_10", "--out", small_disk / "w.safetensors",
+              check=False)  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "could not write" in res.stderr and "the disk is full" in res.stderr
+    assert " needed" in res.stderr
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no temp file left
+
+
 def test_a_torn_last_metrics_line_is_dropped_when_a_resume_cuts_the_log(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 1}\n{"step": 2}\n{"st')  # a writer killed mid-line

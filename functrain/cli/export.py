@@ -12,6 +12,7 @@ It is written under a temporary name and renamed; an existing file is never over
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -55,13 +56,30 @@ def export(snapshot: Path, out: Path, *, ema: bool = False) -> dict[str, str]:
             found[alias] = found[first]
     plain = {k: v.detach().cpu().contiguous().clone() for k, v in found.items()}
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_file(plain, str(tmp), metadata=meta)
         os.replace(tmp, out)
+    except Exception as err:  # a full disk, a directory we may not write: one paragraph
+        _refuse_unwritten(out, err, plain)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return meta
+
+
+def _refuse_unwritten(out: Path, err: Exception, tensors: dict) -> None:
+    """Raise a `RunError` naming `out`, the OS error and the space, if `err` is a failed
+    write: an `OSError`, or safetensors' error carrying one ("... (os error 28)")."""
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    if not isinstance(err, OSError) and found is None:
+        return
+    oserr = err if isinstance(err, OSError) else OSError(int(found[1]), os.strerror(int(found[1])))
+    need = sum(v.numel() * v.element_size() for v in tensors.values())
+    raise RunError(
+        f"could not write {out}: {checkpoint.write_problem(oserr, out.parent, need)}. Nothing "
+        "was left half-written; free space or choose another path, and export again."
+    ) from err
 
 
 def export_pretrained(
@@ -97,6 +115,9 @@ def export_pretrained(
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         os.replace(tmp, out)
+    except Exception as err:
+        _refuse_unwritten(out, err, model.state_dict())
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
