@@ -9,6 +9,7 @@ import signal
 import textwrap
 import time
 import typing
+from pathlib import Path
 
 import attrs
 import pytest
@@ -16,6 +17,7 @@ from conftest import cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from functrain import checkpoint
 from functrain.recipe import (
     CheckpointConfig,
     Component,
@@ -804,10 +806,29 @@ def test_integers_past_int64_are_refused_naming_the_field():
         "checkpoint.every: got 18446744073709551616 (int); expected an integer > 0, or null "
         "(only the final snapshot), at most 2**63 - 1",
     ]
-    recipe = parse_recipe(
-        valid(), overrides=[f"steps={2**63 - 1}", f"checkpoint.every={2**63 - 1}"]
+    top = (2**63 - 1) // valid()["data"]["batch_size"]  # the samples counted fit int64
+    recipe = parse_recipe(valid(), overrides=[f"steps={top}", f"checkpoint.every={2**63 - 1}"])
+    assert recipe.steps == top and recipe.checkpoint.every == 2**63 - 1
+    (problem,) = problems_of(valid(), [f"steps={top + 1}"])
+    assert problem.startswith(f"steps: {top + 1} steps of data.batch_size")
+    assert problem.endswith(
+        f"more than the data cursor (int64) counts: at most {top} steps at this batch size"
     )
-    assert recipe.steps == recipe.checkpoint.every == 2**63 - 1
+
+
+def test_a_run_at_the_largest_step_count_snapshots_and_resumes(tmp_path):
+    """The bound is what the state and a snapshot hold: a run at it writes, reads back and
+    continues (it was a raw ValueError at the first snapshot past int64)."""
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    top = (2**63 - 1) // 8  # tiny.yaml's batch size
+    args = [f"out_dir={tmp_path}", f"steps={top}", "checkpoint.every=1", "eval.every=null"]
+    cli("run", tiny, *args, "--until", "2")
+    res = cli("resume", tiny, *args, "--from", "latest", "--until", "3")
+    assert "Traceback" not in res.stderr
+    manifest = checkpoint.read_manifest(tmp_path / "tiny" / "state_3")
+    assert manifest["step"] == 3 and manifest["recipe"]["steps"] == top
+    res = cli("run", tiny, *args[:1], "name=over", f"steps={top + 1}", check=False)
+    assert res.returncode == 2 and "more than the data cursor (int64) counts" in res.stderr
 
 
 def _int_fields(cls: type = Recipe, prefix: str = "") -> list[str]:
@@ -830,7 +851,11 @@ def test_every_integer_field_is_bounded_by_int64(key):
     (problem,) = problems_of(valid(), [f"{key}={2**63}"])
     assert problem.startswith(f"{key}: got 9223372036854775808 (int); expected an integer")
     assert problem.endswith(", at most 2**63 - 1")
-    parse_recipe(valid(), overrides=[f"{key}={2**63 - 1}"])
+    if key in ("steps", "data.batch_size"):  # their product counts samples: bounded together
+        (problem,) = problems_of(valid(), [f"{key}={2**63 - 1}"])
+        assert "more than the data cursor (int64) counts" in problem
+    else:
+        parse_recipe(valid(), overrides=[f"{key}={2**63 - 1}"])
 
 
 def test_integer_too_long_for_python_is_a_recipe_error(tmp_path):

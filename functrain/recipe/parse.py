@@ -15,6 +15,7 @@ import yaml
 
 from functrain.errors import RecipeError
 from functrain.recipe._check import (
+    INT64_MAX,
     TOP,
     Component,
     component,
@@ -90,9 +91,23 @@ def parse_recipe(
         recipe = _section(Recipe, raw, "", problems)
     except RecursionError:
         problems.append(f"{TOP}: the recipe nests too deeply or refers to itself")
+    else:
+        problems += [] if recipe is None else _count_problems(recipe)
     if problems:
         raise RecipeError(problems, source)
     return recipe
+
+
+def _count_problems(recipe: Recipe) -> list[str]:
+    """Limits across fields: what the state counts must fit its int64 counters."""
+    samples = recipe.steps * recipe.data.batch_size
+    if samples <= INT64_MAX:
+        return []
+    return [
+        f"steps: {recipe.steps} steps of data.batch_size {recipe.data.batch_size} samples are "
+        f"{samples} samples, more than the data cursor (int64) counts: at most "
+        f"{INT64_MAX // recipe.data.batch_size} steps at this batch size"
+    ]
 
 
 def _copy(value: Any) -> Any:
