@@ -165,6 +165,91 @@ def test_the_shipped_models_rebuild_unasked_and_nothing_else_is_imported(
     assert isinstance(trusted, torch.nn.Linear)  # --trust-recipe: any nn.Module class
 
 
+_FORBIDDEN_EVENTS = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+                     "subprocess.Popen", "pty.spawn", "shutil.rmtree", "os.remove", "os.rmdir")  # fmt: skip
+
+
+def _junk(rng: random.Random, depth: int = 0):
+    """A random JSON value, now and then a component naming dangerous code."""
+    kinds = ["none", "bool", "int", "float", "str", "component"]
+    kind = rng.choice(kinds + (["list", "dict"] if depth < 3 else []))
+    if kind == "component":
+        return {"_component_": _target(rng), **{f"a{i}": _junk(rng, depth + 1) for i in range(2)}}
+    if kind == "list":
+        return [_junk(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if kind == "dict":
+        return {rng.choice(["x", "n_layer", "_component_", "", "é"]): _junk(rng, depth + 1)
+                for _ in range(rng.randrange(4))}  # fmt: skip
+    return {"none": None, "bool": rng.random() < 0.5, "int": rng.randrange(-(2**70), 2**70),
+            "float": rng.choice([0.5, float("inf"), -1e308]), "str": rng.choice(["", "x" * 300, "\0", "../.."]),
+            }[kind]  # fmt: skip
+
+
+def _target(rng: random.Random):
+    module, name = rng.choice(_DANGEROUS)
+    return rng.choice([
+        f"{module}.{name}", f"functrain.models.{module}.{name}", f"functrain.models.gpt.{module}.{name}",
+        f"functrain.models.gpt.torch.nn.{rng.choice(['Linear', 'Module'])}", "trap.Model",
+        "functrain.models.GPT", "functrain.models.MLP", "functrain.models", "functrain.models.",
+        "functrain.step.forward_backward", "functrain.models.GPT.__init__", "functrain.models.gpt.F.relu",
+        "", ".", "functrain..models.GPT", "functrain.models.GPT\nos.system", 42, None, ["os.system"],
+    ])  # fmt: skip
+
+
+def _crafted_manifests(manifest: dict, rng: random.Random):
+    """The real manifest with a random `recipe.model`, a random `recipe`, or random fields."""
+    for _ in range(400):
+        m = json.loads(json.dumps(manifest))
+        roll = rng.random()
+        if roll < 0.6:
+            model = {"_component_": _target(rng)}
+            model.update({rng.choice(["n_layer", "vocab_size", "in_features", "x", "_component_"]):
+                          _junk(rng) for _ in range(rng.randrange(4))})  # fmt: skip
+            m["recipe"] = {**m["recipe"], "model": model}
+        elif roll < 0.8:
+            m["recipe"] = _junk(rng)
+        else:
+            for key in rng.sample(sorted(m), 3):
+                m[key] = _junk(rng)
+        yield m
+
+
+def test_random_manifests_build_nothing_but_functrains_own_models(trained, tmp_path, monkeypatch):
+    """A fuzz of manifests: each either rebuilds one of functrain's own models or is refused
+    (RunError / RecipeError); no process is started, nothing deleted, no other module imported."""
+    (tmp_path / "trap.py").write_text(f"import os\nos.system({TOUCH!r})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    manifest = checkpoint.read_manifest(trained)
+    events: list[str] = []
+    recording = [False]
+
+    def hook(event: str, args: tuple) -> None:
+        if recording[0] and event.startswith(_FORBIDDEN_EVENTS):
+            events.append(event)
+
+    sys.addaudithook(hook)  # stays for the session: inert once recording is off
+    outcomes = {"built": 0, "refused": 0}
+    before = set(sys.modules)
+    try:
+        for m in _crafted_manifests(manifest, random.Random(5)):
+            recording[0] = True
+            try:
+                model = rebuild_model(trained, m)
+                assert type(model).__module__.startswith("functrain.models."), type(model)
+                outcomes["built"] += 1
+            except (RunError, RecipeError):
+                outcomes["refused"] += 1
+            finally:
+                recording[0] = False
+            assert not events, (m.get("recipe"), events)
+    finally:
+        recording[0] = False
+    assert not (tmp_path / "MARKER").exists() and "trap" not in sys.modules
+    assert {n for n in set(sys.modules) - before if not n.startswith("functrain.")} == set()
+    assert outcomes["refused"] > 300 and outcomes["built"] >= 1, outcomes
+
+
 def test_recipe_flag_builds_the_users_model_which_must_be_a_module_that_fits(
     trained, tmp_path, monkeypatch
 ):
