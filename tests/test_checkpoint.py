@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -392,6 +393,27 @@ def test_an_edited_manifest_is_caught_by_its_digest(tmp_path):
     )
     with pytest.raises(SnapshotError, match="the digest of manifest.json is missing"):
         ck.load(snap)
+
+
+def test_a_snapshot_published_by_another_writer_meanwhile_is_named_and_kept(tmp_path, monkeypatch):
+    """Two writers of one run directory (a loop of your own beside a run): the one that
+    publishes second is refused, naming a second writer; the other's snapshot is untouched
+    and no temp dir is left."""
+    from functrain.checkpoint import _files
+
+    other = ck.save(tmp_path / "other" / "state_3", make_state().tensors(), {"step": 3})
+    write = _files.write_manifest
+
+    def and_meanwhile(tmp, *args, **kw):  # the other writer publishes state_3 first
+        write(tmp, *args, **kw)
+        shutil.copytree(other, tmp_path / "run" / "state_3")
+
+    monkeypatch.setattr(_files, "write_manifest", and_meanwhile)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SnapshotError, match="another process writes snapshots into this run"):
+        ck.save(tmp_path / "run" / "state_3", make_state(seed=1).tensors(), {"step": 3})
+    assert ck.digests(tmp_path / "run" / "state_3") == ck.digests(other)  # theirs, kept
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["state_3"]
 
 
 def test_a_data_file_that_is_a_link_out_of_the_snapshot_is_refused(tmp_path):
