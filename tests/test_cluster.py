@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import orjson
@@ -59,33 +60,71 @@ def test_a_worker_killed_under_max_restarts_comes_back_and_ends_bitwise(tmp_path
     assert timeless_metrics(run) == timeless_metrics(tmp_path / "whole")  # each step once
 
 
-@pytest.fixture
-def own_disks(tmp_path):
-    """A launcher that gives each rank a private tmpfs at the same path (a mount namespace
-    per process: node-local disks); skipped where mounts are not allowed."""
-    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
-    if probe.returncode != 0 or shutil.which("unshare") is None:
-        pytest.skip("unshare -m is not allowed here")
-    disk = tmp_path / "local"
-    disk.mkdir()
-    script = tmp_path / "rank.sh"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'exec unshare -m sh -c \'mount -t tmpfs tmpfs {disk} && exec "$0" "$@"\' '
-        f'{sys.executable} -m functrain "$@"\n'
-    )
-    script.chmod(0o755)
-    return disk, script
+OWN_DISK = ROOT / "tests" / "_own_disk_worker.py"
+SHORT = ["steps=10", "checkpoint.every=5", "eval.every=null"]
 
 
-def test_ranks_that_do_not_share_the_run_directory_are_refused_before_step_1(own_disks):
-    disk, script = own_disks
-    cmd = [*_torchrun_cmd(2, ["--no-python", str(script)])]
-    res = subprocess.run([*cmd, "run", str(TINY), f"out_dir={disk}", *ARGS],
-                         capture_output=True, text=True, env=_env(None), timeout=300)  # fmt: skip
-    assert res.returncode != 0
-    assert "rank 1 on host" in res.stderr and "does not see the run directory" in res.stderr
-    assert "step 1/" not in res.stderr, res.stderr  # refused before any step
+def _on_own_disks(base: Path, *args: str) -> subprocess.CompletedProcess:
+    """`functrain ARGS` on 2 ranks, each in a folder of its own under `base` (out_dir=runs:
+    the same path on every rank, a different directory on each, as node-local disks are)."""
+    cmd = _torchrun_cmd(2, [str(OWN_DISK), str(base)])
+    return subprocess.run([*cmd, *args], capture_output=True, text=True,
+                          env=_env(None), timeout=300)  # fmt: skip
+
+
+def _refused_before_step_1(res: subprocess.CompletedProcess, base: Path) -> None:
+    assert res.returncode != 0, res.stderr
+    assert "exitcode  : 2" in res.stderr, res.stderr  # each rank's: a user error
+    host, path = socket.gethostname(), (base / "rank1" / "runs" / "tiny").resolve()
+    assert f"rank 1 on host {host} does not see the run directory {path}" in res.stderr
+    assert f"that rank 0 on host {host} writes" in res.stderr
+    assert "step 1/" not in res.stderr and "step 6/" not in res.stderr  # before any step
+
+
+def test_ranks_that_do_not_share_the_run_directory_are_refused_before_step_1(tmp_path, monkeypatch):
+    """Root-free: each rank's `out_dir` is a directory of its own (`_own_disk_worker.py`).
+    Refused by `run`, and by `resume --from latest` of a run a shared directory held
+    before, copied onto each rank's disk."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    base = tmp_path / "nodes"
+    _refused_before_step_1(_on_own_disks(base, "run", str(TINY), *SHORT), base)
+    run = base / "rank0" / "runs" / "tiny"  # what rank 0 made: no step logged, no snapshot
+    assert not checkpoint.list_snapshots(run) and not (run / "metrics.jsonl").read_bytes()
+
+    shared = tmp_path / "shared"
+    launch(2, "run", TINY, f"out_dir={shared}", *SHORT, "--until", "5")
+    for rank in (0, 1):
+        own = base / f"rank{rank}" / "runs"
+        shutil.rmtree(own, ignore_errors=True)
+        shutil.copytree(shared, own)
+    res = _on_own_disks(base, "resume", str(TINY), *SHORT, "--from", "latest")
+    _refused_before_step_1(res, base)
+    for rank in (0, 1):
+        run = base / f"rank{rank}" / "runs" / "tiny"
+        assert [s for s, _ in checkpoint.list_snapshots(run)] == [5]
+        assert timeless_metrics(run) == timeless_metrics(shared / "tiny")  # nothing cut
+
+
+def test_a_shard_the_metadata_lists_but_rank_0_cannot_see_is_never_published(tmp_path):
+    """`dcp._publish` on rank 0, after every rank wrote: a shard file `.metadata` lists but
+    the directory lacks (a rank wrote it onto its own disk) stops it, naming the file."""
+    import torch.distributed.checkpoint as dist_cp
+    from tensordict import TensorDict
+
+    from functrain.checkpoint import dcp
+    from functrain.errors import SnapshotError
+
+    tmp, final = tmp_path / ".tmp-state_1", tmp_path / "state_1"
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore")
+        dist_cp.save({"params/w": torch.ones(3)}, storage_writer=dist_cp.FileSystemWriter(tmp),
+                     no_dist=True)  # fmt: skip
+    shard = next(tmp.glob("*.distcp"))
+    shard.unlink()  # written where rank 0 cannot see it
+    whole = TensorDict({"params": {"w": torch.ones(3)}}, batch_size=[])
+    with pytest.raises(SnapshotError, match=rf"the shard file\(s\) {shard.name} that other "):
+        dcp._publish(tmp, final, whole, {"step": 1})
+    assert not final.exists() and not (tmp / checkpoint.MANIFEST).exists()
 
 
 def test_a_stop_whose_snapshot_may_not_fit_the_grace_period_says_so(tmp_path):
@@ -228,3 +267,111 @@ def test_more_processes_on_a_node_than_gpus_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(UserError, match=r"local rank 2 on its node, which has 2 CUDA device"):
         build.resolve_device("cuda", local_rank=2)
+
+
+def _damage(snapshot: Path) -> None:
+    """Flip a byte in each of the snapshot's data files (sizes kept: a bit flip)."""
+    files = [f for f in snapshot.iterdir() if f.suffix in (".bin", ".distcp") and f.stat().st_size]
+    assert files
+    for f in files:
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+
+
+def test_auto_resume_refuses_a_run_directory_whose_snapshots_are_all_invalid(tmp_path):
+    """Neither continue (nothing valid) nor start afresh over a damaged history: exit 2,
+    naming the directory and each snapshot, and nothing in it changed."""
+    from conftest import cli
+
+    args = ["run", TINY, f"out_dir={tmp_path}", *SHORT, "--auto-resume"]
+    cli(*args, "--until", "10")
+    run = tmp_path / "tiny"
+    snapshots = [p for _, p in checkpoint.list_snapshots(run)]
+    assert [p.name for p in snapshots] == ["state_5", "state_10"]
+    for snap in snapshots:
+        _damage(snap)
+
+    def listing() -> dict:  # the owner's .lock names each new owner: the rest stays
+        return {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != ".lock"}
+
+    before = listing()
+    metrics = (run / "metrics.jsonl").read_bytes()
+    res = cli(*args, check=False)
+    assert res.returncode == 2, res.stderr
+    assert f"run directory {run} holds snapshots, but none is valid (state_5, state_10" in (
+        res.stderr
+    )
+    assert "the run is not started afresh over a damaged history" in res.stderr
+    assert "remove them (or the whole run directory)" in res.stderr and "name=NEW" in res.stderr
+    assert listing() == before  # none set aside, removed or rewritten
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+    assert "step 11/" not in res.stderr
+
+
+def test_a_stop_right_after_a_resume_warns_by_the_resumed_snapshots_write_time(tmp_path):
+    """A new process knows no write time of its own until its first snapshot: it takes the
+    one the resumed snapshot's manifest records (`write_started` to `created`)."""
+    from datetime import datetime, timedelta
+
+    from conftest import cli, rewrite_manifest
+
+    from functrain.checkpoint.manager import write_seconds_of
+
+    common = [f"out_dir={tmp_path}", "steps=100000", "eval.every=null", "log_every=1"]
+    cli("run", TINY, *common, "checkpoint.every=5", "--until", "5")
+    run, snap = tmp_path / "tiny", tmp_path / "tiny" / "state_5"
+    manifest = checkpoint.read_manifest(snap)
+    assert write_seconds_of(manifest) >= 0 and "previous_write_seconds" not in manifest
+    created = datetime.fromisoformat(manifest["created"])
+    manifest["write_started"] = (created - timedelta(seconds=100)).isoformat()  # a big model
+    rewrite_manifest(snap, manifest)
+    args = ["resume", str(TINY), *common, "checkpoint.every=100000", "--from", "latest"]
+    job = subprocess.Popen([sys.executable, "-m", "functrain", *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=_env(None))  # fmt: skip
+    try:
+        end = time.monotonic() + 120
+        while not any(r["step"] > 5 for r in timeless_metrics(run)):  # training, unsaved
+            assert job.poll() is None and time.monotonic() < end, job.communicate()
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 143, err
+    assert "the last snapshot took 100.0 s and the launcher allows 30 s" in err
+    last = checkpoint.read_manifest(checkpoint.list_snapshots(run)[-1][1])
+    assert last["previous_write_seconds"] == 100.0
+
+
+def test_the_write_time_of_an_older_snapshot_is_unknown_or_its_predecessors():
+    from functrain.checkpoint.manager import write_seconds_of
+
+    created = "2025-01-01T00:00:10+00:00"
+    assert write_seconds_of({"created": created}) is None  # before write times were kept
+    assert write_seconds_of({"created": created, "previous_write_seconds": 4.5}) == 4.5
+    started = "2025-01-01T00:00:07+00:00"
+    assert write_seconds_of({"created": created, "write_started": started}) == 3.0
+    assert write_seconds_of({"created": created, "write_started": "later"}) is None
+
+
+def test_a_resume_at_a_world_size_that_does_not_fit_is_refused_before_reading_a_snapshot(
+    tmp_path, monkeypatch
+):
+    """A restart on 3 processes of a canonical run (6 micro-batches: 1, 2 fit) is refused
+    by name before any snapshot is read: its snapshot, damaged here, is not even noticed."""
+    from conftest import cli
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = [f"out_dir={tmp_path}", "data.batch_size=12", "step.0.micro_batches=1",
+            "step.0.micro_batch_size=2", *SHORT]  # fmt: skip
+    cli("run", TINY, *args, "--until", "5")
+    run = tmp_path / "tiny"
+    _damage(run / "state_5")
+    res = launch(3, "resume", TINY, *args, "--from", "latest", check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "step.0.micro_batch_size with data.batch_size 12" in text
+    assert "3 processes cannot share the 6 micro-batches" in text and "one of 1, 2." in text
+    assert "invalid snapshot" not in text and (run / "state_5").is_dir()

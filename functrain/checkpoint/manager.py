@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -46,7 +47,7 @@ from functrain.checkpoint.snapshot import check, load
 from functrain.errors import MismatchError, RunError, SnapshotError, warn
 from functrain.state import TrainState, missing_added, reset_added
 
-__all__ = ["Policy", "Ranks", "Snapshots"]
+__all__ = ["NoValidSnapshot", "Policy", "Ranks", "Snapshots", "write_seconds_of"]
 
 
 class Ranks(Protocol):
@@ -169,12 +170,14 @@ class Snapshots(ClosedOnExit):
         if spec == "latest":
             if not run.is_dir():
                 raise RunError(f"no run directory {run}: start the run with `functrain run` first")
+            skipped = []
             for _, snap in reversed(list_snapshots(run, published=False)):  # lost manifests too
                 try:
                     return snap, read(snap)
                 except SnapshotError as err:
                     warn(f"skipping invalid snapshot {snap}: {err}")
-            raise RunError(f"run {run} has no valid snapshot to resume from")
+                    skipped.append(snap)
+            raise NoValidSnapshot(run, skipped[::-1])
         path = run / spec if snapshot_step(spec) is not None and "/" not in spec else Path(spec)
         if not path.is_dir():
             have = ", ".join(p.name for _, p in list_snapshots(run))
@@ -349,6 +352,8 @@ class Snapshots(ClosedOnExit):
         meta["finite"] = finite  # retention keeps the newest finite snapshot whatever comes
         if self.write_seconds is not None:  # how long the one before took (a preemption's budget)
             meta["previous_write_seconds"] = round(self.write_seconds, 3)
+        # its own write time is `created` (stamped at sealing) minus this: `write_seconds_of`
+        meta["write_started"] = datetime.now(timezone.utc).isoformat()
         tensors = state.tensors()
         if self.policy.trainable_only:
             tensors = without_frozen(tensors)
@@ -386,6 +391,20 @@ class Snapshots(ClosedOnExit):
         if self.policy.on_error == "stop" or last:
             raise SnapshotError(stopped_by_error(error, last)) from error
         self._ctx.warn(f"{error}; training goes on (checkpoint.on_error: continue)")
+
+
+def write_seconds_of(manifest: Mapping[str, Any]) -> float | None:
+    """Seconds the snapshot of `manifest` took to write (from its `write_started` to its
+    `created`), else what it recorded of the one before it (`previous_write_seconds`); None
+    when it says neither (an older snapshot): unknown."""
+    try:
+        started = datetime.fromisoformat(manifest["write_started"])
+        seconds = (datetime.fromisoformat(manifest["created"]) - started).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        seconds = None
+    if seconds is None or seconds < 0:  # a clock set back meanwhile tells nothing
+        seconds = manifest.get("previous_write_seconds")
+    return float(seconds) if isinstance(seconds, (int, float)) else None
 
 
 def _read_into(path: Path, manifest: dict, like: TrainState) -> TrainState:
@@ -431,6 +450,15 @@ def _check_finite(state: TrainState, path: Path, latest: Path | None) -> bool:
     if state.static.nan_policy == "stop":
         raise NonFiniteError(int(first), latest, unsaved=path)
     return False
+
+
+class NoValidSnapshot(RunError):
+    """`find("latest")` found no valid snapshot; `skipped`: the invalid ones, oldest first
+    (left where they are)."""
+
+    def __init__(self, run: Path, skipped: list[Path]) -> None:
+        super().__init__(f"run {run} has no valid snapshot to resume from")
+        self.run, self.skipped = run, skipped
 
 
 class NonFiniteError(RunError):

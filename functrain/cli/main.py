@@ -24,6 +24,7 @@ from pathlib import Path
 import orjson
 
 from functrain import checkpoint, distributed
+from functrain.checkpoint.manager import NoValidSnapshot
 from functrain.cli.check import check
 from functrain.cli.export import export, export_pretrained
 from functrain.cli.plot import plot
@@ -292,6 +293,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         except resume.NothingToDo:  # a job restarted after its run had finished
             ctx.warn(f"--auto-resume: {path} is finished already (step {recipe.steps})")
             return 0
+        except NoValidSnapshot as err:  # never start afresh over a damaged history
+            raise RunError(_all_invalid(path, err.skipped)) from err
     built = build_and_probe(recipe, ctx)
     owner = ctx.all_ok(
         lambda: rundir.create_run(recipe, path, restart=auto) if ctx.is_main else None
@@ -309,6 +312,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                 recipe_path=shlex.join([args.recipe, *args.overrides]),
             ),
         )
+
+
+def _all_invalid(path: Path, skipped: list[Path]) -> str:
+    return (
+        f"--auto-resume: run directory {path} holds snapshots, but none is valid "
+        f"({', '.join(p.name for p in skipped)}: each named above with its problem). Nothing "
+        "was changed: they are left as they are, and the run is not started afresh over a "
+        f"damaged history. Look at them (functrain inspect {path}); then, to start afresh, "
+        "remove them (or the whole run directory) and run the same command again, or start "
+        "a new run beside it with name=NEW."
+    )
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

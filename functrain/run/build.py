@@ -38,6 +38,7 @@ __all__ = [
     "Built",
     "build",
     "build_and_probe",
+    "check_world_size",
     "step_parts",
     "data_seed",
     "probe",
@@ -207,6 +208,12 @@ def world_size_exact(recipe: Recipe, parts: StepParts | None = None) -> bool:
     canonical micro-batches, sharded (fsdp) or not."""
     parts = parts or step_parts(recipe)
     return parts.micro_batch_size is not None
+
+
+def check_world_size(recipe: Recipe, world_size: int) -> None:
+    """Refuse a world size that does not fit the recipe's canonical micro-batch layout, by
+    name: cheap (nothing is built), so a resume says it before reading any snapshot."""
+    _check_canonical(recipe, world_size, step_parts(recipe))
 
 
 def _check_canonical(recipe: Recipe, world_size: int, parts: StepParts) -> None:

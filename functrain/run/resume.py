@@ -21,7 +21,7 @@ from functrain.errors import RunError
 from functrain.hashing import canonical_hash
 from functrain.recipe import Recipe
 from functrain.run import rundir
-from functrain.run.build import Built, build_and_probe, sharded
+from functrain.run.build import Built, build_and_probe, check_world_size, sharded
 from functrain.state import TrainState
 
 __all__ = ["NothingToDo", "Resumed", "prepare"]
@@ -56,6 +56,7 @@ def prepare(
     if name:
         recipe = attrs.evolve(recipe, name=name)
     target = rundir.run_path(recipe)
+    ctx.all_ok(lambda: check_world_size(recipe, ctx.world_size))  # before any snapshot is read
     # Own the directory first (rank 0): no other run may write snapshots while we choose.
     owner = ctx.all_ok(lambda: rundir.lock_run(target) if ctx.is_main and target.is_dir() else None)
     try:

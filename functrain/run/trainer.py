@@ -23,7 +23,8 @@ from torch.utils.data import default_collate
 
 from functrain import data as data_lib
 from functrain import determinism, distributed
-from functrain.checkpoint import NonFiniteError, Policy, Snapshots
+from functrain.checkpoint import NonFiniteError, Policy, Snapshots, read_manifest
+from functrain.checkpoint.manager import write_seconds_of
 from functrain.errors import RunError
 from functrain.metrics import Metric, finish, measure
 from functrain.recipe import CheckpointConfig
@@ -142,6 +143,8 @@ class Trainer:
             keep=[resumed_from],
             meta_now=_data_state(built.train),
         )
+        if resumed_from is not None:  # a stop before this process's first snapshot: its budget
+            self.snapshots.write_seconds = write_seconds_of(read_manifest(resumed_from))
         if self.recipe.determinism != "strict":
             self.ctx.warn(
                 f"determinism: {self.recipe.determinism}: ops without a deterministic kernel "
