@@ -7,6 +7,7 @@ half-made run directory — run for real: processes started and killed, a small 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import orjson
 import pytest
 from conftest import cli, wait_for_snapshot
 
+import functrain as ft
 from functrain import checkpoint
 from functrain.run import rundir
 
@@ -102,6 +104,47 @@ def test_a_lock_on_a_file_system_without_locks_warns_and_refuses_a_live_owner_he
         rundir.lock_run(tmp_path)
 
 
+# ---------------------------------------------------------------- retention: this run's own
+
+
+def test_retention_deletes_only_what_this_runs_lineage_wrote(tmp_path):
+    """A snapshot another run wrote (copied in, or a second writer's) is never deleted by
+    retention; this run's own are, across a resume (the run id goes on)."""
+    args = [f"out_dir={tmp_path}", "steps=8", "checkpoint.every=2", "checkpoint.keep_last=1",
+            *QUIET]  # fmt: skip
+    cli("run", TINY, *args, "name=other", "--until", "2")
+    cli("run", TINY, *args, "--until", "4")
+    run = tmp_path / "tiny"
+    assert [s for s, _ in checkpoint.list_snapshots(run)] == [4]
+    mine = checkpoint.read_manifest(run / "state_4")["run_id"]
+    theirs = checkpoint.read_manifest(tmp_path / "other" / "state_2")["run_id"]
+    assert len(mine) == 16 and mine != theirs
+    shutil.copytree(tmp_path / "other" / "state_2", run / "state_1")  # not this run's
+    res = cli("resume", TINY, *args, "--from", "latest")
+    assert [s for s, _ in checkpoint.list_snapshots(run)] == [1, 4, 8]  # 6 deleted, 4 resumed
+    assert res.stderr.count(f"retention leaves {run / 'state_1'} alone") == 1
+    assert checkpoint.read_manifest(run / "state_8")["run_id"] == mine  # the same run
+    cli("resume", TINY, *args, "--from", "state_4", "--name", "branch")  # a new run: own id
+    assert checkpoint.read_manifest(tmp_path / "branch" / "state_8")["run_id"] not in (mine, theirs)
+
+
+def test_a_loop_of_your_own_keeps_its_run_id_across_a_restore(tmp_path):
+    from conftest import make_state, toy_data
+
+    x, y = toy_data(64)
+    policy = checkpoint.Policy(every=1, keep_last=1)
+    state = make_state()
+    with checkpoint.Snapshots(tmp_path, policy) as snapshots:
+        for i in range(2):
+            state = ft.step(state, (x[i * 8 : i * 8 + 8], y[i * 8 : i * 8 + 8]))
+            snapshots.maybe_save(state)
+    with checkpoint.Snapshots(tmp_path, policy) as snapshots:  # a new process
+        state, _ = snapshots.restore("latest", like=make_state())
+        state = ft.step(state, (x[16:24], y[16:24]))
+        snapshots.maybe_save(state)
+    assert [s for s, _ in checkpoint.list_snapshots(tmp_path)] == [3]  # its own, deleted
+
+
 # ---------------------------------------------------------------- a full disk
 
 
@@ -144,7 +187,7 @@ def test_a_snapshot_that_does_not_fit_names_the_space_and_leaves_no_temp_dir(sma
     filler = _fill(small_disk, leave=160 << 10)  # the recipe and metrics fit, a snapshot not
     args = ["run", TINY, f"out_dir={small_disk}", "steps=10", "checkpoint.every=5", *QUIET]
     res = cli(*args, check=False)
-    assert res.returncode != 0
+    assert res.returncode == 2, res.stderr  # a user error, as the docs say
     assert "could not write snapshot" in res.stderr and "the disk is full" in res.stderr
     assert " needed" in res.stderr and "Traceback" not in res.stderr
     run = small_disk / "tiny"

@@ -20,6 +20,7 @@ imports `functrain.distributed`.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
@@ -128,6 +129,7 @@ class Snapshots(ClosedOnExit):
         self._keep = {Path(p).resolve() for p in keep if p is not None}
         self._writer: AsyncWriter | None = None
         self._frozen_sha256: str | None = None
+        self._foreign: set[Path] = set()  # other runs' snapshots retention said it keeps
         #: Seconds the newest finished write took (on rank 0: until it was published).
         self.write_seconds: float | None = None
         if self.policy.async_save and (sharding is not None or self._ctx.is_main):
@@ -222,6 +224,8 @@ class Snapshots(ClosedOnExit):
         plan = plan_resume(path, manifest, now, allow=allow, like=like, tensors=tensors)
         for message in plan.warnings:
             self._ctx.warn(message)
+        if "run_id" not in self._meta and isinstance(manifest.get("run_id"), str):
+            self._meta["run_id"] = manifest["run_id"]  # the run goes on: its retention too
         return self.place(path, tensors, manifest, like), path
 
     @staticmethod
@@ -334,11 +338,31 @@ class Snapshots(ClosedOnExit):
         old = [
             path
             for step, path in list_snapshots(self.run_dir)[: -p.keep_last]
-            if path.resolve() not in spare and not (p.keep_every and step % p.keep_every == 0)
+            if path.resolve() not in spare
+            and not (p.keep_every and step % p.keep_every == 0)
+            and self._ours(path)
         ]
         for path in old:
             remove(path)
         return old
+
+    def _ours(self, path: Path) -> bool:
+        """Whether this run's lineage wrote the snapshot at `path` (its manifest's `run_id`
+        is ours, or it has none: written before run ids). Another run's snapshot (copied
+        in, or published by a second writer) is never deleted: said once, kept."""
+        try:
+            theirs = read_manifest(path).get("run_id")
+        except SnapshotError:
+            return False  # unreadable now: not ours to decide
+        if theirs is None or theirs == self._meta.get("run_id"):
+            return True
+        if path not in self._foreign:
+            self._foreign.add(path)
+            self._ctx.warn(
+                f"retention leaves {path} alone: another run wrote it (run_id {theirs}, this "
+                f"run's is {self._meta.get('run_id')}); remove it yourself if it is not wanted"
+            )
+        return False
 
     def close(self) -> None:
         """Wait for a write in flight and free the staging buffer; raise a pending error."""
@@ -348,6 +372,8 @@ class Snapshots(ClosedOnExit):
     # ---------------------------------------------------------------- the parts
 
     def _write(self, state: TrainState, step: int, finite: bool, start: float) -> None:
+        if "run_id" not in self._meta:  # which run wrote a snapshot: retention deletes its own
+            self._meta["run_id"] = secrets.token_hex(8)
         path, meta = self.path(step), {"step": step, **self._meta, **self._meta_now()}
         meta["finite"] = finite  # retention keeps the newest finite snapshot whatever comes
         if self.write_seconds is not None:  # how long the one before took (a preemption's budget)

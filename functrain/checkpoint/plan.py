@@ -63,7 +63,7 @@ FREE_KEYS = (
 #: The manifest entries `plan_resume` compares (or warns of), by its own rules.
 KNOWN_META = (
     "recipe", "recipe_hash", "data", "device", "cpu_threads", "determinism", "init_from",
-    "tied", "frozen_sha256", "world_size", "world_size_exact", "versions",
+    "tied", "frozen_sha256", "world_size", "world_size_exact", "versions", "run_id",
 )  # fmt: skip
 
 #: torch's intra-op threads split CPU reductions (a bias's gradient, a norm) into as many

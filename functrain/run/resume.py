@@ -138,6 +138,7 @@ def _prepare(
         "changes": plan.allowed,
     }
     meta = {
+        **({} if branching or "run_id" not in manifest else {"run_id": manifest["run_id"]}),
         "parent": str(snap.resolve()) if branching else manifest.get("parent"),
         "allowed_changes": list(manifest.get("allowed_changes", [])) + plan.allowed,
         "lineage": list(manifest.get("lineage", [])) + [event],
