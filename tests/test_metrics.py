@@ -91,20 +91,48 @@ def test_recipe_metrics_are_logged_at_eval_and_resume_bitwise(tmp_path):
     assert res.returncode == 2 and "metrics.0._component_" in res.stderr
 
 
+def test_train_metrics_are_measured_on_log_steps_batches_and_change_no_bit(tmp_path):
+    from conftest import cli
+
+    from functrain import checkpoint
+    from functrain.recipe import load_recipe
+    from functrain.run.build import build, to_device, train_loader
+    from functrain.run.trainer import _evaluating
+
+    args = [f"out_dir={tmp_path}", *SHORT, *METRICS, "eval.every=null"]
+    cli("run", TINY, *args, "name=train", "log.train_metrics=true")
+    cli("run", TINY, *args, "name=plain", "--until", "6")  # off, then on from the resume:
+    cli("resume", TINY, *args, "name=plain", "log.train_metrics=true", "--from", "latest")
+    plain, train = tmp_path / "plain", tmp_path / "train"  # a log key, free on resume
+    assert checkpoint.digests(train / "state_12") == checkpoint.digests(plain / "state_12")
+    records = _records(train)
+    assert [r["step"] for r in records if "train_accuracy" in r] == [6, 12]  # log steps
+    assert [r["step"] for r in _records(plain) if "train_accuracy" in r] == [12]
+    # by hand: step 12's batch, the params after its update, in eval mode
+    built = build(load_recipe(TINY, args))
+    state, _ = checkpoint.Snapshots(train).restore("state_12", like=built.state)
+    batch = to_device(next(iter(train_loader(built, start=11 * 8))), built.device)
+    with _evaluating(state, built.device) as model:
+        want = finish(built.metrics, measure(built.metrics, model, batch))
+    assert records[-1]["train_accuracy"] == want["accuracy"]
+    assert math.isclose(records[-1]["train_perplexity"], want["perplexity"], rel_tol=1e-6)
+
+
 def test_eval_metrics_are_the_same_on_two_processes(tmp_path, monkeypatch):
     from _dist_common import launch
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = ["run", TINY, f"out_dir={tmp_path}", *SHORT, *METRICS, "step.0.micro_batches=1",
-            "step.0.micro_batch_size=2"]  # fmt: skip
+            "step.0.micro_batch_size=2", "log.train_metrics=true"]  # fmt: skip
     launch(1, *args, "name=one")
     launch(2, *args, "name=two")
     one = [r for r in _records(tmp_path / "one") if "eval_loss" in r]
     two = [r for r in _records(tmp_path / "two") if "eval_loss" in r]
     assert [r["eval_loss"] for r in one] == [r["eval_loss"] for r in two]  # canonical: bitwise
     for a, b in zip(one, two, strict=True):  # sums over ranks: the same counts, close sums
-        assert a["eval_accuracy"] == b["eval_accuracy"]
-        assert math.isclose(a["eval_perplexity"], b["eval_perplexity"], rel_tol=1e-6)
+        for split in ("eval", "train"):  # train: each rank's half of the step's batch
+            assert a[f"{split}_accuracy"] == b[f"{split}_accuracy"]
+            assert math.isclose(a[f"{split}_perplexity"], b[f"{split}_perplexity"], rel_tol=1e-6)
 
 
 def test_a_transforms_own_metric_is_logged_and_free_on_resume(tmp_path):

@@ -154,6 +154,11 @@ class LogConfig:
     wandb_project: str | None = _field(
         default=None, expect="a W&B project name, or null (W&B's default)", check=bool
     )
+    train_metrics: bool = _field(
+        default=False,
+        expect="true or false (true: the recipe's metrics also on each log step's training "
+        "batch, after its update, logged as train_<name>)",
+    )
 
 
 #: `compile.mode`s: those of torch.compile that pick no kernels by timing.

@@ -220,7 +220,7 @@ class Trainer:
                     raise RunError(determinism.refusal(op)) from err
                 raise
             now += 1
-            state = self._log(state, now)
+            state = self._log(state, now, batch)
             stop = now < steps and self._should_stop(now)
             if stop:
                 self._warn_if_late()
@@ -255,9 +255,10 @@ class Trainer:
             f"place); nothing of it is saved. {where}"
         )
 
-    def _log(self, state: TrainState, now: int) -> TrainState:
+    def _log(self, state: TrainState, now: int, batch: Any = None) -> TrainState:
         """On log and eval steps: the metrics (one host sync), the eval loss, one record;
-        returns the state with `stats.best_eval` updated on eval steps."""
+        returns the state with `stats.best_eval` updated on eval steps. With
+        `log.train_metrics`, the recipe's metrics on the step's `batch` too."""
         log_now, eval_now = self._logs(now)
         if not (log_now or eval_now):
             return state
@@ -282,6 +283,8 @@ class Trainer:
         if nonfinite:  # counted since the run began
             record["nonfinite_steps"] = nonfinite
         stop = nonfinite > 0 and self.recipe.nan_policy == "stop"  # alike on every rank
+        if log_now and not stop and self.recipe.log.train_metrics and self.built.metrics:
+            record.update({f"train_{k}": v for k, v in self._train_metrics(state, batch).items()})
         if eval_now and not stop:
             value, metrics = self._eval(state)
             best = torch.minimum(state.stats["best_eval"], value)
@@ -296,6 +299,15 @@ class Trainer:
         if stop:  # after its record: the bad loss is in the log
             raise NonFiniteError(int(state.stats["first_nonfinite"]), self.snapshots.latest())
         return state
+
+    def _train_metrics(self, state: TrainState, batch: Any) -> dict[str, float]:
+        """The recipe's metrics on this rank's part of the step's training batch, summed over
+        the ranks: with the params after the step's update, in eval mode (as at eval: no
+        dropout, no running statistic changed, no RNG drawn), so training keeps its bits."""
+        metrics, device = self.built.metrics, self.built.device
+        with _evaluating(state, device) as model:
+            totals = measure(metrics, model, to_device(batch, device), device)
+        return finish(metrics, self.ctx.gather(totals).sum(0))
 
     def _eval(self, state: TrainState) -> tuple[torch.Tensor, dict[str, float]]:
         """The mean validation loss over the recipe's eval batches and all ranks (of a
