@@ -87,6 +87,61 @@ def test_the_manifest_records_init_from_and_a_changed_file_is_refused(tmp_path):
     assert res.returncode == 2 and "the weights the run started from differ" in res.stderr
 
 
+class _Tied(torch.nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.emb = torch.nn.Embedding(4, 3, dtype=dtype)
+        self.head = torch.nn.Linear(3, 4, bias=False, dtype=dtype)
+        self.head.weight = self.emb.weight  # tied: one tensor under two names
+
+
+def test_init_from_a_sharded_index_a_pickle_a_dtype_and_ties(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from functrain.checkpoint import init_from
+    from functrain.errors import SnapshotError
+
+    source = _other_gpt().state_dict()
+    names = sorted(source)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half],
+              "model-00002-of-00002.safetensors": names[half:]}  # fmt: skip
+    (tmp_path / "sharded").mkdir()
+    for file, keys in shards.items():
+        save_file({k: source[k] for k in keys}, str(tmp_path / "sharded" / file))
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model = _other_gpt(seed=1)
+    assert init_from(model, tmp_path / "sharded")["format"] == "pretrained"
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
+    index.write_text(json.dumps({"weight_map": {"tok.weight": "../w.safetensors"}}))
+    with pytest.raises(SnapshotError, match="names shard files outside its directory"):
+        init_from(_other_gpt(), tmp_path / "sharded")
+
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(SnapshotError, match="pytorch_model.bin is a pickle, which can run code"):
+        init_from(_other_gpt(), tmp_path / "pickled")
+
+    tied = _Tied(torch.bfloat16)  # a bf16 file into a float32 model: the model's dtype kept
+    save_file({"emb.weight": tied.emb.weight.detach()}, str(tmp_path / "bf16.safetensors"))
+    model = _Tied()
+    init_from(model, tmp_path / "bf16.safetensors")  # the tied name may be absent
+    assert model.emb.weight.dtype == torch.float32 and model.head.weight is model.emb.weight
+    assert torch.equal(model.emb.weight, tied.emb.weight.float())
+
+    w = torch.randn(4, 3)
+    save_file({"emb.weight": w, "head.weight": w + 1}, str(tmp_path / "untied.safetensors"))
+    with pytest.raises(ConfigError, match="different values for emb.weight and head.weight"):
+        init_from(_Tied(), tmp_path / "untied.safetensors")
+    save_file({"emb.weight": w, "head.weight": w.clone()}, str(tmp_path / "both.safetensors"))
+    init_from(model, tmp_path / "both.safetensors")  # both names, equal values: fine
+    assert torch.equal(model.head.weight, w)
+
+
 def test_init_from_a_missing_path_is_refused_by_name(tmp_path):
     res = cli("run", TINY, f"out_dir={tmp_path}", f"init_from={tmp_path / 'nope'}", check=False)
     assert res.returncode == 2 and "init_from:" in res.stderr and "not found" in res.stderr

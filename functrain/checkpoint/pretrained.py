@@ -43,9 +43,8 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]
     if p.is_dir():
         index = p / "model.safetensors.index.json"
         if index.is_file():
-            files = sorted(set(orjson.loads(index.read_bytes())["weight_map"].values()))
             out: dict[str, torch.Tensor] = {}
-            for name in files:
+            for name in _shards(index):
                 out.update(_safetensors(p / name))
             return out, "pretrained"
         if (p / "model.safetensors").is_file():
@@ -67,6 +66,25 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]
         f"init_from: {p} not found; give a .safetensors file, a save_pretrained directory "
         "or a functrain snapshot (state_N)"
     )
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a `model.safetensors.index.json` names: plain file names beside it."""
+    try:
+        weight_map = orjson.loads(index.read_bytes())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise SnapshotError(
+            f"init_from: {index} is not a sharded index (a JSON object with a weight_map of "
+            f"names to files): {err!r}"
+        ) from err
+    bad = [f for f in files if not isinstance(f, str) or Path(f).name != f or f in ("", ".", "..")]
+    if bad:
+        raise SnapshotError(
+            f"init_from: {index} names shard files outside its directory ({bad[0]!r}); a "
+            "save_pretrained index names files beside it"
+        )
+    return files
 
 
 def _safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -94,6 +112,10 @@ def content_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
 def _renamed(
     tensors: dict[str, torch.Tensor], rename: Mapping[str, str]
 ) -> dict[str, torch.Tensor]:
@@ -118,8 +140,16 @@ def init_from(
     wanted = state_dict_keys(model)
     provided: dict[str, torch.Tensor] = {}
     for key in wanted:
-        if key in found:
-            provided.setdefault(alias.get(key, key), found[key])
+        if key not in found:
+            continue
+        first = alias.get(key, key)
+        if first in provided and not _same(provided[first], found[key]):
+            raise ConfigError(
+                f"init_from: {path} holds different values for {first} and {key}, which the "
+                "model ties (one tensor under both names): it was saved from a model that did "
+                "not tie them. Untie them in your model, or drop one from the file"
+            )
+        provided.setdefault(first, found[key])
     missing = [k for k in wanted if alias.get(k, k) not in provided]
     unexpected = [k for k in found if k not in alias and k not in wanted]
     if missing or unexpected:
