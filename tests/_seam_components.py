@@ -75,3 +75,22 @@ def add_batch_mean():
         return state.replace(metrics=metrics)
 
     return batch_mean
+
+
+class _ListRows(torch.utils.data.Dataset):
+    """Rows as an HF `datasets.Dataset` gives them before `with_format("torch")`."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        ids = [(i * 7 + j) % 256 for j in range(33)]
+        return {"input_ids": ids[:-1], "labels": ids[1:]}
+
+
+def list_rows(n: int = 64) -> dict:
+    """A data.dataset whose samples hold Python lists."""
+    return {"train": _ListRows(n), "val": _ListRows(16)}

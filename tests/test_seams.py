@@ -233,6 +233,17 @@ def test_a_shipped_component_refusing_a_value_is_a_user_error_naming_field_and_l
     assert "(in gpt.py:" in res.stderr and not (tmp_path / "tiny").exists()
 
 
+def test_samples_holding_python_lists_are_refused_naming_the_field_and_the_fix(tmp_path):
+    """An HF datasets.Dataset without with_format("torch") gives lists; collation would cut
+    them into a list of per-position tensors and the model fail deep inside."""
+    res = cli("run", TINY, f"out_dir={tmp_path}", "data.dataset={_component_: "
+              "_seam_components.list_rows}", "loss.input=input_ids", "loss.target=labels",
+              check=False, env=ON_PATH)  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "the first batch's field 'input_ids' is a list of 32 tensors" in res.stderr
+    assert "with_format('torch')" in res.stderr and not (tmp_path / "tiny").exists()
+
+
 def test_a_users_component_that_raises_keeps_its_traceback(tmp_path):
     res = cli("run", TINY, f"out_dir={tmp_path}", "model._component_=_seam_components.broken_model",
               check=False, env=ON_PATH)  # fmt: skip

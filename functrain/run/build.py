@@ -12,6 +12,7 @@ import fnmatch
 import gc
 import sys
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -525,7 +526,9 @@ def probe(built: Built) -> Built:
     # The trial batch moves a stateful iterable: keep its state (checked to be JSON) to put back.
     saved = copy.deepcopy(data_lib.data_state(built.train)) if stateful else None
     try:
-        batch = to_device(next(iter(loader)), built.device)
+        batch = next(iter(loader))
+        _refuse_listed_fields(batch)
+        batch = to_device(batch, built.device)
         if built.context.world_size == 1:  # the parts are the whole step: walk them
             return attrs.evolve(built, state=_trial_parts(built, batch))
         return attrs.evolve(built, state=run_step(built.state, batch))
@@ -547,6 +550,23 @@ def probe(built: Built) -> Built:
     finally:
         if stateful:
             built.train.load_state_dict(saved)
+
+
+def _refuse_listed_fields(batch: Any) -> None:
+    """A batch field that collation made a list of tensors: the samples held Python lists
+    (an HF `datasets.Dataset` gives them until `with_format("torch")`), which collation cuts
+    position by position into a tensor each — never what the model wants."""
+    if not isinstance(batch, (Mapping, list, tuple)):
+        return
+    for key, value in batch.items() if isinstance(batch, Mapping) else enumerate(batch):
+        if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+            raise DataError(
+                f"data.dataset: the first batch's field {key!r} is a list of {len(value)} "
+                "tensors, not one tensor: the dataset's samples hold Python lists, which "
+                "collation cuts position by position. Give tensors: for a Hugging Face "
+                "datasets.Dataset, dataset.with_format('torch') (or set_format('torch')); for "
+                "your own, return torch tensors from __getitem__"
+            )
 
 
 def _trial_parts(built: Built, batch: Any) -> TrainState:
