@@ -191,3 +191,37 @@ def test_inspect_shows_lineage(tmp_path):
     c_branches = orjson.loads(cli("inspect", tmp_path / "C", "--json").stdout)["lineage"]
     assert [x["run"] for x in b_branches["branches"]] == [str(tmp_path / "C")]  # not D
     assert [x["run"] for x in c_branches["branches"]] == [str(tmp_path / "D")]
+
+
+def test_resume_with_the_runs_own_recipe_needs_no_overrides(tmp_path):
+    """`resume runs/NAME/recipe.yaml`: the resolved recipe holds every override given to
+    `run`; continuing with it is bitwise the unbroken run."""
+    over = [f"out_dir={tmp_path}", "steps=12", "checkpoint.every=6", "log_every=6",
+            "eval.every=null"]  # fmt: skip
+    cli("run", TINY, *over, "name=whole")
+    cli("run", TINY, *over, "--until", "6")
+    cli("resume", tmp_path / "tiny" / "recipe.yaml", "--from", "latest")  # no overrides
+    assert digests(tmp_path / "tiny" / "state_12") == digests(tmp_path / "whole" / "state_12")
+    assert metrics(tmp_path / "tiny") == metrics(tmp_path / "whole")
+
+
+def test_the_console_script_finds_components_in_the_working_directory(tmp_path):
+    """`functrain run` (the installed script, not `python -m`) imports `my_models.tiny_gpt`
+    from the directory it runs in, as `python -m functrain` does."""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "functrain"
+    assert script.is_file(), "the package is installed with its console script"
+    (tmp_path / "my_models.py").write_text(
+        "from functrain.models import GPT\n"
+        "def tiny_gpt():\n"
+        "    return GPT(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32)\n"
+    )
+    res = subprocess.run(
+        [str(script), "run", str(TINY), "out_dir=runs", "steps=6", "checkpoint.every=null",
+         "eval.every=null", "model={_component_: my_models.tiny_gpt}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "runs" / "tiny" / "state_6").is_dir()
