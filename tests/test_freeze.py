@@ -293,3 +293,45 @@ def test_a_custom_loop_trainable_only_snapshot_records_its_base_and_refuses_anot
                      transforms=[ft.forward_backward(), ft.apply_optimizer()])  # fmt: skip
     with pytest.raises(ft.errors.MismatchError, match="trainable params only"):
         checkpoint.Snapshots(tmp_path).restore(like=like)
+
+
+def test_freezing_a_tied_weight_by_its_other_name_freezes_the_one_tensor(capsys):
+    """`freeze: [lm_head.weight]` on a model whose head is tied to its embedding: the name
+    is not in `named_parameters()` (it dedups), yet it names that tensor; it is frozen, and
+    a warning says the embedding is frozen with it."""
+    from functrain.errors import BuildError
+    from functrain.run.build import _freeze
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(4, 3)
+            self.head = torch.nn.Linear(3, 4, bias=False)
+            self.head.weight = self.emb.weight
+
+    model = Tied()
+    _freeze(model, ["head.weight"])
+    assert not model.emb.weight.requires_grad
+    assert (
+        "head.weight is tied to emb.weight (one tensor): both are frozen" in capsys.readouterr().err
+    )
+    model = Tied()
+    _freeze(model, ["emb.*", "head.*"])  # both names asked for: nothing to say
+    assert not model.emb.weight.requires_grad and capsys.readouterr().err == ""
+    with pytest.raises(BuildError, match="'lm_head.weight' matches no parameter"):
+        _freeze(Tied(), ["lm_head.weight"])
+
+
+def test_a_trainability_change_against_a_trainable_only_snapshot_is_named_both_ways(tmp_path):
+    """A trainable_only snapshot holds no frozen param, but its manifest names them: a param
+    trainable now but frozen then (or the reverse) is refused by name, not as "missing"."""
+    args = [f"out_dir={tmp_path}", "steps=12", "checkpoint.every=6", "eval.every=null",
+            "checkpoint.trainable_only=true"]  # fmt: skip
+    cli("run", TINY, *args, "freeze=[pos.weight]", "--until", "6")
+    for freeze, said in (("[]", "param pos.weight is trainable now but frozen in the snapshot"),
+                         ("[pos.weight, tok.weight]", "param tok.weight is frozen now but "
+                          "trainable in the snapshot")):  # fmt: skip
+        res = cli("resume", TINY, *args, f"freeze={freeze}", "--from", "latest", "--name", "b",
+                  "--allow-change", "freeze", check=False)  # fmt: skip
+        assert res.returncode == 2 and said in res.stderr, res.stderr
+    cli("resume", TINY, *args, "freeze=[pos.weight]", "--from", "latest")  # unchanged: fine

@@ -384,6 +384,7 @@ class Snapshots(ClosedOnExit):
         if self.policy.trainable_only:
             tensors = without_frozen(tensors)
             meta["trainable_only"] = True
+            meta["frozen_names"] = [".".join(k) for k in state.frozen.keys(True, True)]
             if "frozen_sha256" not in meta:  # a loop of its own: hash them once, here
                 if self._frozen_sha256 is None:
                     self._frozen_sha256 = frozen_hash(state)

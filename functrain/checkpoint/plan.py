@@ -346,13 +346,26 @@ def with_frozen_of(
     if tensors is None or not manifest.get("trainable_only"):
         return tensors
     frozen = like.frozen
-    if not isinstance(like.static.sharding, Unsharded):  # whole tensors: ours gathered whole
+    names = manifest.get("frozen_names")  # what was frozen when it was written
+    if isinstance(names, list) and isinstance(like.static.sharding, Unsharded):
+        # those names, from wherever they are now: a param trainable now is then named by
+        # the structure check as frozen in the snapshot, not as a bare "missing"
+        ours = {**_named(like.params), **_named(like.frozen)}
+        frozen = TensorDict({}, batch_size=[])
+        for name in names:
+            if isinstance(name, str) and name in ours:
+                frozen.set(tuple(name.split(".")), ours[name])
+    elif not isinstance(like.static.sharding, Unsharded):  # whole tensors: ours gathered whole
         views = like.static.sharding.views(like.tensors().select("frozen"))
         whole = _Whole(views)  # one param at a time, a collective each: every rank calls
         frozen = TensorDict({}, batch_size=[])
         for key in views:
             frozen.set(tuple(key.split("/")[1:]), whole[key])
     return tensors.exclude("frozen").set("frozen", frozen)
+
+
+def _named(td: TensorDict) -> dict[str, torch.Tensor]:
+    return {".".join(k): v for k, v in td.items(include_nested=True, leaves_only=True)}
 
 
 def _init_source(init: Mapping | None) -> str:

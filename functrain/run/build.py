@@ -25,7 +25,14 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from functrain import canonical, checkpoint, deferred, determinism, distributed, recompute, rng
 from functrain import data as data_lib
 from functrain.distributed import fsdp
-from functrain.errors import BuildError, ComponentError, ConfigError, DataError, UserError
+from functrain.errors import (
+    BuildError,
+    ComponentError,
+    ConfigError,
+    DataError,
+    UserError,
+    warn,
+)
 from functrain.metrics import Metric, as_metric
 from functrain.precision import Precision
 from functrain.recipe import Component, Recipe, instantiate, resolve, to_dict
@@ -396,10 +403,13 @@ def _materialize(later: deferred.Deferred, device: torch.device, seed: int) -> N
 
 def _freeze(model: Any, patterns: list[str]) -> None:
     """`requires_grad_(False)` on the parameters whose names match one of `patterns`
-    (`fnmatch`: `*` spans dots too); a pattern that matches none is refused by name."""
+    (`fnmatch`: `*` spans dots too); a pattern that matches none is refused by name. A tied
+    weight's every name counts (`lm_head.weight` of a GPT-2 tied to `transformer.wte.weight`):
+    the one tensor is frozen under both, which a warning says."""
     if not patterns:
         return
-    named = dict(model.named_parameters())
+    named = dict(model.named_parameters(remove_duplicate=False))
+    first = {id(p): name for name, p in reversed(list(named.items()))}
     for pattern in patterns:
         hits = [name for name in named if fnmatch.fnmatchcase(name, pattern)]
         if not hits:
@@ -409,6 +419,9 @@ def _freeze(model: Any, patterns: list[str]) -> None:
                 f"are named like: {shown}"
             )
         for name in hits:
+            tied = first[id(named[name])]
+            if tied != name and not any(fnmatch.fnmatchcase(tied, p) for p in patterns):
+                warn(f"freeze: {name} is tied to {tied} (one tensor): both are frozen")
             named[name].requires_grad_(False)
 
 
