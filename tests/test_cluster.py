@@ -127,6 +127,35 @@ def test_a_shard_the_metadata_lists_but_rank_0_cannot_see_is_never_published(tmp
     assert not final.exists() and not (tmp / checkpoint.MANIFEST).exists()
 
 
+def test_inspect_checks_every_shard_metadata_lists_not_only_the_manifests(tmp_path):
+    """A snapshot published before the shard guard, with only rank 0's shards (its manifest
+    listing those alone): `inspect` and `verify` find the shard `.metadata` lists but the
+    directory lacks, by name."""
+    import torch.distributed.checkpoint as dist_cp
+    from conftest import cli, rewrite_manifest
+    from tensordict import TensorDict
+
+    from functrain.checkpoint import dcp
+
+    tmp, final = tmp_path / ".tmp-state_1", tmp_path / "state_1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dist_cp.save({"params/w": torch.ones(3)}, storage_writer=dist_cp.FileSystemWriter(tmp),
+                     no_dist=True)  # fmt: skip
+    dcp._publish(tmp, final, TensorDict({"params": {"w": torch.ones(3)}}, batch_size=[]),
+                 {"step": 1})  # fmt: skip
+    assert checkpoint.verify(final) == []
+    shard = next(final.glob("*.distcp"))
+    manifest = checkpoint.read_manifest(final)
+    del manifest["files"][shard.name]  # as the old bug published it: rank 0's files only
+    rewrite_manifest(final, manifest)
+    shard.unlink()
+    (problem,) = checkpoint.verify(final)
+    assert f"lists shard file(s) {shard.name} that the snapshot lacks" in problem
+    res = cli("inspect", final, check=False)
+    assert res.returncode == 1 and shard.name in res.stdout + res.stderr
+
+
 def test_a_stop_whose_snapshot_may_not_fit_the_grace_period_says_so(tmp_path):
     args = ["run", str(TINY), f"out_dir={tmp_path}", "steps=100000", "checkpoint.every=5",
             "checkpoint.grace=0.000001", "eval.every=null", "checkpoint.keep_last=2"]  # fmt: skip

@@ -285,8 +285,10 @@ def test_a_crafted_metadata_pickle_is_refused_by_every_command(sharded, tmp_path
     snap = _copy(sharded, tmp_path)
     _reseal(snap, ".metadata", EVIL_METADATA)
     why = ["torch.distributed.checkpoint.metadata.os.system", "not to be trusted"]
+    res = cli("inspect", snap, cwd=tmp_path, check=False)  # reported invalid, by its problem
+    assert res.returncode == 1 and "valid     NO" in res.stdout and "Traceback" not in res.stderr
+    assert all(text in res.stdout for text in why), res.stdout
     commands = [
-        ["inspect", snap],
         ["sample", snap],
         ["export", snap, "--out", "w.safetensors"],
         ["export", snap, "--hf", "hf", "--trust-recipe"],

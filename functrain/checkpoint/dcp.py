@@ -281,8 +281,16 @@ def read_metadata(path: str | os.PathLike) -> Any:
         raise SnapshotError(f"{file} is not torch.distributed.checkpoint metadata")
     if not _tensors_only(getattr(metadata, "state_dict_metadata", None)):
         raise SnapshotError(f"{file} describes items other than tensors; {_UNTRUSTED}")
-    if not _shards_inside(Path(path), getattr(metadata, "storage_data", None)):
+    storage = getattr(metadata, "storage_data", None)
+    if not _shards_inside(Path(path), storage):
         raise SnapshotError(f"{file} points outside the snapshot's shard files; {_UNTRUSTED}")
+    missing = sorted(n for n in _shard_names(storage) if not _regular(Path(path) / n))
+    if missing:
+        raise SnapshotError(
+            f"{file} lists shard file(s) {', '.join(missing)} that the snapshot lacks (written "
+            "where this directory cannot see them?): it is incomplete — resume from another "
+            "snapshot"
+        )
     return metadata
 
 
@@ -309,10 +317,16 @@ def _shards_inside(root: Path, storage: Any) -> bool:
 
     if not isinstance(storage, dict):
         return False
-    names = {getattr(v, "relative_path", None) for v in storage.values()}
     return all(isinstance(v, _StorageInfo) for v in storage.values()) and all(
-        isinstance(n, str) and _SHARD_FILE.fullmatch(n) and _regular(root / n) for n in names
+        isinstance(n, str)
+        and _SHARD_FILE.fullmatch(n)
+        and (_regular(root / n) or not os.path.lexists(root / n))  # missing: said by name
+        for n in _shard_names(storage)
     )
+
+
+def _shard_names(storage: dict) -> set:
+    return {getattr(v, "relative_path", None) for v in storage.values()}
 
 
 def _regular(path: Path) -> bool:

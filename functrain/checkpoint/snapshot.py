@@ -37,7 +37,13 @@ def verify(path: str | os.PathLike) -> list[str]:
         manifest = read_manifest(path)
     except SnapshotError as e:
         return [str(e)]
-    return raw.file_problems(path, manifest)
+    problems = raw.file_problems(path, manifest)
+    if manifest.get("layout") == "dcp":  # every shard `.metadata` lists, not only the manifest's
+        try:
+            dcp.read_metadata(path)
+        except SnapshotError as e:
+            problems.append(str(e))
+    return problems
 
 
 def check(path: str | os.PathLike) -> None:
