@@ -154,6 +154,11 @@ def test_inspect_checks_every_shard_metadata_lists_not_only_the_manifests(tmp_pa
     assert f"lists shard file(s) {shard.name} that the snapshot lacks" in problem
     res = cli("inspect", final, check=False)
     assert res.returncode == 1 and shard.name in res.stdout + res.stderr
+    outside = tmp_path / "elsewhere.distcp"  # a shard that is a link out of the snapshot
+    outside.write_bytes(b"")
+    shard.symlink_to(outside)
+    (problem,) = checkpoint.verify(final)
+    assert "points outside the snapshot's shard files" in problem
 
 
 def test_a_stop_whose_snapshot_may_not_fit_the_grace_period_says_so(tmp_path):

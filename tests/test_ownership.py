@@ -46,9 +46,14 @@ def test_a_second_run_or_resume_of_a_directory_in_use_is_refused_naming_the_owne
     try:
         run = tmp_path / "tiny"
         wait_for_snapshot(run, 20, first)
+        cli("run", TINY, f"out_dir={tmp_path}", "name=other", "steps=100000",
+            "checkpoint.every=5", *QUIET, "--until", "5")  # fmt: skip
         for args in (["resume", TINY, f"out_dir={tmp_path}", *QUIET, "steps=100000",
                       "checkpoint.every=20", "checkpoint.keep_last=2", "--from", "latest"],
-                     ["run", TINY, f"out_dir={tmp_path}", *QUIET]):  # fmt: skip
+                     ["run", TINY, f"out_dir={tmp_path}", *QUIET],
+                     ["resume", TINY, f"out_dir={tmp_path}", "name=other", *QUIET,
+                      "steps=100000", "checkpoint.every=5", "--from", "latest",
+                      "--name", "tiny"]):  # a branch into it  # fmt: skip
             res = cli(*args, check=False)
             assert res.returncode == 2, res.stderr
             assert f"run directory {run} is in use by pid {first.pid} on host" in res.stderr
