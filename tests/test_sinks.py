@@ -33,8 +33,10 @@ def _metrics(run: Path, field: str) -> list[tuple[int, float]]:
 
 
 def test_tensorboard_cut_back_on_resume_and_branched(tmp_path):
-    common = (TINY, f"out_dir={tmp_path}", "name=A", "log.tensorboard=true")
-    cli("run", *common, "--until", "30")
+    metrics = ("metrics=[{_component_: functrain.metrics.accuracy}]", "log.train_metrics=true")
+    common = (TINY, f"out_dir={tmp_path}", "name=A", "log.tensorboard=true", *metrics)
+    res = cli("run", *common, "--until", "30")
+    assert "| accuracy " in res.stdout and "| train_accuracy " in res.stdout  # the progress
     shutil.rmtree(tmp_path / "A" / "state_30")  # steps 25 and 30 are logged again below
     cli("resume", *common, "--from", "latest")
     cli("resume", *common, "--from", "state_20", "--name", "B")
@@ -44,14 +46,21 @@ def test_tensorboard_cut_back_on_resume_and_branched(tmp_path):
         expected = _metrics(run, "loss")
         assert [(s, pytest.approx(v, rel=1e-6)) for s, v in expected] == loss
         assert [s for s, _ in _scalars(run, "eval_loss")] == [20, 40]
+        assert _scalars(run, "eval_accuracy") == [  # every metric, as metrics.jsonl has it
+            (s, pytest.approx(v, rel=1e-6)) for s, v in _metrics(run, "eval_accuracy")
+        ]
+        assert [s for s, _ in _scalars(run, "train_accuracy")] == list(range(5, 41, 5))
     assert len(list((tmp_path / "A" / sinks.TENSORBOARD_DIR).iterdir())) == 2  # one per process
 
 
 def test_wandb_offline_keeps_its_run_id(tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    common = (TINY, f"out_dir={tmp_path}", "name=A", "log.wandb=true")
+    common = (TINY, f"out_dir={tmp_path}", "name=A", "log.wandb=true",
+              "metrics=[{_component_: functrain.metrics.accuracy}]")  # fmt: skip
     cli("run", *common, "--until", "20", env=env)
     first = orjson.loads((tmp_path / "A" / sinks.WANDB_FILE).read_bytes())["id"]
+    (record,) = (tmp_path / "A" / "wandb").glob(f"offline-run-*{first}/*.wandb")
+    assert b"eval_accuracy" in record.read_bytes()  # the recipe's metrics reach W&B
     cli("resume", *common, "--from", "latest", env=env)
     assert orjson.loads((tmp_path / "A" / sinks.WANDB_FILE).read_bytes())["id"] == first
     offline = sorted(p.name for p in (tmp_path / "A" / "wandb").glob("offline-run-*"))

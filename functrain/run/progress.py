@@ -52,6 +52,7 @@ class Progress:
                 for k, v in record.items()
                 if k.startswith("eval_") and k != "eval_loss"
             ]
+        parts += [f"{k} {v:.4g}" for k, v in record.items() if k.startswith("train_")]
         parts += [f"lr {record['lr']:.3g}", f"{record['samples_per_s']:.1f} samples/s"]
         if self.tokens:
             parts.append(f"{record['samples_per_s'] * self.tokens:,.0f} tokens/s")
