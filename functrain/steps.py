@@ -239,7 +239,7 @@ def clip_by_global_norm(max_norm: float) -> Transform:
 def apply_optimizer() -> Transform:
     """Update params and optimizer state with the gradients at LR `optim.lr * schedule(step)`.
 
-    A step whose loss or gradients (on any rank) are not all finite is counted in
+    A step whose gradients (on any rank) are not all finite is counted in
     `state.stats["nonfinite_steps"]`, the first one's number kept in
     `stats["first_nonfinite"]` (no host sync); under the state's `nan_policy` "skip" its
     update is masked out — as is one that would make a param non-finite (a huge LR) —
@@ -254,17 +254,18 @@ def apply_optimizer() -> Transform:
         step_now = int(state.step)
         lr = static.optimizer.lr * static.schedule(step_now)
         local = static.sharding.local_grads(state.grads)  # canonical FSDP: this rank's rows
-        grads, loss = leaves(local), state.metrics["loss"].reshape(1)
+        grads = leaves(local)
         if static.precision.scaling:  # the scaler checks the gradients; we, the loss
             skip = _nonfinite(static, grads)
-            bad = _nonfinite(static, [loss])
+            bad = _nonfinite(static, [state.metrics["loss"].reshape(1)])
             params, opt = _update(state, local, lr, step_now, skip)
             static.precision.update_(state.stats, skip)
-        elif static.nan_policy == "skip":  # the loss, the gradients or the params they give
-            bad = _nonfinite(static, [loss, *grads])
+        elif static.nan_policy == "skip":  # the gradients, or the params they would give
+            bad = _nonfinite(static, grads)
             params, opt = _update(state, local, lr, step_now, bad, recheck=True)
-        else:  # a NaN loss may come with finite gradients (`nan_to_num`, a NaN term detached)
-            bad = _nonfinite(static, [loss, *grads])
+        else:  # what changes the params: a NaN loss whose gradients are finite (a batch
+            # whose targets are all -100: a mean over none) changes none, and is not counted
+            bad = _nonfinite(static, grads)
             params, opt = _update(state, local, lr, step_now, None)
         with torch.no_grad():
             stats = state.stats

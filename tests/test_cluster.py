@@ -240,7 +240,7 @@ def test_a_node_that_comes_back_is_taken_in_at_the_next_restart_bitwise(tmp_path
     torchrun restarts the survivor's worker (SIGTERM: a preemption snapshot) and the job goes
     on at world size 2 again, to the bits of an unbroken run, every step logged once."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = ["steps=400", "checkpoint.every=10", "log_every=10", "eval.every=null",
+    args = ["steps=1000", "checkpoint.every=20", "log_every=20", "eval.every=null",
             "step.0.micro_batches=1", "step.0.micro_batch_size=2"]  # fmt: skip
     launch(1, "run", TINY, f"out_dir={tmp_path}", "name=whole", *args)
     port, run_id = _free_port(), f"rejoin-{os.getpid()}"
@@ -286,7 +286,7 @@ def test_a_node_that_comes_back_is_taken_in_at_the_next_restart_bitwise(tmp_path
     seen = [k for k, _ in itertools.groupby(sizes())]
     assert seen == [2, 1, 2], sizes()  # shrank, went on alone, grew again
     whole = tmp_path / "whole"
-    assert checkpoint.digests(run / "state_400") == checkpoint.digests(whole / "state_400")
+    assert checkpoint.digests(run / "state_1000") == checkpoint.digests(whole / "state_1000")
     assert timeless_metrics(run) == timeless_metrics(whole)  # every step once
 
 

@@ -316,6 +316,12 @@ def test_freezing_a_tied_weight_by_its_other_name_freezes_the_one_tensor(capsys)
         "head.weight is tied to emb.weight (one tensor): both are frozen" in capsys.readouterr().err
     )
     model = Tied()
+    _freeze(model, ["emb.weight"])  # by its first name: the head is frozen too, said so
+    assert not model.head.weight.requires_grad
+    assert (
+        "emb.weight is tied to head.weight (one tensor): both are frozen" in capsys.readouterr().err
+    )
+    model = Tied()
     _freeze(model, ["emb.*", "head.*"])  # both names asked for: nothing to say
     assert not model.emb.weight.requires_grad and capsys.readouterr().err == ""
     with pytest.raises(BuildError, match="'lm_head.weight' matches no parameter"):

@@ -226,6 +226,10 @@ def test_an_export_that_does_not_fit_names_the_space_and_leaves_no_file(tmp_path
     assert "could not write" in res.stderr and "the disk is full" in res.stderr
     assert " needed" in res.stderr
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no temp file left
+    res = cli("export", tmp_path / "tiny" / "state_10", "--out", small_disk / "filler" / "w",
+              check=False)  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr  # under a file
+    assert "could not write" in res.stderr
 
 
 def test_a_torn_last_metrics_line_is_dropped_when_a_resume_cuts_the_log(tmp_path):

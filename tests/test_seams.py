@@ -233,9 +233,10 @@ def test_a_shipped_component_refusing_a_value_is_a_user_error_naming_field_and_l
     assert "(in gpt.py:" in res.stderr and not (tmp_path / "tiny").exists()
 
 
-def test_samples_holding_python_lists_are_refused_naming_the_field_and_the_fix(tmp_path):
-    """An HF datasets.Dataset without with_format("torch") gives lists; collation would cut
-    them into a list of per-position tensors and the model fail deep inside."""
+def test_samples_holding_python_lists_are_named_with_the_fix_before_the_step_fails(tmp_path):
+    """An HF datasets.Dataset without with_format("torch") gives lists; collation cuts them
+    into a list of per-position tensors. Said before the trial step, which then fails as
+    parts that do not fit (exit 2); only said, as several targets per sample look alike."""
     res = cli("run", TINY, f"out_dir={tmp_path}", "data.dataset={_component_: "
               "_seam_components.list_rows}", "loss.input=input_ids", "loss.target=labels",
               check=False, env=ON_PATH)  # fmt: skip

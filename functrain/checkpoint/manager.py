@@ -335,12 +335,11 @@ class Snapshots(ClosedOnExit):
             return []
         spare = self._keep | {Path(k).resolve() for k in keep if k is not None}
         spare |= {_newest_finite(self.run_dir)}  # whatever went wrong since, it is kept
-        old = [
+        ours = [(step, path) for step, path in list_snapshots(self.run_dir) if self._ours(path)]
+        old = [  # keep_last counts this run's own snapshots: another's displaces none of them
             path
-            for step, path in list_snapshots(self.run_dir)[: -p.keep_last]
-            if path.resolve() not in spare
-            and not (p.keep_every and step % p.keep_every == 0)
-            and self._ours(path)
+            for step, path in ours[: -p.keep_last]
+            if path.resolve() not in spare and not (p.keep_every and step % p.keep_every == 0)
         ]
         for path in old:
             remove(path)
@@ -352,15 +351,18 @@ class Snapshots(ClosedOnExit):
         in, or published by a second writer) is never deleted: said once, kept."""
         try:
             theirs = read_manifest(path).get("run_id")
-        except SnapshotError:
-            return False  # unreadable now: not ours to decide
-        if theirs is None or theirs == self._meta.get("run_id"):
-            return True
+        except SnapshotError as err:  # unreadable now: not ours to decide
+            why = f"its manifest cannot be read ({err})"
+        else:
+            if theirs is None or theirs == self._meta.get("run_id"):
+                return True
+            why = (
+                f"another run wrote it (run_id {theirs}, this run's is {self._meta.get('run_id')})"
+            )
         if path not in self._foreign:
             self._foreign.add(path)
             self._ctx.warn(
-                f"retention leaves {path} alone: another run wrote it (run_id {theirs}, this "
-                f"run's is {self._meta.get('run_id')}); remove it yourself if it is not wanted"
+                f"retention leaves {path} alone: {why}; remove it yourself if it is not wanted"
             )
         return False
 

@@ -11,6 +11,7 @@ It is written under a temporary name and renamed; an existing file is never over
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -64,7 +65,8 @@ def export(snapshot: Path, out: Path, *, ema: bool = False) -> dict[str, str]:
         _refuse_unwritten(out, err, plain)
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. --out under a file: the error above says it
+            tmp.unlink(missing_ok=True)
     return meta
 
 

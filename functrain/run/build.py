@@ -409,7 +409,10 @@ def _freeze(model: Any, patterns: list[str]) -> None:
     if not patterns:
         return
     named = dict(model.named_parameters(remove_duplicate=False))
-    first = {id(p): name for name, p in reversed(list(named.items()))}
+    names: dict[int, list[str]] = {}  # each tensor -> all its names (tied weights: several)
+    for name, p in named.items():
+        names.setdefault(id(p), []).append(name)
+    matched = set()
     for pattern in patterns:
         hits = [name for name in named if fnmatch.fnmatchcase(name, pattern)]
         if not hits:
@@ -418,11 +421,14 @@ def _freeze(model: Any, patterns: list[str]) -> None:
                 f"freeze: {pattern!r} matches no parameter of the model; its parameters "
                 f"are named like: {shown}"
             )
+        matched.update(hits)
         for name in hits:
-            tied = first[id(named[name])]
-            if tied != name and not any(fnmatch.fnmatchcase(tied, p) for p in patterns):
-                warn(f"freeze: {name} is tied to {tied} (one tensor): both are frozen")
             named[name].requires_grad_(False)
+    for group in names.values():
+        if len(group) > 1 and matched & set(group) and not set(group) <= matched:
+            asked = sorted(set(group) & matched)
+            warn(f"freeze: {', '.join(asked)} is tied to {', '.join(sorted(set(group) - matched))} "
+                 "(one tensor): both are frozen")  # fmt: skip
 
 
 def _precision(recipe: Recipe) -> Precision:
@@ -540,7 +546,7 @@ def probe(built: Built) -> Built:
     saved = copy.deepcopy(data_lib.data_state(built.train)) if stateful else None
     try:
         batch = next(iter(loader))
-        _refuse_listed_fields(batch)
+        _warn_listed_fields(batch, built.context)
         batch = to_device(batch, built.device)
         if built.context.world_size == 1:  # the parts are the whole step: walk them
             return attrs.evolve(built, state=_trial_parts(built, batch))
@@ -565,20 +571,25 @@ def probe(built: Built) -> Built:
             built.train.load_state_dict(saved)
 
 
-def _refuse_listed_fields(batch: Any) -> None:
-    """A batch field that collation made a list of tensors: the samples held Python lists
-    (an HF `datasets.Dataset` gives them until `with_format("torch")`), which collation cuts
-    position by position into a tensor each — never what the model wants."""
+def _warn_listed_fields(batch: Any, ctx: distributed.Context) -> None:
+    """Say so when collation made a batch field a list of tensors of one value per sample:
+    what samples holding Python lists become (an HF `datasets.Dataset` gives them until
+    `with_format("torch")`), cut position by position. Only said, not refused: several
+    targets per sample (`(x, (y1, y2))`) look the same, and are fine."""
     if not isinstance(batch, (Mapping, list, tuple)):
         return
     for key, value in batch.items() if isinstance(batch, Mapping) else enumerate(batch):
-        if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
-            raise DataError(
+        if (
+            isinstance(value, list)
+            and len(value) > 2
+            and all(isinstance(v, torch.Tensor) and v.dim() == 1 for v in value)
+        ):
+            ctx.warn(
                 f"data.dataset: the first batch's field {key!r} is a list of {len(value)} "
-                "tensors, not one tensor: the dataset's samples hold Python lists, which "
-                "collation cuts position by position. Give tensors: for a Hugging Face "
-                "datasets.Dataset, dataset.with_format('torch') (or set_format('torch')); for "
-                "your own, return torch tensors from __getitem__"
+                "tensors of one value per sample, not one tensor: do the samples hold Python "
+                "lists? Collation cuts those position by position. Give tensors: for a "
+                "Hugging Face datasets.Dataset, dataset.with_format('torch') (or "
+                "set_format('torch')); for your own, return torch tensors from __getitem__"
             )
 
 

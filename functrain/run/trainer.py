@@ -304,9 +304,16 @@ class Trainer:
         """The recipe's metrics on this rank's part of the step's training batch, summed over
         the ranks: with the params after the step's update, in eval mode (as at eval: no
         dropout, no running statistic changed, no RNG drawn), so training keeps its bits."""
-        metrics, device = self.built.metrics, self.built.device
-        with _evaluating(state, device) as model:
-            totals = measure(metrics, model, to_device(batch, device), device)
+        metrics, device, size = (
+            self.built.metrics,
+            self.built.device,
+            self.built.parts.micro_batch_size,
+        )
+        batch = to_device(batch, device)
+        totals = torch.zeros((len(metrics), 2), dtype=torch.float64, device=device)
+        with _evaluating(state, device) as model:  # in micro-batches, as eval: as much memory
+            for micro in [batch] if size is None else split(batch, size):
+                totals += measure(metrics, model, micro, device)
         return finish(metrics, self.ctx.gather(totals).sum(0))
 
     def _eval(self, state: TrainState) -> tuple[torch.Tensor, dict[str, float]]:
