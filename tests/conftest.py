@@ -33,6 +33,20 @@ def toy_model(dropout: float = 0.1, seed: int = 0) -> MLP:
         return MLP(in_features=16, hidden=32, classes=4, depth=2, dropout=dropout)
 
 
+class Tied(torch.nn.Module):
+    """An embedding whose output head is the same tensor (`head.weight = emb.weight`): a tied
+    weight under two names."""
+
+    def __init__(self, vocab: int = 4, dim: int = 3, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim, dtype=dtype)
+        self.head = torch.nn.Linear(dim, vocab, bias=False, dtype=dtype)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.emb(x))
+
+
 def make_state(model=None, *, optimizer=None, transforms=None, schedule=None, seed=0):
     model = copy.deepcopy(model) if model is not None else toy_model()
     return ft.create(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cli
+from conftest import Tied, cli
 
 from functrain import checkpoint
 from functrain.errors import ConfigError
@@ -87,14 +87,6 @@ def test_the_manifest_records_init_from_and_a_changed_file_is_refused(tmp_path):
     assert res.returncode == 2 and "the weights the run started from differ" in res.stderr
 
 
-class _Tied(torch.nn.Module):
-    def __init__(self, dtype=torch.float32):
-        super().__init__()
-        self.emb = torch.nn.Embedding(4, 3, dtype=dtype)
-        self.head = torch.nn.Linear(3, 4, bias=False, dtype=dtype)
-        self.head.weight = self.emb.weight  # tied: one tensor under two names
-
-
 def test_init_from_a_sharded_index_a_pickle_a_dtype_and_ties(tmp_path):
     import json
 
@@ -126,9 +118,9 @@ def test_init_from_a_sharded_index_a_pickle_a_dtype_and_ties(tmp_path):
     with pytest.raises(SnapshotError, match="pytorch_model.bin is a pickle, which can run code"):
         init_from(_other_gpt(), tmp_path / "pickled")
 
-    tied = _Tied(torch.bfloat16)  # a bf16 file into a float32 model: the model's dtype kept
+    tied = Tied(dtype=torch.bfloat16)  # a bf16 file into a float32 model: the model's dtype kept
     save_file({"emb.weight": tied.emb.weight.detach()}, str(tmp_path / "bf16.safetensors"))
-    model = _Tied()
+    model = Tied()
     init_from(model, tmp_path / "bf16.safetensors")  # the tied name may be absent
     assert model.emb.weight.dtype == torch.float32 and model.head.weight is model.emb.weight
     assert torch.equal(model.emb.weight, tied.emb.weight.float())
@@ -136,7 +128,7 @@ def test_init_from_a_sharded_index_a_pickle_a_dtype_and_ties(tmp_path):
     w = torch.randn(4, 3)
     save_file({"emb.weight": w, "head.weight": w + 1}, str(tmp_path / "untied.safetensors"))
     with pytest.raises(ConfigError, match="different values for emb.weight and head.weight"):
-        init_from(_Tied(), tmp_path / "untied.safetensors")
+        init_from(Tied(), tmp_path / "untied.safetensors")
     save_file({"emb.weight": w, "head.weight": w.clone()}, str(tmp_path / "both.safetensors"))
     init_from(model, tmp_path / "both.safetensors")  # both names, equal values: fine
     assert torch.equal(model.head.weight, w)

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_branch_resumes_bitwise, assert_states_equal, cli, toy_data, toy_model
+from conftest import (
+    Tied,
+    assert_branch_resumes_bitwise,
+    assert_states_equal,
+    cli,
+    toy_data,
+    toy_model,
+)
 
 import functrain as ft
 from functrain import checkpoint
@@ -301,13 +308,6 @@ def test_freezing_a_tied_weight_by_its_other_name_freezes_the_one_tensor(capsys)
     a warning says the embedding is frozen with it."""
     from functrain.errors import BuildError
     from functrain.run.build import _freeze
-
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(4, 3)
-            self.head = torch.nn.Linear(3, 4, bias=False)
-            self.head.weight = self.emb.weight
 
     model = Tied()
     _freeze(model, ["head.weight"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 import torch
-from conftest import cli, timeless_metrics
+from conftest import Tied, cli, timeless_metrics
 
 import functrain as ft
 from functrain import checkpoint
@@ -272,18 +272,8 @@ def test_sample_gives_text_from_a_snapshot_the_same_for_a_seed(tmp_path):
 
 
 def test_tied_weights_come_back_under_every_name():
-    class Tied(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(10, 4)
-            self.head = torch.nn.Linear(4, 10, bias=False)
-            self.head.weight = self.emb.weight
-
-        def forward(self, x):
-            return self.head(self.emb(x))
-
     with seeded(0):
-        model = Tied()
+        model = Tied(10, 4)
     plain = copy.deepcopy(model)
     state = ft.create(model, loss=cross_entropy(), optimizer=ft.sgd(lr=0.1),
                       transforms=[ft.forward_backward(), ft.apply_optimizer()])  # fmt: skip
@@ -297,7 +287,7 @@ def test_tied_weights_come_back_under_every_name():
     assert torch.equal(state.params["emb", "weight"], plain.emb.weight)
     sd = state.state_dict()
     assert list(sd) == ["emb.weight", "head.weight"] and sd["emb.weight"] is sd["head.weight"]
-    fresh = ft.load_into(Tied(), state)
+    fresh = ft.load_into(Tied(10, 4), state)
     assert (
         torch.equal(fresh.head.weight, sd["emb.weight"]) and fresh.head.weight is fresh.emb.weight
     )
