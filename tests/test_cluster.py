@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -187,47 +188,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_an_elastic_job_that_loses_a_node_finishes_alone_bitwise(tmp_path, monkeypatch):
-    """Two torchrun agents (`--nnodes=1:2`, c10d rendezvous on localhost, one process each);
-    the second is SIGKILLed with its worker mid-run; the survivor re-forms at world size 1,
-    auto-resumes and ends bitwise equal to an unbroken run (canonical micro-batches)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = ["steps=300", "checkpoint.every=10", "log_every=10", "eval.every=null",
-            "step.0.micro_batches=1", "step.0.micro_batch_size=2"]  # fmt: skip
-    launch(1, "run", TINY, f"out_dir={tmp_path}", "name=whole", *args)
-    port, run_id = _free_port(), f"drill-{os.getpid()}"
-    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2",
-             "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
-             f"--rdzv-id={run_id}", "--max-restarts=3",
-             "--rdzv-conf=last_call_timeout=5,join_timeout=120", "-m", "functrain", "run",
-             str(TINY), f"out_dir={tmp_path}", "name=elastic", *args, "--auto-resume"]  # fmt: skip
-
-    def start() -> subprocess.Popen:
-        return subprocess.Popen(agent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=_env(None, timeout=20),
-                                start_new_session=True)  # fmt: skip
-
-    first = start()  # it binds the rendezvous store: the one that survives
-    time.sleep(0.5)
-    second = start()
-    run = tmp_path / "elastic"
-    try:
-        wait_for_snapshot(run, 20, first, timeout=240)
-        for pid in [second.pid, *_children(second.pid)]:  # the node is gone: agent and worker
-            os.kill(pid, signal.SIGKILL)
-        _, err = first.communicate(timeout=300)
-    finally:
-        for p in (first, second):
-            if p.poll() is None:
-                for pid in [p.pid, *_children(p.pid)]:
-                    os.kill(pid, signal.SIGKILL)
-    assert first.returncode == 0, err
-    sizes = [checkpoint.read_manifest(p)["world_size"] for _, p in checkpoint.list_snapshots(run)]
-    assert sizes[0] == 2 and sizes[-1] == 1, sizes  # it shrank and went on
-    whole = tmp_path / "whole"
-    assert checkpoint.digests(run / "state_300") == checkpoint.digests(whole / "state_300")
-    assert timeless_metrics(run) == timeless_metrics(whole)  # every step once
-
+#: Canonical micro-batches: the bits do not depend on the world size.
+ELASTIC = ["eval.every=null", "step.0.micro_batches=1", "step.0.micro_batch_size=2"]
 
 #: For a node to rejoin, torch 2.13's agents must not share the rendezvous store with their
 #: workers: with it shared, the re-rendezvous after a scale-up times out inside torchrun
@@ -235,44 +197,86 @@ def test_an_elastic_job_that_loses_a_node_finishes_alone_bitwise(tmp_path, monke
 NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
+def _agents(out: Path, args: list[str], env: dict | None = None) -> Callable[[], subprocess.Popen]:
+    """A starter of the torchrun agents of one elastic job (`--nnodes=1:2`, c10d rendezvous
+    on localhost, one process each) running `functrain run TINY name=elastic ARGS
+    --auto-resume`; the first started binds the rendezvous store."""
+    port = _free_port()
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2",
+             "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
+             f"--rdzv-id=drill-{port}", "--max-restarts=3",
+             "--rdzv-conf=last_call_timeout=5,join_timeout=120", "-m", "functrain", "run",
+             str(TINY), f"out_dir={out}", "name=elastic", *args, "--auto-resume"]  # fmt: skip
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(agent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**_env(None, timeout=20), **(env or {})},
+                                start_new_session=True)  # fmt: skip
+
+    return start
+
+
+def _kill(agent: subprocess.Popen) -> None:
+    """SIGKILL an agent and its workers: a node lost."""
+    for pid in [agent.pid, *_children(agent.pid)]:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _world_sizes(run: Path) -> list[int]:
+    """The world size of each snapshot of `run`, oldest first."""
+    out = []
+    for _, p in checkpoint.list_snapshots(run):
+        with contextlib.suppress(checkpoint.SnapshotError):  # one being retired meanwhile
+            out.append(checkpoint.read_manifest(p)["world_size"])
+    return out
+
+
+def test_an_elastic_job_that_loses_a_node_finishes_alone_bitwise(tmp_path, monkeypatch):
+    """Two torchrun agents (`--nnodes=1:2`, c10d rendezvous on localhost, one process each);
+    the second is SIGKILLed with its worker mid-run; the survivor re-forms at world size 1,
+    auto-resumes and ends bitwise equal to an unbroken run (canonical micro-batches)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ["steps=300", "checkpoint.every=10", "log_every=10", *ELASTIC]
+    launch(1, "run", TINY, f"out_dir={tmp_path}", "name=whole", *args)
+    start = _agents(tmp_path, args)
+    first = start()  # it binds the rendezvous store: the one that survives
+    time.sleep(0.5)
+    second = start()
+    run = tmp_path / "elastic"
+    try:
+        wait_for_snapshot(run, 20, first, timeout=240)
+        _kill(second)  # the node is gone: agent and worker
+        _, err = first.communicate(timeout=300)
+    finally:
+        for p in (first, second):
+            if p.poll() is None:
+                _kill(p)
+    assert first.returncode == 0, err
+    sizes = _world_sizes(run)
+    assert sizes[0] == 2 and sizes[-1] == 1, sizes  # it shrank and went on
+    whole = tmp_path / "whole"
+    assert checkpoint.digests(run / "state_300") == checkpoint.digests(whole / "state_300")
+    assert timeless_metrics(run) == timeless_metrics(whole)  # every step once
+
+
 def test_a_node_that_comes_back_is_taken_in_at_the_next_restart_bitwise(tmp_path, monkeypatch):
     """The elastic drill, then the lost node returns: a third agent joins the rendezvous,
     torchrun restarts the survivor's worker (SIGTERM: a preemption snapshot) and the job goes
     on at world size 2 again, to the bits of an unbroken run, every step logged once."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = ["steps=1000", "checkpoint.every=20", "log_every=20", "eval.every=null",
-            "step.0.micro_batches=1", "step.0.micro_batch_size=2"]  # fmt: skip
+    args = ["steps=1000", "checkpoint.every=20", "log_every=20", *ELASTIC]  # the join: ~250 steps
     launch(1, "run", TINY, f"out_dir={tmp_path}", "name=whole", *args)
-    port, run_id = _free_port(), f"rejoin-{os.getpid()}"
-    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2",
-             "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
-             f"--rdzv-id={run_id}", "--max-restarts=3",
-             "--rdzv-conf=last_call_timeout=5,join_timeout=120", "-m", "functrain", "run",
-             str(TINY), f"out_dir={tmp_path}", "name=elastic", *args, "--auto-resume"]  # fmt: skip
-
-    def start() -> subprocess.Popen:
-        return subprocess.Popen(agent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env={**_env(None, timeout=20), **NO_SHARED_STORE},
-                                start_new_session=True)  # fmt: skip
-
-    def sizes() -> list[int]:
-        out = []
-        for _, p in checkpoint.list_snapshots(run):
-            with contextlib.suppress(checkpoint.SnapshotError):  # one being retired meanwhile
-                out.append(checkpoint.read_manifest(p)["world_size"])
-        return out
-
+    start = _agents(tmp_path, args, NO_SHARED_STORE)
     run = tmp_path / "elastic"
     first = start()
     time.sleep(0.5)
     agents = [first, start()]
     try:
         wait_for_snapshot(run, 20, first, timeout=240)
-        for pid in [agents[1].pid, *_children(agents[1].pid)]:  # the node is lost
-            os.kill(pid, signal.SIGKILL)
+        _kill(agents[1])  # the node is lost
         end = time.monotonic() + 240
-        while sizes()[-1:] != [1] or len([s for s in sizes() if s == 1]) < 2:
-            assert first.poll() is None and time.monotonic() < end, sizes()
+        while _world_sizes(run)[-1:] != [1] or _world_sizes(run).count(1) < 2:
+            assert first.poll() is None and time.monotonic() < end, _world_sizes(run)
             time.sleep(0.2)
         agents.append(start())  # the node comes back
         _, err = first.communicate(timeout=400)
@@ -280,11 +284,10 @@ def test_a_node_that_comes_back_is_taken_in_at_the_next_restart_bitwise(tmp_path
     finally:
         for p in agents:
             if p.poll() is None:
-                for pid in [p.pid, *_children(p.pid)]:
-                    os.kill(pid, signal.SIGKILL)
+                _kill(p)
     assert first.returncode == 0 and agents[2].returncode == 0, err + "\n=====\n" + err3
-    seen = [k for k, _ in itertools.groupby(sizes())]
-    assert seen == [2, 1, 2], sizes()  # shrank, went on alone, grew again
+    seen = [k for k, _ in itertools.groupby(_world_sizes(run))]
+    assert seen == [2, 1, 2], _world_sizes(run)  # shrank, went on alone, grew again
     whole = tmp_path / "whole"
     assert checkpoint.digests(run / "state_1000") == checkpoint.digests(whole / "state_1000")
     assert timeless_metrics(run) == timeless_metrics(whole)  # every step once
