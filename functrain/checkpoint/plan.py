@@ -41,7 +41,7 @@ from functrain.determinism import promised
 from functrain.errors import MismatchError
 from functrain.hashing import ABSENT, canonical_hash, diff
 from functrain.parallel import Unsharded
-from functrain.state import TrainState
+from functrain.state import TrainState, weights
 
 __all__ = [
     "FREE_KEYS",
@@ -350,7 +350,7 @@ def with_frozen_of(
     if isinstance(names, list) and isinstance(like.static.sharding, Unsharded):
         # those names, from wherever they are now: a param trainable now is then named by
         # the structure check as frozen in the snapshot, not as a bare "missing"
-        ours = {**_named(like.params), **_named(like.frozen)}
+        ours = weights(like.tensors())  # every param by its state_dict name
         frozen = TensorDict({}, batch_size=[])
         for name in names:
             if isinstance(name, str) and name in ours:
@@ -362,10 +362,6 @@ def with_frozen_of(
         for key in views:
             frozen.set(tuple(key.split("/")[1:]), whole[key])
     return tensors.exclude("frozen").set("frozen", frozen)
-
-
-def _named(td: TensorDict) -> dict[str, torch.Tensor]:
-    return {".".join(k): v for k, v in td.items(include_nested=True, leaves_only=True)}
 
 
 def _init_source(init: Mapping | None) -> str:
