@@ -12,7 +12,7 @@ import fnmatch
 import gc
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -276,7 +276,7 @@ def build(
     init = None
     if recipe.init_from is not None:  # before freezing and sharding: the whole model
         init = checkpoint.init_from(model, recipe.init_from, recipe.init_from_map)
-    _freeze(model, recipe.freeze)
+    _freeze(model, recipe.freeze, ctx.warn)
     if recipe.activation_checkpointing:
         _checkpoint_activations(model, sharded(recipe, ctx.world_size))
     precision = _precision(recipe)
@@ -401,7 +401,7 @@ def _materialize(later: deferred.Deferred, device: torch.device, seed: int) -> N
         later.materialize(put)
 
 
-def _freeze(model: Any, patterns: list[str]) -> None:
+def _freeze(model: Any, patterns: list[str], say: Callable[[str], None] = warn) -> None:
     """`requires_grad_(False)` on the parameters whose names match one of `patterns`
     (`fnmatch`: `*` spans dots too); a pattern that matches none is refused by name. A tied
     weight's every name counts (`lm_head.weight` of a GPT-2 tied to `transformer.wte.weight`):
@@ -427,7 +427,7 @@ def _freeze(model: Any, patterns: list[str]) -> None:
     for group in names.values():
         if len(group) > 1 and matched & set(group) and not set(group) <= matched:
             asked = sorted(set(group) & matched)
-            warn(f"freeze: {', '.join(asked)} is tied to {', '.join(sorted(set(group) - matched))} "
+            say(f"freeze: {', '.join(asked)} is tied to {', '.join(sorted(set(group) - matched))} "
                  "(one tensor): both are frozen")  # fmt: skip
 
 
