@@ -311,7 +311,7 @@ class Trainer:
         )
         batch = to_device(batch, device)
         totals = torch.zeros((len(metrics), 2), dtype=torch.float64, device=device)
-        with _evaluating(state, device) as model:  # in micro-batches, as eval: as much memory
+        with _evaluating(state, device) as model:  # in the step's micro-batches: no more memory
             for micro in [batch] if size is None else split(batch, size):
                 totals += measure(metrics, model, micro, device)
         return finish(metrics, self.ctx.gather(totals).sum(0))
